@@ -1,0 +1,181 @@
+"""Model configuration: one dataclass shared by the torch reference, exporters and the torch-free runtime.
+
+The config is plain data (JSON in ``config.json`` and inside ``manifest.json``), so the runtime can read shapes
+without importing torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Sensor name -> number of input bands its stem takes. ``ms`` is Sentinel-2 style (12 bands).
+DEFAULT_SENSORS: dict[str, int] = {"rgb": 3, "sar": 2, "ir": 1, "ms": 12}
+
+#: Granularity experts, in expert-index order (DESIGN.md: image=0, region=1, pixel=2).
+EXPERT_NAMES: tuple[str, ...] = ("image", "region", "pixel")
+
+
+class ConfigError(ValueError):
+    """A config file is malformed or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    """Shapes of the MoE VLM. Vision fields describe the ViT (+ optional CNN branch); the rest the decoder."""
+
+    name: str = "tiny"
+    # --- vision ---
+    image_size: int = 128
+    patch_size: int = 16
+    vision_width: int = 256
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_mlp: int = 768
+    vision_feature_layers: list[int] = field(default_factory=lambda: [2, 4])  # 1-based ViT layers whose outputs are fused
+    vision_norm_eps: float = 1e-6
+    cnn_branch: bool = True
+    cnn_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # one stride-2 stage each
+    image_newline: bool = True  # RSUniVLM appends one learned token after the patch grid
+    sensors: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SENSORS))
+    # --- decoder (Qwen2 style) ---
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 640
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    attention_bias: bool = True
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = False
+    num_experts: int = 3
+    # --- instruction router ---
+    router_hidden: int = 128
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def grid_size(self) -> int:
+        # SigLIP-so400m/14 at 384 px: the stride-14 patch conv covers 27x27 patches and drops the last 6 pixels.
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Tokens one image contributes to the decoder sequence."""
+        return self.num_patches + (1 if self.image_newline else 0)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def vision_feature_dim(self) -> int:
+        """Width of the fused per-patch feature that enters the projector."""
+        dim = self.vision_width * len(self.vision_feature_layers)
+        if self.cnn_branch:
+            dim += sum(self.cnn_channels)
+        return dim
+
+    # ------------------------------------------------------------------ validation / IO
+    def validate(self) -> "ModelConfig":
+        problems = []
+        if self.image_size < self.patch_size:
+            problems.append(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        if self.vision_width % self.vision_heads:
+            problems.append(f"vision_width {self.vision_width} is not divisible by vision_heads {self.vision_heads}")
+        for layer in self.vision_feature_layers:
+            if not (1 <= layer <= self.vision_layers or -self.vision_layers <= layer <= -1):
+                problems.append(f"vision_feature_layers entry {layer} is outside 1..{self.vision_layers}")
+        if self.num_experts != len(EXPERT_NAMES):
+            problems.append(f"num_experts must be {len(EXPERT_NAMES)} (image, region, pixel), got {self.num_experts}")
+        if not self.sensors or any(c < 1 for c in self.sensors.values()):
+            problems.append(f"sensors must map names to band counts >= 1, got {self.sensors}")
+        if problems:
+            raise ConfigError("invalid model config: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data).validate()
+
+    def save(self, path: str | Path) -> None:
+        from rsvlm_edge.fileio import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+
+def tiny_config() -> ModelConfig:
+    """The demo model trained on CPU here and shipped in the repo."""
+    return ModelConfig().validate()
+
+
+def rsunivlm_1b_config() -> ModelConfig:
+    """RSUniVLM's exact shape: SigLIP-so400m/14 @384 (26 of 27 layers) + mlp2x_gelu + Qwen2-0.5B with 3 experts."""
+    return ModelConfig(
+        name="rsunivlm-1b",
+        image_size=384,
+        patch_size=14,
+        vision_width=1152,
+        vision_layers=26,
+        vision_heads=16,
+        vision_mlp=4304,
+        vision_feature_layers=[-1],
+        cnn_branch=False,
+        cnn_channels=[],
+        image_newline=True,
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        attention_bias=True,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        num_experts=3,
+        router_hidden=256,
+    ).validate()
+
+
+PRESETS = {"tiny": tiny_config, "rsunivlm-1b": rsunivlm_1b_config}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown config preset {name!r}; choose one of {', '.join(PRESETS)}") from None

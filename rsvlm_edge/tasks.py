@@ -1,0 +1,99 @@
+"""Task tags, tag -> expert routing, and the chat template every component agrees on.
+
+Everything the model does is text: a user turn starts with a task tag (``[CAP]``, ``[VG]`` ...) and the image
+placeholders; the answer is generated text that :mod:`rsvlm_edge.formats` parses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rsvlm_edge.config import EXPERT_NAMES
+
+#: Task tags in the order RSUniVLM lists them, plus detection ([DET], [OBB]) added by this project.
+TAGS: tuple[str, ...] = ("[CAP]", "[VQA]", "[CLS]", "[VG]", "[REF]", "[SEG]", "[CCD]", "[DET]", "[OBB]")
+
+TAG_DESCRIPTIONS: dict[str, str] = {
+    "[CAP]": "caption the image",
+    "[VQA]": "answer a question about the image",
+    "[CLS]": "classify the scene",
+    "[VG]": "visual grounding: box of the described object",
+    "[REF]": "describe the object in the given box",
+    "[SEG]": "24x24 segmentation mask (two images: change mask)",
+    "[CCD]": "change captioning of an image pair",
+    "[DET]": "detect objects as horizontal boxes",
+    "[OBB]": "detect objects as oriented boxes",
+}
+
+IMAGE_EXPERT, REGION_EXPERT, PIXEL_EXPERT = 0, 1, 2
+_TAG_EXPERT = {"[SEG]": PIXEL_EXPERT, "[VG]": REGION_EXPERT, "[REF]": REGION_EXPERT}
+
+# Special tokens of the chat template (the tokenizer registers them, plus every tag, as atomic tokens).
+PAD, UNK, BOS = "<pad>", "<unk>", "<bos>"
+USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
+IMAGE = "<image>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, USER, ASSISTANT, END, IMAGE) + TAGS
+
+
+class TaskError(ValueError):
+    """A request names an unknown task or carries the wrong number of images."""
+
+
+def expert_for_tag(tag: str) -> int:
+    """DESIGN.md routing: [SEG] -> pixel, [VG]/[REF] -> region, every other tag -> image."""
+    if tag not in TAGS:
+        raise TaskError(f"unknown task tag {tag!r}; known tags: {' '.join(TAGS)}")
+    return _TAG_EXPERT.get(tag, IMAGE_EXPERT)
+
+
+def expert_name(index: int) -> str:
+    return EXPERT_NAMES[index]
+
+
+def split_tag(text: str) -> tuple[str | None, str]:
+    """Return (tag, rest) when ``text`` starts with a known tag, else (None, text)."""
+    stripped = text.lstrip()
+    for tag in TAGS:
+        if stripped.startswith(tag):
+            return tag, stripped[len(tag):].strip()
+    return None, text.strip()
+
+
+def normalize_tag(task: str) -> str:
+    """Accept ``cap``, ``CAP`` or ``[CAP]`` and return ``[CAP]``."""
+    tag = task.strip().upper()
+    if not tag.startswith("["):
+        tag = f"[{tag}]"
+    if tag not in TAGS:
+        raise TaskError(f"unknown task {task!r}; choose one of {', '.join(t.strip('[]').lower() for t in TAGS)}")
+    return tag
+
+
+@dataclass(frozen=True)
+class Turn:
+    user: str  # instruction text, tag included when there is one
+    assistant: str | None = None  # None for the turn being generated
+
+
+def user_block(text: str, num_images: int) -> str:
+    """One user turn; images (only in the first turn) come before the instruction, one placeholder each."""
+    images = "".join(f"{IMAGE}\n" for _ in range(num_images))
+    return f"{USER}\n{images}{text.strip()}{END}\n"
+
+
+def build_prompt(turns: list[Turn], num_images: int) -> str:
+    """Render a conversation; the last turn has no answer yet and the prompt ends ready for the assistant."""
+    if not turns:
+        raise TaskError("a prompt needs at least one turn")
+    if num_images not in (1, 2):
+        raise TaskError(f"a request takes 1 image (2 for change tasks), got {num_images}")
+    parts = []
+    for i, turn in enumerate(turns):
+        parts.append(user_block(turn.user, num_images if i == 0 else 0))
+        parts.append(f"{ASSISTANT}\n")
+        if turn.assistant is not None:
+            parts.append(f"{turn.assistant.strip()}{END}\n")
+    if turns[-1].assistant is not None:
+        raise TaskError("the last turn must be the one to answer (assistant=None)")
+    return "".join(parts)
+
