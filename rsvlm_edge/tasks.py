@@ -25,6 +25,22 @@ TAG_DESCRIPTIONS: dict[str, str] = {
     "[OBB]": "detect objects as oriented boxes",
 }
 
+#: The instruction used when the user gives a task but no prompt (the demo model is trained on these phrasings too).
+DEFAULT_PROMPTS: dict[str, str] = {
+    "[CAP]": "Describe the image.",
+    "[VQA]": "What is in the image?",
+    "[CLS]": "Classify the scene.",
+    "[VG]": "Locate the object.",
+    "[REF]": "What is in the region [25, 25, 75, 75]?",
+    "[SEG]": "Segment the image.",
+    "[CCD]": "Describe the changes between the two images.",
+    "[DET]": "Detect all objects.",
+    "[OBB]": "Detect all objects with oriented boxes.",
+}
+
+#: Tasks that compare two images (a change pair); [SEG] takes one image, or two for a change mask.
+PAIR_TASKS = ("[CCD]",)
+
 IMAGE_EXPERT, REGION_EXPERT, PIXEL_EXPERT = 0, 1, 2
 _TAG_EXPERT = {"[SEG]": PIXEL_EXPERT, "[VG]": REGION_EXPERT, "[REF]": REGION_EXPERT}
 
@@ -67,6 +83,30 @@ def normalize_tag(task: str) -> str:
     if tag not in TAGS:
         raise TaskError(f"unknown task {task!r}; choose one of {', '.join(t.strip('[]').lower() for t in TAGS)}")
     return tag
+
+
+def make_instruction(task: str | None, prompt: str | None) -> str:
+    """User text from ``--task`` / ``--prompt``: the tag goes first; no task and an untagged prompt -> router decides."""
+    if task is None:
+        if not prompt or not prompt.strip():
+            raise TaskError("give a --task, a --prompt, or both")
+        return prompt.strip()
+    tag = normalize_tag(task)
+    if prompt:
+        given, rest = split_tag(prompt)
+        if given is not None and given != tag:
+            raise TaskError(f"--task {tag} conflicts with the tag {given} in the prompt")
+        text = rest
+    else:
+        text = DEFAULT_PROMPTS[tag]
+    return f"{tag} {text}"
+
+
+def check_image_count(tag: str | None, num_images: int) -> None:
+    if tag in PAIR_TASKS and num_images != 2:
+        raise TaskError(f"{tag} compares two images (before, after); got {num_images}")
+    if num_images not in (1, 2):
+        raise TaskError(f"a request takes 1 image (2 for change tasks), got {num_images}")
 
 
 @dataclass(frozen=True)

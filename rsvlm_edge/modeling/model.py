@@ -309,12 +309,20 @@ class RSVLM(nn.Module):
             )
         return embeds.masked_scatter(slots[..., None], image_embeds.to(embeds.dtype).reshape(-1))
 
-    def forward(self, input_ids, attention_mask, image_embeds, image_token_id: int, expert) -> torch.Tensor:
-        """Training forward: all-position logits (B, S, V). ``image_embeds``: (n_images_total, Nv, D) in batch order."""
+    def hidden_states(self, input_ids, attention_mask, image_embeds, image_token_id: int, expert) -> torch.Tensor:
+        """Final-norm hidden states (B, S, D) of a full sequence (training; lm_head is applied where labels are)."""
         embeds = self.splice_images(input_ids, image_embeds, image_token_id)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits, _ = self.decode(embeds, positions, attention_mask, self.empty_cache(input_ids.shape[0], input_ids.device), expert, all_logits=True)
-        return logits
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        bias = attention_bias(attention_mask, input_ids.shape[1])
+        x = embeds
+        for layer, (pk, pv) in zip(self.layers, self.empty_cache(input_ids.shape[0], input_ids.device)):
+            x, _, _ = layer(x, cos, sin, bias, pk, pv, expert)
+        return self.norm(x)
+
+    def forward(self, input_ids, attention_mask, image_embeds, image_token_id: int, expert) -> torch.Tensor:
+        """All-position logits (B, S, V). ``image_embeds``: (n_images_total, Nv, D) in batch order."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, image_embeds, image_token_id, expert)).float()
 
 
 # ----------------------------------------------------------------------------------------------------- utilities

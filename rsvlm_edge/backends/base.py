@@ -1,0 +1,77 @@
+"""The interface every backend (torch reference, ONNX Runtime, TensorRT) implements, in numpy arrays only.
+
+The generation loop in :mod:`rsvlm_edge.generation` drives these five calls; a backend owns its KV cache
+representation behind :class:`CacheHandle`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rsvlm_edge.config import ModelConfig
+
+
+class BackendError(RuntimeError):
+    """A backend cannot load or run a model (missing files, wrong shapes, unavailable provider)."""
+
+
+@dataclass
+class CacheHandle:
+    """A KV cache built with one expert: it is invalid for any other (DESIGN.md), so the expert travels with it."""
+
+    batch: int
+    capacity: int
+    expert: int
+    length: int = 0
+    state: Any = None  # backend specific storage
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def check(self, expert: int, new_tokens: int) -> None:
+        if expert != self.expert:
+            raise BackendError(f"KV cache was computed with expert {self.expert}; re-prefill to use expert {expert}")
+        if self.length + new_tokens > self.capacity:
+            raise BackendError(f"KV cache full: {self.length} + {new_tokens} tokens > capacity {self.capacity}")
+
+
+class Backend(abc.ABC):
+    name: str = "base"
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+
+    @abc.abstractmethod
+    def encode_images(self, pixels: np.ndarray, sensor: str) -> np.ndarray:
+        """(B, C, H, W) float32 prepared pixels -> (B, num_visual_tokens, hidden) visual tokens."""
+
+    @abc.abstractmethod
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """(B, S) int32 token ids -> (B, S, hidden) float32 embeddings."""
+
+    @abc.abstractmethod
+    def route(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Instruction embeddings (B, S, hidden) + 1/0 mask (B, S) -> router logits (B, num_experts)."""
+
+    @abc.abstractmethod
+    def new_cache(self, batch: int, capacity: int, expert: int) -> CacheHandle:
+        """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens."""
+
+    @abc.abstractmethod
+    def forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Run S new positions through the decoder with ``cache.expert``; append their K/V; return last-position logits (B, V).
+
+        ``attention_mask`` covers the cache plus the new positions: (B, cache.length + S), 1 = attend, 0 = padding.
+        """
+
+    def prefetch_expert(self, expert: int) -> None:
+        """Start making ``expert`` resident (backends with an expert cache load it while the vision encoder runs)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``--verbose`` (expert cache hits, bytes loaded ...)."""
+        return {}
+
+    def close(self) -> None:
+        """Release sessions and device memory."""

@@ -1,0 +1,68 @@
+"""PyTorch eager reference backend: what a user would run without this project, and the parity oracle.
+
+This is the only backend that imports torch (lazily, through :mod:`rsvlm_edge.modeling`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from rsvlm_edge.backends.base import Backend, BackendError, CacheHandle
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model, threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        super().__init__(model.cfg)
+        self.torch = torch
+        self.model = model.eval()
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, threads: int | None = None) -> "TorchBackend":
+        try:
+            from rsvlm_edge.modeling import load_model
+        except ImportError as exc:  # torch missing
+            raise BackendError(f"the torch backend needs PyTorch: pip install 'rsvlm-edge[export]' ({exc})") from None
+        try:
+            return cls(load_model(model_dir), threads=threads)
+        except (FileNotFoundError, ValueError) as exc:
+            raise BackendError(f"cannot load a PyTorch checkpoint from {model_dir}: {exc}") from None
+
+    def _t(self, array: np.ndarray, dtype=None):
+        tensor = self.torch.from_numpy(np.ascontiguousarray(array))
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def encode_images(self, pixels: np.ndarray, sensor: str) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model.encode_images(self._t(pixels, self.torch.float32), sensor).numpy()
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model.embed_tokens(self._t(ids, self.torch.long)).numpy()
+
+    def route(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model.router(self._t(embeds), self._t(mask, self.torch.float32)).numpy()
+
+    def new_cache(self, batch: int, capacity: int, expert: int) -> CacheHandle:
+        return CacheHandle(batch=batch, capacity=capacity, expert=expert, state=self.model.empty_cache(batch))
+
+    def forward(self, cache: CacheHandle, embeds, position_ids, attention_mask) -> np.ndarray:
+        cache.check(cache.expert, embeds.shape[1])
+        torch = self.torch
+        with torch.inference_mode():
+            logits, new = self.model.decode(
+                self._t(embeds, torch.float32), self._t(position_ids, torch.long), self._t(attention_mask, torch.float32),
+                cache.state, cache.expert,
+            )
+            # Eager style: grow the cache by concatenation (what a plain PyTorch loop does).
+            cache.state = [(torch.cat([pk, nk]), torch.cat([pv, nv])) for (pk, pv), (nk, nv) in zip(cache.state, new)]
+        cache.length += embeds.shape[1]
+        return logits[:, -1].numpy()

@@ -1,0 +1,187 @@
+"""`rsvlm-edge` command line. Thin: each command parses options and calls one module that does the work."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from rsvlm_edge import __version__
+from rsvlm_edge.config import EXPERT_NAMES, ConfigError, ModelConfig, PRESETS, preset
+from rsvlm_edge.tasks import TAG_DESCRIPTIONS, TAGS, TaskError
+
+TASK_CHOICES = [t.strip("[]").lower() for t in TAGS]
+TASK_HELP = "; ".join(f"{t.strip('[]').lower()}: {TAG_DESCRIPTIONS[t]}" for t in TAGS)
+
+
+class UserError(click.ClickException):
+    """A problem the user can fix (bad path, wrong bands, tampered model): one clear line, exit code 2."""
+
+    exit_code = 2
+
+
+def _fail(exc: Exception) -> "UserError":
+    return UserError(str(exc))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="rsvlm-edge")
+def main() -> None:
+    """Run remote-sensing MoE vision-language models on tiles: caption, classify, answer questions, ground,
+    detect, segment and compare (optical, SAR, infrared, multispectral).
+
+    \b
+    Typical flow:
+      rsvlm-edge infer models/tiny-demo tile.png --task cap          # ONNX Runtime engines, CPU
+      rsvlm-edge infer models/tiny-demo tile.png --prompt "Where is the ship?"   # router picks the expert
+      rsvlm-edge info models/tiny-demo                               # shapes and parameter counts
+    """
+
+
+# --------------------------------------------------------------------------------------------------- info
+@main.command()
+@click.argument("model", required=False)
+@click.option("--config", "config_name", type=click.Choice(sorted(PRESETS)), help="Describe a preset instead of a model dir.")
+@click.option("--count/--no-count", default=True, help="Count parameters (builds the model on the meta device; needs torch).")
+def info(model: str | None, config_name: str | None, count: bool) -> None:
+    """Show a model's config, visual-token count and parameter counts (stored vs active per request)."""
+    try:
+        if model:
+            path = Path(model)
+            cfg = ModelConfig.load(path / "config.json" if path.is_dir() else path)
+        elif config_name:
+            cfg = preset(config_name)
+        else:
+            raise UserError("give a MODEL directory or --config NAME")
+    except ConfigError as exc:
+        raise _fail(exc) from None
+    click.echo(f"model: {cfg.name}")
+    click.echo(f"vision: {cfg.image_size}px, patch {cfg.patch_size}, {cfg.num_patches} patches + "
+               f"{int(cfg.image_newline)} newline = {cfg.num_visual_tokens} visual tokens per image; "
+               f"ViT {cfg.vision_layers}x{cfg.vision_width}, CNN branch: {'yes' if cfg.cnn_branch else 'no'}; "
+               f"sensors: {', '.join(f'{k}({v})' for k, v in cfg.sensors.items())}")
+    click.echo(f"decoder: {cfg.num_layers} layers, hidden {cfg.hidden_size}, FFN {cfg.intermediate_size}, "
+               f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads, vocab {cfg.vocab_size}, "
+               f"{cfg.num_experts} experts ({', '.join(EXPERT_NAMES)})")
+    if count:
+        try:
+            from rsvlm_edge.modeling import build_model, parameter_counts
+        except ImportError:
+            click.echo("parameter counts need PyTorch (pip install 'rsvlm-edge[export]')")
+            return
+        counts = parameter_counts(build_model(cfg, device="meta", seed=None))
+        click.echo(f"parameters: {counts['stored'] / 1e9:.3f} B stored, {counts['active'] / 1e9:.3f} B active per "
+                   f"request ({counts['stored']:,} / {counts['active']:,}; {counts['per_expert']:,} per expert)")
+
+
+# --------------------------------------------------------------------------------------------------- init
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--config", "config_name", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, dir_okay=False),
+              help="Reuse this tokenizer.json instead of training one on the synthetic corpus.")
+@click.option("--seed", default=0, show_default=True)
+def init(out_dir: str, config_name: str, tokenizer_path: str | None, seed: int) -> None:
+    """Write a random-init model dir (config.json, model.safetensors, tokenizer.json): for tests and benchmarks."""
+    from rsvlm_edge.training.bootstrap import init_model_dir
+
+    try:
+        init_model_dir(out_dir, preset(config_name), seed=seed, tokenizer_path=tokenizer_path)
+    except (ConfigError, ValueError, OSError) as exc:
+        raise _fail(exc) from None
+    click.echo(f"wrote random-init {config_name} model to {out_dir}")
+
+
+# --------------------------------------------------------------------------------------------------- infer
+def _sampling_options(fn):
+    options = [
+        click.option("--max-new-tokens", default=256, show_default=True, help="Stop after this many tokens."),
+        click.option("--temperature", default=0.0, show_default=True, help="0 = greedy; > 0 samples."),
+        click.option("--top-k", default=0, show_default=True, help="Sample among the k likeliest tokens (0 = off)."),
+        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 = off)."),
+        click.option("--repetition-penalty", default=1.0, show_default=True, help="> 1 discourages repeats."),
+        click.option("--seed", default=0, show_default=True, help="Sampling seed (each tile gets its own stream)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _sampling(kw) -> "SamplingConfig":
+    from rsvlm_edge.sampling import SamplingConfig
+
+    try:
+        return SamplingConfig(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_k=kw["top_k"],
+                              top_p=kw["top_p"], repetition_penalty=kw["repetition_penalty"], seed=kw["seed"]).validate()
+    except ValueError as exc:
+        raise _fail(exc) from None
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--task", type=click.Choice(TASK_CHOICES, case_sensitive=False), help=f"Task tag. {TASK_HELP}.")
+@click.option("--prompt", help="Instruction text. Without --task and without a leading tag, the router picks the expert.")
+@click.option("--sensor", type=click.Choice(["rgb", "sar", "ir", "ms"]), help="Input sensor (default: guessed from bands/dtype).")
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime engines (CPU default); torch: PyTorch reference; trt: TensorRT plans.")
+@click.option("--batch-size", default=4, show_default=True, help="Tiles per batch when IMAGES is a folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per tile (boxes in pixels, mask PNG paths).")
+@click.option("--mask-dir", type=click.Path(file_okay=False), help="Write [SEG] masks as PNGs (input pixel size) here.")
+@click.option("--stream/--no-stream", default=True, help="Print tokens as they come (single tile, text output).")
+@click.option("--expert-budget", type=str, help="Expert cache budget, e.g. 1 (experts) or 300MB (ort backend).")
+@click.option("--threads", type=int, help="CPU threads for the backend.")
+@click.option("-v", "--verbose", is_flag=True, help="Show routing, timings and expert-cache counters.")
+@_sampling_options
+def infer(model_dir, images, task, prompt, sensor, backend, batch_size, as_json, mask_dir, stream, expert_budget,
+          threads, verbose, **sampling_kw) -> None:
+    """Answer one tile, a before/after pair, or every tile in a folder.
+
+    \b
+    Examples:
+      rsvlm-edge infer MODEL tile.png --task cap
+      rsvlm-edge infer MODEL tile.png --task vg --prompt "the ship in the top left" --json
+      rsvlm-edge infer MODEL before.png after.png --task ccd
+      rsvlm-edge infer MODEL tile.tif --sensor sar --task seg --mask-dir masks/
+      rsvlm-edge infer MODEL tiles/ --task cls --json > labels.jsonl
+    """
+    from rsvlm_edge.infer_command import run_infer
+
+    try:
+        run_infer(model_dir=model_dir, images=list(images), task=task, prompt=prompt, sensor=sensor, backend=backend,
+                  batch_size=batch_size, as_json=as_json, mask_dir=mask_dir, stream=stream,
+                  expert_budget=expert_budget, threads=threads, verbose=verbose, sampling=_sampling(sampling_kw))
+    except (TaskError, ValueError, OSError, RuntimeError) as exc:
+        raise _fail(exc) from None
+
+
+def _register_optional_commands() -> None:
+    """Commands whose modules may pull heavy extras register lazily, so `--help` stays fast and torch-free."""
+    import importlib
+
+    for module, name in [
+        ("rsvlm_edge.training.cli", "train"),
+        ("rsvlm_edge.training.cli", "eval"),
+        ("rsvlm_edge.export.cli", "export"),
+        ("rsvlm_edge.engines.cli", "build"),
+        ("rsvlm_edge.calibration.cli", "calibrate"),
+        ("rsvlm_edge.chat_command", "chat"),
+        ("rsvlm_edge.bench_command", "bench"),
+    ]:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
+                continue  # that part of the product is not built (yet) in this checkout
+            raise
+        command = getattr(mod, name.replace("-", "_") + "_command", None)
+        if command is not None:
+            main.add_command(command, name)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

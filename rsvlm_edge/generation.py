@@ -1,0 +1,216 @@
+"""Torch-free generation loop: route, encode images, splice visual tokens, prefill, decode with a KV cache.
+
+Works on any :class:`~rsvlm_edge.backends.base.Backend`. Requests in one call are batched by expert (a decoder
+step runs one expert) with left padding; each request keeps its own seeded sampler, so a request gives the same
+tokens alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from rsvlm_edge.backends.base import Backend
+from rsvlm_edge.sampling import SamplingConfig, TokenSampler
+from rsvlm_edge.tasks import Turn, build_prompt, expert_for_tag, split_tag
+from rsvlm_edge.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Request:
+    """One tile (or tile pair) and an instruction. ``pixels`` are prepared (C, S, S) float32 arrays."""
+
+    pixels: list[np.ndarray]
+    sensor: str
+    prompt: str
+    history: list[Turn] = field(default_factory=list)  # earlier (user, assistant) turns, for chat
+    expert: int | None = None  # force an expert; None = tag, else router
+
+
+@dataclass
+class Routing:
+    expert: int
+    source: str  # "tag", "router" or "forced"
+    probs: list[float] | None = None
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    routing: Routing
+    prompt_tokens: int
+    finish_reason: str  # "stop" or "length"
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+TokenCallback = Callable[[int, str], None]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Generator:
+    def __init__(self, backend: Backend, tokenizer: Tokenizer):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.config = backend.config
+        if tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {self.config.vocab_size}")
+
+    # ------------------------------------------------------------------ routing
+    def route(self, prompts: list[str]) -> list[Routing]:
+        """Tag decides the expert; untagged prompts go through the learned router in one batch."""
+        routings: list[Routing | None] = []
+        untagged: list[int] = []
+        for i, prompt in enumerate(prompts):
+            tag, _ = split_tag(prompt)
+            if tag is None:
+                routings.append(None)
+                untagged.append(i)
+            else:
+                routings.append(Routing(expert_for_tag(tag), "tag"))
+        if untagged:
+            ids = [self.tokenizer.encode(split_tag(prompts[i])[1]) or [self.tokenizer.pad_id] for i in untagged]
+            batch, mask = self._pad(ids, left=False)
+            probs = softmax(self.backend.route(self.backend.embed(batch), mask).astype(np.float64))
+            for row, i in enumerate(untagged):
+                routings[i] = Routing(int(np.argmax(probs[row])), "router", [float(p) for p in probs[row]])
+        return [r for r in routings if r is not None]
+
+    # ------------------------------------------------------------------ inputs
+    def prompt_ids(self, request: Request) -> list[int]:
+        """Chat-template token ids with each ``<image>`` expanded to the model's visual-token count."""
+        text = build_prompt(request.history + [Turn(request.prompt)], num_images=len(request.pixels))
+        ids: list[int] = []
+        image_id, nv = self.tokenizer.image_id, self.config.num_visual_tokens
+        for tok in self.tokenizer.encode(text):
+            ids.extend([image_id] * nv if tok == image_id else [tok])
+        return ids
+
+    def _pad(self, seqs: list[list[int]], left: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), self.tokenizer.pad_id, dtype=np.int32)
+        mask = np.zeros((len(seqs), width), dtype=np.float32)
+        for row, seq in enumerate(seqs):
+            span = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[row, span] = seq
+            mask[row, span] = 1.0
+        return ids, mask
+
+    def _visual_tokens(self, requests: list[Request]) -> list[np.ndarray]:
+        """Encode every request's images, batched per sensor; returns (n_images * Nv, D) per request."""
+        flat: list[tuple[int, np.ndarray]] = [(r, px) for r, req in enumerate(requests) for px in req.pixels]
+        out: list[list[np.ndarray]] = [[] for _ in requests]
+        by_sensor: dict[str, list[int]] = {}
+        for k, (r, _) in enumerate(flat):
+            by_sensor.setdefault(requests[r].sensor, []).append(k)
+        encoded: dict[int, np.ndarray] = {}
+        for sensor, keys in by_sensor.items():
+            tokens = self.backend.encode_images(np.stack([flat[k][1] for k in keys]).astype(np.float32), sensor)
+            encoded.update({k: tokens[j] for j, k in enumerate(keys)})
+        for k, (r, _) in enumerate(flat):
+            out[r].append(encoded[k])
+        return [np.concatenate(parts, axis=0) for parts in out]
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: list[Request], sampling: SamplingConfig | None = None,
+                 on_token: TokenCallback | None = None) -> list[Generation]:
+        sampling = (sampling or SamplingConfig()).validate()
+        if not requests:
+            return []
+        t0 = time.perf_counter()
+        routings = [
+            Routing(req.expert, "forced") if req.expert is not None else None for req in requests
+        ]
+        needs_route = [i for i, r in enumerate(routings) if r is None]
+        for i, routing in zip(needs_route, self.route([requests[i].prompt for i in needs_route])):
+            routings[i] = routing
+        route_ms = (time.perf_counter() - t0) * 1e3
+        results: list[Generation | None] = [None] * len(requests)
+        for expert in sorted({r.expert for r in routings if r is not None}):
+            group = [i for i, r in enumerate(routings) if r is not None and r.expert == expert]
+            self.backend.prefetch_expert(expert)  # loads while the vision encoder runs
+            outs = self._generate_group([requests[i] for i in group], expert, sampling, on_token, group)
+            for i, out in zip(group, outs):
+                out.routing = routings[i]  # type: ignore[assignment]
+                out.timings["route_ms"] = route_ms
+                results[i] = out
+        return [r for r in results if r is not None]
+
+    def _generate_group(self, requests, expert, sampling, on_token, indices) -> list[Generation]:
+        tok, backend = self.tokenizer, self.backend
+        t0 = time.perf_counter()
+        visual = self._visual_tokens(requests)
+        t_vision = time.perf_counter()
+        seqs = [self.prompt_ids(req) for req in requests]
+        ids, mask = self._pad(seqs)
+        embeds = backend.embed(ids)
+        for row, tokens in enumerate(visual):
+            slots = ids[row] == tok.image_id
+            if int(slots.sum()) != tokens.shape[0]:
+                raise ValueError(f"prompt has {int(slots.sum())} image slots for {tokens.shape[0]} visual tokens")
+            embeds[row, slots] = tokens
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        capacity = ids.shape[1] + sampling.max_new_tokens
+        if capacity > self.config.max_position_embeddings:
+            raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the "
+                             f"model's context of {self.config.max_position_embeddings}")
+        cache = backend.new_cache(len(requests), capacity, expert)
+        samplers = [TokenSampler(sampling, self.config.vocab_size) for _ in requests]
+        for sampler, seq in zip(samplers, seqs):
+            sampler.observe([t for t in seq if t != tok.image_id])
+        stop = set(sampling.stop_ids) | {tok.end_id}
+        streams = [StreamDecoder(tok) for _ in requests]
+        generated: list[list[int]] = [[] for _ in requests]
+        finished = [False] * len(requests)
+        reasons = ["length"] * len(requests)
+
+        full_mask = np.ones((len(requests), capacity), dtype=np.float32)  # grows by a view per step, never copied
+        full_mask[:, : mask.shape[1]] = mask
+        logits = backend.forward(cache, embeds, positions, mask)
+        t_first = time.perf_counter()
+        next_pos = positions[:, -1] + 1
+        steps = 0
+        while True:
+            new_ids = np.full((len(requests), 1), tok.pad_id, dtype=np.int32)
+            for row in range(len(requests)):
+                if finished[row]:
+                    continue
+                token = samplers[row](logits[row])
+                if token in stop:
+                    finished[row], reasons[row] = True, "stop"
+                    continue
+                generated[row].append(token)
+                new_ids[row, 0] = token
+                if on_token is not None:
+                    piece = streams[row].push(token)
+                    if piece:
+                        on_token(indices[row], piece)
+                if len(generated[row]) >= sampling.max_new_tokens:
+                    finished[row] = True
+            if all(finished):
+                break
+            logits = backend.forward(cache, backend.embed(new_ids), next_pos[:, None].astype(np.int32),
+                                     full_mask[:, : cache.length + 1])
+            next_pos = next_pos + 1
+            steps += 1
+        t_end = time.perf_counter()
+        results = []
+        for row in range(len(requests)):
+            timings = {
+                "vision_ms": (t_vision - t0) * 1e3,
+                "ttft_ms": (t_first - t0) * 1e3,
+                "prefill_ms": (t_first - t_vision) * 1e3,
+                "decode_ms": (t_end - t_first) * 1e3,
+                "decode_steps": float(steps),
+                "decode_tok_s": steps * len(requests) / (t_end - t_first) if steps else 0.0,
+            }
+            results.append(Generation(text=tok.decode(generated[row]), token_ids=generated[row], routing=None,  # type: ignore[arg-type]
+                                      prompt_tokens=len(seqs[row]), finish_reason=reasons[row], timings=timings))
+        return results

@@ -1,0 +1,86 @@
+"""Next-token selection in numpy: greedy, temperature, top-k, top-p and repetition penalty, seeded per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off (CTRL-style: divide positive logits, multiply negative ones)
+    seed: int = 0
+    stop_ids: list[int] = field(default_factory=list)
+
+    def validate(self) -> "SamplingConfig":
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def penalize_repeats(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """Apply the repetition penalty to tokens already in the context (``seen`` is a bool mask over the vocab)."""
+    if penalty == 1.0 or not seen.any():
+        return logits
+    out = logits.copy()
+    picked = out[seen]
+    out[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Set logits outside the top-k / nucleus to -inf (always keeps at least the best token)."""
+    out = logits.astype(np.float64, copy=True)
+    if 0 < top_k < out.size:
+        kth = np.partition(out, -top_k)[-top_k]
+        out[out < kth] = -np.inf
+    if top_p < 1.0:
+        order = np.argsort(-out, kind="stable")
+        probs = np.exp(out[order] - out[order[0]])
+        probs /= probs.sum()
+        cumulative = np.cumsum(probs)
+        drop = cumulative - probs >= top_p  # keep tokens until the mass before them reaches top_p
+        out[order[drop]] = -np.inf
+    return out
+
+
+class TokenSampler:
+    """Picks tokens for one sequence; owns its RNG so batched requests stay reproducible one by one."""
+
+    def __init__(self, config: SamplingConfig, vocab_size: int, seed_offset: int = 0):
+        self.config = config.validate()
+        self.rng = np.random.default_rng(config.seed + seed_offset)
+        self.seen = np.zeros(vocab_size, dtype=bool)
+
+    def observe(self, token_ids) -> None:
+        self.seen[np.asarray(token_ids, dtype=np.int64)] = True
+
+    def __call__(self, logits: np.ndarray) -> int:
+        cfg = self.config
+        logits = penalize_repeats(np.asarray(logits, dtype=np.float32), self.seen, cfg.repetition_penalty)
+        if cfg.greedy:
+            token = int(np.argmax(logits))
+        else:
+            scaled = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+            probs = np.exp(scaled - scaled.max())
+            probs /= probs.sum()
+            token = int(self.rng.choice(probs.size, p=probs))
+        self.seen[token] = True
+        return token

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install everything the tests need (CPU torch from the local wheel, the project with its dev extras) and run them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q -e ".[dev]"
+python3 -m pytest "$@"

@@ -1,0 +1,121 @@
+"""The reference model: shapes, KV-cache consistency, expert routing in batches, parameter counts, save/load."""
+
+import numpy as np
+import pytest
+import torch
+
+from rsvlm_edge.config import ConfigError, ModelConfig, preset, rsunivlm_1b_config, tiny_config
+from rsvlm_edge.modeling import build_model, load_model, parameter_counts, save_model
+from rsvlm_edge.modeling.model import attention_bias
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(tiny_config(), seed=0).eval()
+
+
+def test_visual_tokens_per_sensor(model):
+    cfg = model.cfg
+    with torch.no_grad():
+        for sensor, bands in cfg.sensors.items():
+            out = model.encode_images(torch.randn(2, bands, cfg.image_size, cfg.image_size), sensor)
+            assert out.shape == (2, cfg.num_visual_tokens, cfg.hidden_size)
+            assert torch.isfinite(out).all()
+    with pytest.raises(KeyError, match="unknown sensor"):
+        model.encode_images(torch.randn(1, 3, cfg.image_size, cfg.image_size), "lidar")
+
+
+def test_incremental_decode_matches_full_forward(model):
+    cfg = model.cfg
+    torch.manual_seed(1)
+    b, s, split = 2, 18, 11
+    emb = torch.randn(b, s, cfg.hidden_size)
+    mask = torch.ones(b, s)
+    mask[1, :4] = 0  # left padding on row 1
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full, _ = model.decode(emb, pos, mask, model.empty_cache(b), 1, all_logits=True)
+        logits, new = model.decode(emb[:, :split], pos[:, :split], mask[:, :split], model.empty_cache(b), 1)
+        cache = new
+        steps = [logits]
+        for t in range(split, s):
+            logits, new = model.decode(emb[:, t:t + 1], pos[:, t:t + 1], mask[:, :t + 1], cache, 1)
+            cache = [(torch.cat([pk, nk]), torch.cat([pv, nv])) for (pk, pv), (nk, nv) in zip(cache, new)]
+            steps.append(logits)
+    inc = torch.cat(steps, 1)
+    assert inc.shape == (b, s - split + 1, cfg.vocab_size)
+    assert (inc - full[:, split - 1:]).abs().max() < 1e-4
+    assert cache[0][0].shape == (s, b, cfg.num_kv_heads, cfg.head_dim)  # sequence-major cache
+
+
+def test_mixed_expert_batch_equals_per_request(model):
+    cfg = model.cfg
+    emb = torch.randn(3, 7, cfg.hidden_size)
+    mask = torch.ones(3, 7)
+    pos = torch.arange(7).expand(3, 7)
+    with torch.no_grad():
+        mixed, _ = model.decode(emb, pos, mask, model.empty_cache(3), torch.tensor([2, 0, 1]), all_logits=True)
+        for row, e in enumerate([2, 0, 1]):
+            alone, _ = model.decode(emb[row:row + 1], pos[row:row + 1], mask[row:row + 1], model.empty_cache(1), e,
+                                    all_logits=True)
+            assert torch.allclose(mixed[row], alone[0], atol=1e-5)
+        # and the experts really differ once their weights differ
+        a, _ = model.decode(emb[:1], pos[:1], mask[:1], model.empty_cache(1), 0)
+        b, _ = model.decode(emb[:1], pos[:1], mask[:1], model.empty_cache(1), 2)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_attention_bias_is_causal_and_masks_padding():
+    mask = torch.tensor([[0.0, 1, 1, 1]])
+    bias = attention_bias(mask, query_len=2)  # 2 new queries over 4 keys (2 past)
+    allowed = bias[0, 0] == 0
+    assert allowed.tolist() == [[False, True, True, False], [False, True, True, True]]
+
+
+def test_router_logits_shape(model):
+    ids = torch.randint(0, model.cfg.vocab_size, (4, 9))
+    mask = torch.ones(4, 9)
+    mask[0, 5:] = 0
+    out = model.route(ids, mask)
+    assert out.shape == (4, model.cfg.num_experts)
+    # padding positions must not change the pooled embedding
+    ids2 = ids.clone()
+    ids2[0, 5:] = 0
+    assert torch.allclose(model.route(ids2, mask)[0], out[0], atol=1e-6)
+
+
+def test_rsunivlm_1b_parameter_counts():
+    cfg = rsunivlm_1b_config()
+    assert cfg.num_visual_tokens == 730  # 27x27 patches + newline
+    counts = parameter_counts(build_model(cfg, device="meta", seed=None))
+    assert 1.60e9 < counts["stored"] < 1.70e9
+    assert 1.00e9 < counts["active"] < 1.06e9
+    assert counts["stored"] - counts["active"] >= 2 * counts["per_expert"]
+
+
+def test_tiny_fits_the_repo_budget(model):
+    counts = parameter_counts(model)
+    assert counts["stored"] * 2 <= 50e6  # fp16 safetensors <= 50 MB
+    assert 64 <= model.cfg.num_visual_tokens - 1 <= 196
+
+
+def test_save_load_roundtrip(tmp_path, model):
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 5))
+    with torch.no_grad():
+        a, _ = model.decode(model.embed_tokens(ids), torch.arange(5)[None], torch.ones(1, 5), model.empty_cache(1), 0)
+        b, _ = loaded.decode(loaded.embed_tokens(ids), torch.arange(5)[None], torch.ones(1, 5), loaded.empty_cache(1), 0)
+    assert (a - b).abs().max() < 0.05  # fp16 storage
+    (tmp_path / "config.json").write_text('{"hidden_size": 7, "bogus": 1}')
+    with pytest.raises(ConfigError, match="unknown model config keys: bogus"):
+        load_model(tmp_path)
+
+
+def test_config_validation_and_presets():
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        ModelConfig(num_heads=4, num_kv_heads=3).validate()
+    with pytest.raises(ConfigError, match="unknown config preset"):
+        preset("huge")
+    assert ModelConfig.from_dict(tiny_config().to_dict()) == tiny_config()
+    assert np.isclose(rsunivlm_1b_config().head_dim, 64)

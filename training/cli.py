@@ -1,0 +1,86 @@
+"""`rsvlm-edge train` and `rsvlm-edge eval` (torch is imported only when they run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from rsvlm_edge.config import PRESETS
+
+
+def _data_root(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+@click.command("train")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--config", "config_name", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
+@click.option("--align-steps", default=300, show_default=True, help="Stage 1: captions/classes through expert 0.")
+@click.option("--instruct-steps", default=1500, show_default=True, help="Stage 2: all tasks, tag-routed experts + router.")
+@click.option("--batch-size", default=24, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--untagged-share", default=0.2, show_default=True, help="Share of prompts trained without their tag.")
+@click.option("--data", "data_root", type=click.Path(file_okay=False), help="Real data root (default ../shared/data).")
+@click.option("--real-limit", type=int, help="Use at most this many samples per real set (quick runs).")
+@click.option("--threads", default=0, help="torch threads (0 = all cores).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--save-every", default=100, show_default=True, help="Checkpoint every N steps (resume by re-running).")
+def train_command(out_dir, config_name, align_steps, instruct_steps, batch_size, lr, untagged_share, data_root,
+                  real_limit, threads, seed, save_every) -> None:
+    """Train the MoE VLM (two stages) and write OUT_DIR/model (config, fp16 safetensors, tokenizer).
+
+    Re-running the same command resumes from OUT_DIR/checkpoint.pt. The loss log is OUT_DIR/train_log.jsonl.
+    """
+    from rsvlm_edge.config import preset
+    from rsvlm_edge.tokenizer import Tokenizer
+    from rsvlm_edge.training.bootstrap import train_tokenizer
+    from rsvlm_edge.training.recipe import Recipe
+    from rsvlm_edge.training.train import TrainConfig, Trainer
+
+    cfg = preset(config_name)
+    out = Path(out_dir)
+    tc = TrainConfig(align_steps=align_steps, instruct_steps=instruct_steps, batch_size=batch_size, lr=lr,
+                     untagged_share=untagged_share, threads=threads, seed=seed, save_every=save_every)
+    tok_path = out / "tokenizer.json"
+    recipe_args = dict(data_root=_data_root(data_root), seed=seed, untagged_share=untagged_share, real_limit=real_limit)
+    recipe = Recipe(cfg, None, **recipe_args)  # type: ignore[arg-type]  # tokenizer set below
+    if tok_path.exists():
+        tokenizer = Tokenizer.load(tok_path)
+    else:
+        click.echo("training the tokenizer on synthetic + real prompts/answers ...", err=True)
+        tokenizer = train_tokenizer(cfg.vocab_size, n_synthetic=3000, seed=seed, extra=recipe.real_texts())
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(tok_path)
+    recipe.tokenizer = tokenizer
+    model_dir = Trainer(out, cfg, tokenizer, tc, recipe).run()
+    click.echo(f"model written to {model_dir}")
+
+
+@click.command("eval")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
+@click.option("--suite", "suites", multiple=True,
+              type=click.Choice(["synthetic", "router", "aid", "rsvqa_lr", "levir_cd", "sirst", "dota", "bigearthnet"]),
+              help="Held-out sets to score (repeatable; default: synthetic, router, aid, rsvqa_lr, levir_cd).")
+@click.option("--limit", type=int, default=200, show_default=True, help="Samples per suite (seeded subset).")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--data", "data_root", type=click.Path(file_okay=False), help="Real data root (default ../shared/data).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
+def eval_command(model_dir, backend, suites, limit, batch_size, data_root, out_path) -> None:
+    """Score a model per task: accuracy, BLEU-4/CIDEr, box Acc@0.5, detection F1, mask mIoU, change F1, router accuracy."""
+    from rsvlm_edge.fileio import atomic_write_text
+    from rsvlm_edge.pipeline import Pipeline
+    from rsvlm_edge.training.evaluate import evaluate, format_report
+
+    pipe = Pipeline(model_dir, backend=backend)
+    try:
+        report = evaluate(pipe.generator, list(suites) or ["synthetic", "router", "aid", "rsvqa_lr", "levir_cd"],
+                          limit=limit, data_root=_data_root(data_root), batch_size=batch_size)
+    finally:
+        pipe.close()
+    report = {"model": str(model_dir), "backend": backend, "limit": limit, **report}
+    click.echo(format_report(report))
+    if out_path:
+        atomic_write_text(out_path, json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,160 @@
+"""Turn Samples into model-ready examples and batches (pixels prepared once, prompt/answer tokenised).
+
+The synthetic stream is generated on the fly (deterministic by seed and index); real samples are prepared once and
+held in memory as float16 pixels, which keeps AID (~5k tiles at 128 px) under a gigabyte.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from rsvlm_edge.config import ModelConfig
+from rsvlm_edge.preprocess import prepare_image
+from rsvlm_edge.tasks import END, Turn, build_prompt
+from rsvlm_edge.tokenizer import Tokenizer
+from rsvlm_edge.training.sample import Sample
+
+#: Label value ignored by the loss (prompt and padding positions).
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    ids: np.ndarray  # int64 (S,) with each <image> expanded to num_visual_tokens slots
+    labels: np.ndarray  # int64 (S,), IGNORE outside the answer
+    pixels: list[np.ndarray]  # (C, H, W) float16
+    sensor: str
+    expert: int
+    instruction_ids: np.ndarray  # the prompt without its tag, for the router loss
+    tagged: bool
+
+
+def render_prompt(sample: Sample, keep_tag: bool) -> str:
+    return sample.prompt if keep_tag else sample.instruction
+
+
+def encode(sample: Sample, tokenizer: Tokenizer, cfg: ModelConfig, keep_tag: bool = True,
+           max_len: int | None = None) -> Example:
+    """Tokenise one sample; the loss covers the answer and its stop token only."""
+    prompt = build_prompt([Turn(render_prompt(sample, keep_tag))], num_images=len(sample.images))
+    prompt_ids: list[int] = []
+    for tok in tokenizer.encode(prompt):
+        prompt_ids.extend([tok] * cfg.num_visual_tokens if tok == tokenizer.image_id else [tok])
+    answer_ids = tokenizer.encode(sample.answer + END)
+    ids = prompt_ids + answer_ids
+    labels = [IGNORE] * len(prompt_ids) + answer_ids
+    limit = max_len or cfg.max_position_embeddings
+    if len(ids) > limit:
+        ids, labels = ids[:limit], labels[:limit]
+    pixels = [prepare_image(img, sample.sensor, cfg.image_size).astype(np.float16) for img in sample.images]
+    return Example(
+        ids=np.asarray(ids, dtype=np.int64),
+        labels=np.asarray(labels, dtype=np.int64),
+        pixels=pixels,
+        sensor=sample.sensor,
+        expert=sample.expert,
+        instruction_ids=np.asarray(tokenizer.encode(sample.instruction) or [tokenizer.pad_id], dtype=np.int64),
+        tagged=keep_tag,
+    )
+
+
+@dataclass
+class Batch:
+    ids: np.ndarray  # (B, S) right padded
+    labels: np.ndarray
+    mask: np.ndarray  # (B, S) float32
+    pixels_by_sensor: dict[str, tuple[list[int], np.ndarray]]  # sensor -> (image slot order, stacked float32 pixels)
+    num_images: int
+    experts: np.ndarray  # (B,)
+    instruction_ids: np.ndarray  # (B, L)
+    instruction_mask: np.ndarray
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+    width = max(len(e.ids) for e in examples)
+    b = len(examples)
+    ids = np.full((b, width), pad_id, dtype=np.int64)
+    labels = np.full((b, width), IGNORE, dtype=np.int64)
+    mask = np.zeros((b, width), dtype=np.float32)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.ids)] = e.ids
+        labels[row, : len(e.labels)] = e.labels
+        mask[row, : len(e.ids)] = 1
+    # Images are spliced in batch order (row by row, first image first); group them by sensor for the encoder.
+    slots: dict[str, list[int]] = {}
+    arrays: dict[str, list[np.ndarray]] = {}
+    k = 0
+    for e in examples:
+        for px in e.pixels:
+            slots.setdefault(e.sensor, []).append(k)
+            arrays.setdefault(e.sensor, []).append(px.astype(np.float32))
+            k += 1
+    inst_w = max(len(e.instruction_ids) for e in examples)
+    inst = np.full((b, inst_w), pad_id, dtype=np.int64)
+    inst_mask = np.zeros((b, inst_w), dtype=np.float32)
+    for row, e in enumerate(examples):
+        inst[row, : len(e.instruction_ids)] = e.instruction_ids
+        inst_mask[row, : len(e.instruction_ids)] = 1
+    return Batch(ids, labels, mask, {s: (slots[s], np.stack(arrays[s])) for s in slots}, k,
+                 np.asarray([e.expert for e in examples], dtype=np.int64), inst, inst_mask)
+
+
+class Mixture:
+    """Weighted mixture of example sources; each draw picks a source by weight, then an example from it."""
+
+    def __init__(self, sources: dict[str, tuple[float, "Source"]], seed: int = 0):
+        if not sources:
+            raise ValueError("empty training mixture")
+        self.names = list(sources)
+        weights = np.asarray([sources[n][0] for n in self.names], dtype=np.float64)
+        self.probs = weights / weights.sum()
+        self.sources = {n: sources[n][1] for n in self.names}
+        self.rng = random.Random(seed)
+
+    def batches(self, batch_size: int, pad_id: int) -> Iterator[Batch]:
+        while True:
+            picks = self.rng.choices(self.names, weights=list(self.probs), k=batch_size)
+            yield collate([self.sources[name].draw(self.rng) for name in picks], pad_id)
+
+
+class Source:
+    def draw(self, rng: random.Random) -> Example:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class ListSource(Source):
+    """Pre-encoded examples (real data): sampled with replacement."""
+
+    def __init__(self, examples: list[Example]):
+        if not examples:
+            raise ValueError("ListSource needs at least one example")
+        self.examples = examples
+
+    def draw(self, rng: random.Random) -> Example:
+        return self.examples[rng.randrange(len(self.examples))]
+
+
+class SyntheticSource(Source):
+    """Fresh synthetic scenes each draw; ``untagged`` is the share of prompts whose tag is dropped (router training)."""
+
+    def __init__(self, tokenizer: Tokenizer, cfg: ModelConfig, seed: int, untagged: float = 0.2,
+                 tasks: Sequence[str] | None = None):
+        from rsvlm_edge.training.synthetic import SyntheticGenerator
+
+        self.gen = SyntheticGenerator(size=cfg.image_size, seed=seed)
+        self.tokenizer, self.cfg, self.untagged, self.tasks = tokenizer, cfg, untagged, tasks
+
+    def draw(self, rng: random.Random) -> Example:
+        task = rng.choice(self.tasks) if self.tasks else None
+        sample = self.gen.sample(task=task)
+        return encode(sample, self.tokenizer, self.cfg, keep_tag=rng.random() >= self.untagged)
+
+
+def encode_all(samples: list[Sample], tokenizer: Tokenizer, cfg: ModelConfig, untagged: float = 0.0,
+               seed: int = 0) -> list[Example]:
+    rng = random.Random(seed)
+    return [encode(s, tokenizer, cfg, keep_tag=rng.random() >= untagged) for s in samples]

@@ -1,0 +1,112 @@
+"""The demo model's data recipe: which sources, in what proportion, for each stage."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+
+from rsvlm_edge.config import ModelConfig
+from rsvlm_edge.tokenizer import Tokenizer
+from rsvlm_edge.training.data import Example, ListSource, Mixture, SyntheticSource, encode_all
+
+log = logging.getLogger(__name__)
+
+#: Stage -> source -> weight. Real sources missing on this machine are dropped (the weights renormalise).
+STAGE_WEIGHTS: dict[str, dict[str, float]] = {
+    "align": {"synthetic_caption": 0.45, "aid": 0.55},
+    "instruct": {
+        "synthetic": 0.42, "aid": 0.25, "rsvqa_lr": 0.17, "levir_cd": 0.03, "sirst": 0.04,
+        "bigearthnet": 0.03, "dota": 0.03, "hrsid": 0.03,
+    },
+}
+
+#: Tasks whose answers do not change when the tile is flipped or rotated by 90 degrees.
+ORIENTATION_FREE = {"[CLS]", "[CAP]"}
+
+
+class AugmentedListSource(ListSource):
+    """Real tiles drawn with a random flip / 90-degree rotation where the answer allows it (AID scenes)."""
+
+    def __init__(self, examples: list[Example], augmentable: list[bool]):
+        super().__init__(examples)
+        self.augmentable = augmentable
+
+    def draw(self, rng: random.Random) -> Example:
+        i = rng.randrange(len(self.examples))
+        ex = self.examples[i]
+        if not self.augmentable[i]:
+            return ex
+        k, flip = rng.randrange(4), rng.random() < 0.5
+        pixels = [np.rot90(p, k, axes=(1, 2)) for p in ex.pixels]
+        if flip:
+            pixels = [p[:, :, ::-1] for p in pixels]
+        return Example(ex.ids, ex.labels, [np.ascontiguousarray(p) for p in pixels], ex.sensor, ex.expert,
+                       ex.instruction_ids, ex.tagged)
+
+
+def load_real(name: str, root: Path | None, split: str = "train"):
+    from rsvlm_edge.training import real_data
+
+    loader = getattr(real_data, f"load_{name}")
+    return loader(split, root=root)
+
+
+class Recipe:
+    """Builds (and caches) the mixture for each stage."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer, data_root: Path | None = None, seed: int = 0,
+                 untagged_share: float = 0.2, real_limit: int | None = None):
+        self.cfg, self.tokenizer, self.root, self.seed = cfg, tokenizer, data_root, seed
+        self.untagged_share, self.real_limit = untagged_share, real_limit
+        self._real: dict[str, AugmentedListSource | None] = {}
+        self._samples: dict[str, list] = {}
+
+    def real_samples(self, name: str) -> list:
+        """Raw train-split samples of one real set (empty when it is not on this machine)."""
+        if name not in self._samples:
+            try:
+                samples = load_real(name, self.root)
+            except (FileNotFoundError, OSError) as exc:
+                log.warning("skipping real source %s: %s", name, exc)
+                samples = []
+            self._samples[name] = samples[: self.real_limit] if self.real_limit else samples
+        return self._samples[name]
+
+    def real_texts(self) -> list[str]:
+        """Prompts and answers of every real set, for the tokenizer corpus."""
+        names = {n for weights in STAGE_WEIGHTS.values() for n in weights if not n.startswith("synthetic")}
+        return [text for name in sorted(names) for s in self.real_samples(name) for text in (s.prompt, s.answer)]
+
+    def real_source(self, name: str) -> AugmentedListSource | None:
+        if name not in self._real:
+            samples = self.real_samples(name)
+            if samples:
+                examples = encode_all(samples, self.tokenizer, self.cfg, untagged=self.untagged_share, seed=self.seed)
+                self._real[name] = AugmentedListSource(examples, [s.tag in ORIENTATION_FREE and s.source == "aid"
+                                                                  for s in samples])
+            else:
+                self._real[name] = None
+        return self._real[name]
+
+    def __call__(self, stage: str) -> Mixture:
+        sources = {}
+        for name, weight in STAGE_WEIGHTS[stage].items():
+            if name == "synthetic":
+                sources[name] = (weight, SyntheticSource(self.tokenizer, self.cfg, self.seed + 1,
+                                                         untagged=self.untagged_share))
+            elif name == "synthetic_caption":
+                sources[name] = (weight, SyntheticSource(self.tokenizer, self.cfg, self.seed + 2, untagged=0.0,
+                                                         tasks=["[CAP]", "[CLS]"]))
+            else:
+                source = self.real_source(name)
+                if source is not None:
+                    if stage == "align":  # image-level tasks only
+                        keep = [i for i, e in enumerate(source.examples) if e.expert == 0]
+                        source = AugmentedListSource([source.examples[i] for i in keep],
+                                                     [source.augmentable[i] for i in keep]) if keep else None
+                    if source is not None:
+                        sources[name] = (weight, source)
+        return Mixture(sources, seed=self.seed)

@@ -1,0 +1,193 @@
+"""Two-stage training of the MoE VLM on CPU (or a GPU when present), resumable, with a JSONL loss log.
+
+Stage ``align``: captions and classification only, everything through expert 0 (image); the vision encoder,
+projector and decoder trunk learn to talk about tiles. At the switch, experts 1 and 2 start as copies of expert 0
+(upcycling, as RSUniVLM initialises its granularity experts from one FFN).
+Stage ``instruct``: every task, each request through its tag's expert, plus the router's cross-entropy on the
+tag-free instruction; a share of prompts drops the tag so the model also answers untagged requests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rsvlm_edge.config import ModelConfig
+from rsvlm_edge.fileio import atomic_path, atomic_write_text
+from rsvlm_edge.modeling import RSVLM, build_model, save_model
+from rsvlm_edge.tokenizer import Tokenizer
+from rsvlm_edge.training.data import IGNORE, Batch, Mixture
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    align_steps: int = 300
+    instruct_steps: int = 1500
+    batch_size: int = 24
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    router_weight: float = 0.2
+    untagged_share: float = 0.2
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    threads: int = 0  # 0 = torch default
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return self.align_steps + self.instruct_steps
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, tc.total_steps - tc.warmup_steps)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batch_loss(model: RSVLM, batch: Batch, image_token_id: int, router_weight: float,
+               force_expert: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Answer-token cross-entropy (+ router cross-entropy) for one batch."""
+    slots: list[torch.Tensor | None] = [None] * batch.num_images
+    for sensor, (order, pixels) in batch.pixels_by_sensor.items():
+        tokens = model.encode_images(torch.from_numpy(pixels), sensor)
+        for j, k in enumerate(order):
+            slots[k] = tokens[j]
+    image_embeds = torch.stack(slots) if slots else None  # type: ignore[arg-type]
+    ids = torch.from_numpy(batch.ids)
+    experts = torch.from_numpy(batch.experts)
+    expert: int | torch.Tensor = force_expert if force_expert is not None else experts
+    hidden = model.hidden_states(ids, torch.from_numpy(batch.mask), image_embeds, image_token_id, expert)
+    targets = torch.from_numpy(batch.labels)[:, 1:]
+    where = targets != IGNORE
+    logits = model.lm_head(hidden[:, :-1][where]).float()
+    lm = F.cross_entropy(logits, targets[where])
+    stats = {"lm_loss": float(lm), "tokens": int(where.sum())}
+    loss = lm
+    if router_weight > 0:
+        router_logits = model.route(torch.from_numpy(batch.instruction_ids), torch.from_numpy(batch.instruction_mask))
+        rl = F.cross_entropy(router_logits, experts)
+        loss = loss + router_weight * rl
+        stats["router_loss"] = float(rl)
+        stats["router_acc"] = float((router_logits.argmax(-1) == experts).float().mean())
+    stats["loss"] = float(loss)
+    return loss, stats
+
+
+def upcycle_experts(model: RSVLM) -> None:
+    """Copy expert 0's FFN into the others (start of instruction tuning)."""
+    with torch.no_grad():
+        for layer in model.layers:
+            for other in layer.experts[1:]:
+                other.load_state_dict(layer.experts[0].state_dict())
+
+
+class Trainer:
+    def __init__(self, out_dir: str | Path, cfg: ModelConfig, tokenizer: Tokenizer, tc: TrainConfig,
+                 mixtures: Callable[[str], Mixture], progress: bool = True):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg, self.tokenizer, self.tc, self.mixtures, self.progress = cfg, tokenizer, tc, mixtures, progress
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        torch.manual_seed(tc.seed)
+        self.model = build_model(cfg, seed=tc.seed)
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
+        self.step = 0
+        self._resume()
+
+    def _resume(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["model_config"] != self.cfg.to_dict():
+            raise ValueError(f"{path} was written for another model config; use a fresh output dir")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+
+    def save_checkpoint(self) -> None:
+        with atomic_path(self.out / CHECKPOINT) as tmp:
+            torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                        "model_config": self.cfg.to_dict(), "train_config": asdict(self.tc),
+                        "torch_rng": torch.get_rng_state()}, tmp)
+
+    def stage_of(self, step: int) -> str:
+        return "align" if step < self.tc.align_steps else "instruct"
+
+    def run(self) -> Path:
+        from tqdm import tqdm
+
+        tc = self.tc
+        bar = tqdm(total=tc.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
+        stream_stage, stream = None, None
+        log = open(self.out / LOG, "a")
+        try:
+            while self.step < tc.total_steps:
+                stage = self.stage_of(self.step)
+                if stage != stream_stage:
+                    if stage == "instruct" and self.step == tc.align_steps:
+                        upcycle_experts(self.model)
+                    # Each stage/resume point gets its own deterministic stream.
+                    mixture = self.mixtures(stage)
+                    mixture.rng.seed(tc.seed * 1_000_003 + self.step)
+                    stream, stream_stage = mixture.batches(tc.batch_size, self.tokenizer.pad_id), stage
+                t0 = time.perf_counter()
+                batch = next(stream)  # type: ignore[arg-type]
+                lr = lr_at(self.step, tc)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                self.model.train()
+                loss, stats = batch_loss(self.model, batch, self.tokenizer.image_id,
+                                         router_weight=tc.router_weight if stage == "instruct" else 0.0,
+                                         force_expert=0 if stage == "align" else None)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+                self.opt.step()
+                self.step += 1
+                stats.update(step=self.step, stage=stage, lr=lr, sec=time.perf_counter() - t0)
+                if self.step % tc.log_every == 0 or self.step == tc.total_steps:
+                    log.write(json.dumps(stats) + "\n")
+                    log.flush()
+                bar.set_postfix(stage=stage, loss=f"{stats['loss']:.3f}")
+                bar.update(1)
+                if self.step % tc.save_every == 0 or self.step == tc.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            log.close()
+        return self.export_model()
+
+    def export_model(self) -> Path:
+        """The shippable model dir: config.json, model.safetensors (fp16), tokenizer.json, train_config.json."""
+        model_dir = self.out / "model"
+        save_model(self.model.eval(), model_dir)
+        self.tokenizer.save(model_dir / "tokenizer.json")
+        atomic_write_text(model_dir / "train_config.json", json.dumps(asdict(self.tc), indent=2) + "\n")
+        return model_dir
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
