@@ -13,9 +13,9 @@ from typing import Callable
 
 import numpy as np
 
-from rsvlm_edge.backends.base import Backend
+from rsvlm_edge.backends.base import Backend, CacheHandle
 from rsvlm_edge.sampling import SamplingConfig, TokenSampler
-from rsvlm_edge.tasks import Turn, build_prompt, expert_for_tag, split_tag
+from rsvlm_edge.tasks import ASSISTANT, Turn, build_prompt, expert_for_tag, split_tag, user_block
 from rsvlm_edge.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -165,41 +165,12 @@ class Generator:
         samplers = [TokenSampler(sampling, self.config.vocab_size) for _ in requests]
         for sampler, seq in zip(samplers, seqs):
             sampler.observe([t for t in seq if t != tok.image_id])
-        stop = set(sampling.stop_ids) | {tok.end_id}
-        streams = [StreamDecoder(tok) for _ in requests]
-        generated: list[list[int]] = [[] for _ in requests]
-        finished = [False] * len(requests)
-        reasons = ["length"] * len(requests)
-
         full_mask = np.ones((len(requests), capacity), dtype=np.float32)  # grows by a view per step, never copied
         full_mask[:, : mask.shape[1]] = mask
         logits = backend.forward(cache, embeds, positions, mask)
         t_first = time.perf_counter()
-        next_pos = positions[:, -1] + 1
-        steps = 0
-        while True:
-            new_ids = np.full((len(requests), 1), tok.pad_id, dtype=np.int32)
-            for row in range(len(requests)):
-                if finished[row]:
-                    continue
-                token = samplers[row](logits[row])
-                if token in stop:
-                    finished[row], reasons[row] = True, "stop"
-                    continue
-                generated[row].append(token)
-                new_ids[row, 0] = token
-                if on_token is not None:
-                    piece = streams[row].push(token)
-                    if piece:
-                        on_token(indices[row], piece)
-                if len(generated[row]) >= sampling.max_new_tokens:
-                    finished[row] = True
-            if all(finished):
-                break
-            logits = backend.forward(cache, backend.embed(new_ids), next_pos[:, None].astype(np.int32),
-                                     full_mask[:, : cache.length + 1])
-            next_pos = next_pos + 1
-            steps += 1
+        generated, reasons, steps = self.decode(cache, logits, full_mask, positions[:, -1] + 1, samplers, sampling,
+                                                on_token, indices)
         t_end = time.perf_counter()
         results = []
         for row in range(len(requests)):
@@ -214,3 +185,101 @@ class Generator:
             results.append(Generation(text=tok.decode(generated[row]), token_ids=generated[row], routing=None,  # type: ignore[arg-type]
                                       prompt_tokens=len(seqs[row]), finish_reason=reasons[row], timings=timings))
         return results
+
+    def decode(self, cache: CacheHandle, logits: np.ndarray, full_mask: np.ndarray, next_pos: np.ndarray,
+               samplers: list[TokenSampler], sampling: SamplingConfig, on_token: TokenCallback | None,
+               indices: list[int]) -> tuple[list[list[int]], list[str], int]:
+        """Sample from ``logits`` and feed tokens back until every row stops. The stop token is not fed."""
+        tok, backend = self.tokenizer, self.backend
+        rows = len(samplers)
+        stop = set(sampling.stop_ids) | {tok.end_id}
+        streams = [StreamDecoder(tok) for _ in range(rows)]
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        finished = [False] * rows
+        reasons = ["length"] * rows
+        steps = 0
+        while True:
+            new_ids = np.full((rows, 1), tok.pad_id, dtype=np.int32)
+            for row in range(rows):
+                if finished[row]:
+                    continue
+                token = samplers[row](logits[row])
+                if token in stop:
+                    finished[row], reasons[row] = True, "stop"
+                    continue
+                generated[row].append(token)
+                new_ids[row, 0] = token
+                if on_token is not None:
+                    piece = streams[row].push(token)
+                    if piece:
+                        on_token(indices[row], piece)
+                if len(generated[row]) >= sampling.max_new_tokens:
+                    finished[row] = True
+            if all(finished) or cache.length >= cache.capacity:
+                break
+            logits = backend.forward(cache, backend.embed(new_ids), next_pos[:, None].astype(np.int32),
+                                     full_mask[:, : cache.length + 1])
+            next_pos = next_pos + 1
+            steps += 1
+        return generated, reasons, steps
+
+
+class ChatSession:
+    """Multi-turn dialogue about one tile (or pair). The KV cache is reused while the expert stays the same;
+    a turn routed to another expert re-prefills the whole conversation (a cache is only valid for its expert)."""
+
+    def __init__(self, generator: Generator, pixels: list[np.ndarray], sensor: str):
+        self.generator, self.pixels, self.sensor = generator, pixels, sensor
+        self.turns: list[Turn] = []
+        self.cache: CacheHandle | None = None
+        self.position = 0  # next position id
+        self.pending: list[int] = []  # a generated token not yet in the cache (answer cut by max_new_tokens)
+        self.counters = {"turns": 0, "reprefills": 0, "reused_tokens": 0}
+
+    def ask(self, text: str, sampling: SamplingConfig | None = None,
+            on_token: TokenCallback | None = None) -> Generation:
+        gen = self.generator
+        sampling = (sampling or SamplingConfig()).validate()
+        routing = gen.route([text])[0]
+        t0 = time.perf_counter()
+        capacity = gen.config.max_position_embeddings
+        if self.cache is not None and self.cache.expert == routing.expert:
+            tok = gen.tokenizer
+            new_text = "\n" + user_block(text, 0) + ASSISTANT + "\n"
+            ids = self.pending + [tok.end_id] + tok.encode(new_text)  # close the last answer, open the new turn
+            if self.cache.length + len(ids) + sampling.max_new_tokens > capacity:
+                raise ValueError(f"conversation exceeds the model's context of {capacity} tokens; start a new chat")
+            embeds = gen.backend.embed(np.asarray([ids], dtype=np.int32))
+            self.counters["reused_tokens"] += self.cache.length
+        else:
+            if self.cache is not None:
+                self.counters["reprefills"] += 1
+            request = Request(pixels=self.pixels, sensor=self.sensor, prompt=text, history=self.turns)
+            ids = gen.prompt_ids(request)
+            if len(ids) + sampling.max_new_tokens > capacity:
+                raise ValueError(f"conversation exceeds the model's context of {capacity} tokens; start a new chat")
+            gen.backend.prefetch_expert(routing.expert)
+            visual = gen._visual_tokens([request])[0]
+            arr = np.asarray([ids], dtype=np.int32)
+            embeds = gen.backend.embed(arr)
+            embeds[0, arr[0] == gen.tokenizer.image_id] = visual
+            self.cache = gen.backend.new_cache(1, capacity, routing.expert)
+            self.position = 0
+        positions = np.arange(self.position, self.position + len(ids), dtype=np.int32)[None]
+        full_mask = np.ones((1, capacity), dtype=np.float32)
+        logits = gen.backend.forward(self.cache, embeds, positions, full_mask[:, : self.cache.length + len(ids)])
+        t_first = time.perf_counter()
+        sampler = TokenSampler(sampling, gen.config.vocab_size)
+        sampler.observe([t for t in ids if t != gen.tokenizer.image_id])
+        generated, reasons, steps = gen.decode(self.cache, logits, full_mask, positions[:, -1] + 1, [sampler],
+                                               sampling, on_token, [0])
+        self.position = int(positions[0, -1]) + 1 + steps
+        self.pending = generated[0][-1:] if reasons[0] == "length" else []
+        answer = gen.tokenizer.decode(generated[0])
+        self.turns.append(Turn(text, answer))
+        self.counters["turns"] += 1
+        t_end = time.perf_counter()
+        return Generation(text=answer, token_ids=generated[0], routing=routing, prompt_tokens=len(ids),
+                          finish_reason=reasons[0],
+                          timings={"ttft_ms": (t_first - t0) * 1e3, "decode_ms": (t_end - t_first) * 1e3,
+                                   "decode_steps": float(steps)})

@@ -115,10 +115,16 @@ class Mixture:
         self.sources = {n: sources[n][1] for n in self.names}
         self.rng = random.Random(seed)
 
-    def batches(self, batch_size: int, pad_id: int) -> Iterator[Batch]:
+    def batches(self, batch_size: int, pad_id: int, bucket: int = 4) -> Iterator[Batch]:
+        """Draw ``bucket`` batches' worth, sort by length, cut into batches: far less padding when a few long
+        answers (masks) share a pool with short ones (class names)."""
         while True:
-            picks = self.rng.choices(self.names, weights=list(self.probs), k=batch_size)
-            yield collate([self.sources[name].draw(self.rng) for name in picks], pad_id)
+            picks = self.rng.choices(self.names, weights=list(self.probs), k=batch_size * bucket)
+            pool = sorted((self.sources[name].draw(self.rng) for name in picks), key=lambda e: len(e.ids))
+            chunks = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+            self.rng.shuffle(chunks)
+            for chunk in chunks:
+                yield collate(chunk, pad_id)
 
 
 class Source:

@@ -77,15 +77,15 @@ def batch_loss(model: RSVLM, batch: Batch, image_token_id: int, router_weight: f
     where = targets != IGNORE
     logits = model.lm_head(hidden[:, :-1][where]).float()
     lm = F.cross_entropy(logits, targets[where])
-    stats = {"lm_loss": float(lm), "tokens": int(where.sum())}
+    stats = {"lm_loss": float(lm.detach()), "tokens": int(where.sum())}
     loss = lm
     if router_weight > 0:
         router_logits = model.route(torch.from_numpy(batch.instruction_ids), torch.from_numpy(batch.instruction_mask))
         rl = F.cross_entropy(router_logits, experts)
         loss = loss + router_weight * rl
-        stats["router_loss"] = float(rl)
+        stats["router_loss"] = float(rl.detach())
         stats["router_acc"] = float((router_logits.argmax(-1) == experts).float().mean())
-    stats["loss"] = float(loss)
+    stats["loss"] = float(loss.detach())
     return loss, stats
 
 
