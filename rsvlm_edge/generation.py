@@ -221,6 +221,11 @@ class Generator:
                                      full_mask[:, : cache.length + 1])
             next_pos = next_pos + 1
             steps += 1
+        if on_token is not None:
+            for row, stream in enumerate(streams):
+                tail = stream.finish()  # bytes held back for an incomplete UTF-8 character
+                if tail:
+                    on_token(indices[row], tail)
         return generated, reasons, steps
 
 
