@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from rsvlm_edge import __version__
-from rsvlm_edge.config import EXPERT_NAMES, ConfigError, ModelConfig, PRESETS, preset
+from rsvlm_edge.config import EXPERT_NAMES, PRESETS, ConfigError, ModelConfig, preset
 from rsvlm_edge.tasks import TAG_DESCRIPTIONS, TAGS, TaskError
+
+if TYPE_CHECKING:
+    from rsvlm_edge.sampling import SamplingConfig
 
 TASK_CHOICES = [t.strip("[]").lower() for t in TAGS]
 TASK_HELP = "; ".join(f"{t.strip('[]').lower()}: {TAG_DESCRIPTIONS[t]}" for t in TAGS)

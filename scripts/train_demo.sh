@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Reproduce the shipped demo model (models/tiny-demo) from scratch on CPU; re-running resumes from the checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-runs/tiny-demo}"
+rsvlm-edge train "$out" --config tiny --align-steps "${ALIGN_STEPS:-400}" --instruct-steps "${INSTRUCT_STEPS:-1400}" \
+  --batch-size 24 --lr 1e-3 --threads 2 --seed 0
