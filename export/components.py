@@ -1,0 +1,192 @@
+"""The exported components: thin ``nn.Module`` views onto the reference model, their IO specs and sample inputs.
+
+Each view reuses the reference forward code unchanged (``VisionEncoder.forward``, ``RSVLM.decode`` ...) on a
+*shallow copy* of the reference module whose children are swapped (an identity sensor stem; one expert per
+layer), so the graphs compute exactly what :mod:`rsvlm_edge.modeling.model` computes.
+
+Split (see also DESIGN.md "Engines and manifest"):
+
+* ``vision_stem_<sensor>``: pixels (B, bands, H, W) -> (B, 3, H, W). One small graph per sensor.
+* ``vision_encoder``: (B, 3, H, W) -> (B, num_visual_tokens, hidden). ViT + CNN branch + projector + newline,
+  stored once and shared by every sensor. The CNN branch reads the stem output too, so cutting at the stem output
+  is the only cut that keeps all encoder weights in one graph.
+* ``embedding``: input_ids (B, S) int32 -> (B, S, hidden).
+* ``router``: embeds (B, S, hidden) + mask (B, S) -> logits (B, num_experts).
+* ``decoder_expert<e>``: one step (prefill or decode) with expert e; last-position logits and this call's K/V.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from rsvlm_edge.config import ModelConfig
+
+#: Parameters of the decoder that belong to one expert (everything else in the decoder is the shared trunk).
+EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.experts\.(\d+)\.")
+
+
+def shallow(module: nn.Module, keep: tuple[str, ...] | None = None, **children: nn.Module) -> nn.Module:
+    """A copy of ``module`` sharing its parameters, with some children replaced (and, with ``keep``, others dropped)."""
+    new = object.__new__(type(module))
+    new.__dict__ = dict(module.__dict__)
+    new._modules = {k: v for k, v in module._modules.items() if keep is None or k in keep or k in children}
+    new._modules.update(children)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    return new
+
+
+class StemGraph(nn.Module):
+    def __init__(self, stem: nn.Module):
+        super().__init__()
+        self.stem = stem
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.stem(pixels)
+
+
+class VisionEncoderGraph(nn.Module):
+    """The shared encoder after the stem: the reference VisionEncoder with an identity stem."""
+
+    SENSOR = "__stem_output__"
+
+    def __init__(self, vision: nn.Module):
+        super().__init__()
+        self.vision = shallow(vision, stems=nn.ModuleDict({self.SENSOR: nn.Identity()}))
+
+    def forward(self, stem_pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision(stem_pixels, self.SENSOR)
+
+
+class EmbeddingGraph(nn.Module):
+    def __init__(self, embed: nn.Embedding):
+        super().__init__()
+        self.embed_tokens = embed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+
+class RouterGraph(nn.Module):
+    def __init__(self, router: nn.Module):
+        super().__init__()
+        self.router = router
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.router(embeds, mask)
+
+
+class DecoderGraph(nn.Module):
+    """``RSVLM.decode`` with expert ``expert`` in every layer, flattened KV inputs/outputs, last-position logits."""
+
+    def __init__(self, model: Any, expert: int):
+        super().__init__()
+        layers = nn.ModuleList(shallow(layer, experts=nn.ModuleList([layer.experts[expert]])) for layer in model.layers)
+        self.core = shallow(model, keep=("norm", "lm_head"), layers=layers)
+        self.num_layers = len(layers)
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, *past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+        logits, new = self.core.decode(inputs_embeds, position_ids, attention_mask, pairs, 0)
+        flat = [t for kv in new for t in kv]
+        return (logits[:, -1], *flat)
+
+
+# ----------------------------------------------------------------------------------------------- specs
+def T(name: str, dtype: str, *shape) -> dict:  # noqa: N802 - a tiny constructor
+    return {"name": name, "dtype": dtype, "shape": list(shape)}
+
+
+@dataclass
+class ComponentSpec:
+    """How to export one component: the module, sample inputs for tracing, IO spec, weight naming."""
+
+    name: str
+    kind: str  # vision_stem / vision_encoder / embedding / router / decoder
+    module: nn.Module
+    sample: tuple[torch.Tensor, ...]
+    inputs: list[dict]
+    outputs: list[dict]
+    rename: Callable[[str], str]
+    extra: dict
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {}
+        for t in self.inputs + self.outputs:
+            dyn = {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+            if dyn:
+                axes[t["name"]] = dyn
+        return axes
+
+
+def _strip(prefix: str) -> Callable[[str], str]:
+    return lambda n: n[len(prefix):] if n.startswith(prefix) else n
+
+
+def decoder_io(cfg: ModelConfig) -> tuple[list[dict], list[dict]]:
+    kv, hd = cfg.num_kv_heads, cfg.head_dim
+    inputs = [T("inputs_embeds", "float32", "batch", "seq", cfg.hidden_size), T("position_ids", "int32", "batch", "seq"),
+              T("attention_mask", "float32", "batch", "total_seq")]
+    outputs = [T("logits", "float32", "batch", cfg.vocab_size)]
+    for i in range(cfg.num_layers):
+        inputs += [T(f"past_{kv_name}_{i}", "float32", "past_seq", "batch", kv, hd) for kv_name in ("key", "value")]
+        outputs += [T(f"new_{kv_name}_{i}", "float32", "seq", "batch", kv, hd) for kv_name in ("key", "value")]
+    return inputs, outputs
+
+
+def decoder_weight_name(name: str) -> str:
+    """``core.layers.3.experts.0.up_proj.weight.T`` -> ``layers.3.mlp.up_proj.weight.T`` (same in every expert graph)."""
+    name = _strip("core.")(name)
+    return re.sub(r"^(layers\.\d+)\.experts\.0\.", r"\1.mlp.", name)
+
+
+def component_specs(model: Any, names: list[str] | None = None, batch: int = 2, seq: int = 3, past: int = 4,
+                    seed: int = 0) -> list[ComponentSpec]:
+    """Specs of every component of ``model`` (or those in ``names``), in export order.
+
+    Only ``decoder_expert0`` is traced: the other experts' graphs are the same graph with their own FFN weights.
+    """
+    cfg: ModelConfig = model.cfg
+    gen = torch.Generator().manual_seed(seed)
+    size = cfg.image_size
+    specs: list[ComponentSpec] = []
+    for sensor, bands in cfg.sensors.items():
+        specs.append(ComponentSpec(
+            f"vision_stem_{sensor}", "vision_stem", StemGraph(model.vision.stems[sensor]),
+            (torch.randn(batch, bands, size, size, generator=gen),),
+            [T("pixels", "float32", "batch", bands, size, size)], [T("stem_pixels", "float32", "batch", 3, size, size)],
+            _strip("stem."), {"sensor": sensor, "bands": bands}))
+    specs.append(ComponentSpec(
+        "vision_encoder", "vision_encoder", VisionEncoderGraph(model.vision),
+        (torch.randn(batch, 3, size, size, generator=gen),),
+        [T("stem_pixels", "float32", "batch", 3, size, size)],
+        [T("visual_tokens", "float32", "batch", cfg.num_visual_tokens, cfg.hidden_size)], _strip("vision."), {}))
+    specs.append(ComponentSpec(
+        "embedding", "embedding", EmbeddingGraph(model.embed_tokens),
+        (torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen, dtype=torch.int32),),
+        [T("input_ids", "int32", "batch", "seq")], [T("inputs_embeds", "float32", "batch", "seq", cfg.hidden_size)],
+        lambda n: n, {}))
+    mask = torch.ones(batch, seq)
+    mask[0, 0] = 0
+    specs.append(ComponentSpec(
+        "router", "router", RouterGraph(model.router),
+        (torch.randn(batch, seq, cfg.hidden_size, generator=gen), mask),
+        [T("embeds", "float32", "batch", "seq", cfg.hidden_size), T("mask", "float32", "batch", "seq")],
+        [T("logits", "float32", "batch", cfg.num_experts)], lambda n: n, {}))
+    inputs, outputs = decoder_io(cfg)
+    kv, hd = cfg.num_kv_heads, cfg.head_dim
+    sample = (torch.randn(batch, seq, cfg.hidden_size, generator=gen),
+              torch.arange(past, past + seq, dtype=torch.int32).expand(batch, seq).contiguous(),
+              torch.ones(batch, past + seq),
+              *[torch.randn(past, batch, kv, hd, generator=gen) for _ in range(2 * cfg.num_layers)])
+    specs.append(ComponentSpec("decoder_expert0", "decoder", DecoderGraph(model, 0), sample, inputs, outputs,
+                               decoder_weight_name, {"expert": 0}))
+    if names is not None:
+        specs = [s for s in specs if s.name in names]
+    return specs

@@ -1,0 +1,137 @@
+"""manifest.json: round trip, validation, sha256/size verification, TensorRT engine compatibility. Torch-free."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rsvlm_edge.config import tiny_config
+from rsvlm_edge.manifest import (
+    FORMAT_VERSION,
+    Component,
+    EngineCompatError,
+    Manifest,
+    ManifestError,
+    TensorSpec,
+    check_engine_compat,
+    sha256_file,
+)
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def engine_dir(tmp_path):
+    files = {"tokenizer.json": b'{"tok": 1}', "a.onnx": b"graph-a", "shared.bin": b"\x01" * 5000, "b.onnx": b"graph-b",
+             "b.bin": b"\x02" * 100}
+    for name, data in files.items():
+        write(tmp_path / name, data)
+    sha = {n: sha256_file(tmp_path / n) for n in files}
+    size = {n: len(d) for n, d in files.items()}
+
+    def comp(name, graph, data):
+        return Component(name=name, file=graph, precision="fp32",
+                         inputs=[TensorSpec("x", "float32", ["batch", "seq", 4])], outputs=[TensorSpec("y", "float32", ["batch", 2])],
+                         sha256={f: sha[f] for f in [graph, *data]}, external_data=list(data),
+                         extra={"kind": "test", "bytes": {f: size[f] for f in [graph, *data]}})
+
+    manifest = Manifest(model_config=tiny_config().to_dict(),
+                        components={"a": comp("a", "a.onnx", ["shared.bin"]), "b": comp("b", "b.onnx", ["shared.bin", "b.bin"])},
+                        tokenizer={"file": "tokenizer.json", "sha256": sha["tokenizer.json"], "bytes": size["tokenizer.json"]},
+                        experts={"num_experts": 3}, extra={"export": {"tool": "test"}})
+    manifest.save(tmp_path)
+    return tmp_path
+
+
+def test_round_trip_and_layout(engine_dir):
+    m = Manifest.load(engine_dir)
+    data = json.loads((engine_dir / "manifest.json").read_text())
+    assert data["format_version"] == FORMAT_VERSION == 1
+    assert set(data) >= {"model_config", "tokenizer", "components", "experts", "engine", "export"}
+    assert data["engine"] == {"kind": "onnx", "trt_version": None, "compute_capability": None}
+    b = data["components"]["b"]
+    assert b["inputs"][0] == {"name": "x", "dtype": "float32", "shape": ["batch", "seq", 4]}
+    assert set(b["sha256"]) == {"b.onnx", "shared.bin", "b.bin"} and b["external_data"] == ["shared.bin", "b.bin"]
+    assert m.components["b"].extra["kind"] == "test" and m.component("a").files == ["a.onnx", "shared.bin"]
+    assert m.config() == tiny_config()
+    assert Manifest.from_dict(m.to_dict()).to_dict() == m.to_dict()
+    assert not list(engine_dir.glob(".*.tmp"))  # atomic save leaves no temporaries
+
+
+def test_tampered_byte_is_caught_and_named(engine_dir):
+    blob = bytearray((engine_dir / "shared.bin").read_bytes())
+    blob[1234] ^= 0xFF
+    (engine_dir / "shared.bin").write_bytes(bytes(blob))
+    with pytest.raises(ManifestError, match="shared.bin fails its sha256"):
+        Manifest.load(engine_dir)
+    Manifest.load(engine_dir, verify="size")  # same size: the fast mode does not hash
+    Manifest.load(engine_dir, verify=False)
+
+
+def test_missing_and_truncated_files(engine_dir):
+    (engine_dir / "b.bin").write_bytes(b"\x02" * 99)
+    with pytest.raises(ManifestError, match="b.bin has 99 bytes"):
+        Manifest.load(engine_dir, verify="size")
+    (engine_dir / "b.bin").unlink()
+    for mode in (True, "size"):
+        with pytest.raises(ManifestError, match="b.bin is missing"):
+            Manifest.load(engine_dir, verify=mode)
+    (engine_dir / "tokenizer.json").write_text("{}")
+    with pytest.raises(ManifestError, match="tokenizer.json"):
+        Manifest.load(engine_dir).verify(files=["tokenizer.json"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(format_version=2), "format_version 2 is not supported"),
+    (lambda d: d.pop("components"), "lacks 'components'"),
+    (lambda d: d["components"]["a"].update(precision="int4"), "precision must be one of"),
+    (lambda d: d["components"]["a"]["sha256"].pop("a.onnx"), "sha256 must map every file"),
+    (lambda d: d["components"]["a"]["external_data"].append("other.bin"), "other.bin' has no sha256"),
+    (lambda d: d["components"]["a"]["sha256"].update({"../escape.bin": "0"}), "stay inside the directory"),
+    (lambda d: d["components"]["a"]["inputs"][0].update(dtype="complex64"), "unknown dtype"),
+    (lambda d: d.update(engine={"kind": "tensorrt"}), "must record trt_version and compute_capability"),
+    (lambda d: d.update(engine={"kind": "openvino"}), "engine.kind must be one of"),
+])
+def test_malformed_manifests_are_refused(engine_dir, edit, message):
+    data = json.loads((engine_dir / "manifest.json").read_text())
+    edit(data)
+    (engine_dir / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=message):
+        Manifest.load(engine_dir)
+
+
+def test_not_an_engine_dir(tmp_path):
+    with pytest.raises(ManifestError, match="has no manifest.json"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.load(tmp_path)
+    with pytest.raises(ValueError):  # ManifestError is a ValueError: the CLI reports it as a user error
+        Manifest.load(tmp_path)
+
+
+def test_unknown_component_message(engine_dir):
+    with pytest.raises(ManifestError, match="no component 'router'.*it has a, b"):
+        Manifest.load(engine_dir).component("router")
+
+
+def test_engine_compat(engine_dir):
+    m = Manifest.load(engine_dir)
+    check_engine_compat(m, None, None)  # ONNX dirs are portable
+    m.engine = {"kind": "tensorrt", "trt_version": "8.5.2.2", "compute_capability": "8.7"}
+    check_engine_compat(m, "8.5.2", (8, 7))
+    with pytest.raises(EngineCompatError, match=r"built with TensorRT 8.5.2.2, but this machine has TensorRT 10.3.0"):
+        check_engine_compat(m, "10.3.0", "8.7")
+    with pytest.raises(EngineCompatError, match="compute capability 8.7, but this GPU is 8.6"):
+        check_engine_compat(m, "8.5.2", "8.6")
+    with pytest.raises(EngineCompatError, match="TensorRT is not installed"):
+        check_engine_compat(m, None, "8.7")
+    m.engine.update(version_compatible=True, hardware_compatible=True, compute_capability="8.0")
+    check_engine_compat(m, "8.6.1", "8.9")
+    with pytest.raises(EngineCompatError, match=">= 8.0"):
+        check_engine_compat(m, "8.6.1", "7.2")
+    assert issubclass(EngineCompatError, ManifestError)
