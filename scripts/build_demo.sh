@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Turn a trained run into the shipped demo model dir: ONNX engines + torch weights, eval report and model card.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run="${1:-runs/tiny-demo}"
+out="${2:-models/tiny-demo}"
+rsvlm-edge export "$run/model" "$out" --overwrite
+cp "$run/model/model.safetensors" "$run/model/train_config.json" "$out/"
+cmd="rsvlm-edge eval $out --backend ort --suite synthetic --suite router --suite aid --suite rsvqa_lr --suite levir_cd --limit 200 --out $out/eval_report.json"
+$cmd
+python3 -m rsvlm_edge.training.model_card "$out" "$out/eval_report.json" "$cmd"
