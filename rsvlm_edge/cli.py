@@ -135,11 +135,13 @@ def _sampling(kw) -> "SamplingConfig":
 @click.option("--mask-dir", type=click.Path(file_okay=False), help="Write [SEG] masks as PNGs (input pixel size) here.")
 @click.option("--stream/--no-stream", default=True, help="Print tokens as they come (single tile, text output).")
 @click.option("--expert-budget", type=str, help="Expert cache budget, e.g. 1 (experts) or 300MB (ort backend).")
+@click.option("--pin-expert", "pinned", multiple=True, type=click.Choice(list(EXPERT_NAMES)),
+              help="Keep this expert resident once loaded, whatever the budget's LRU says (repeatable; ort backend).")
 @click.option("--threads", type=int, help="CPU threads for the backend.")
 @click.option("-v", "--verbose", is_flag=True, help="Show routing, timings and expert-cache counters.")
 @_sampling_options
 def infer(model_dir, images, task, prompt, sensor, backend, batch_size, as_json, mask_dir, stream, expert_budget,
-          threads, verbose, **sampling_kw) -> None:
+          pinned, threads, verbose, **sampling_kw) -> None:
     """Answer one tile, a before/after pair, or every tile in a folder.
 
     \b
@@ -155,7 +157,8 @@ def infer(model_dir, images, task, prompt, sensor, backend, batch_size, as_json,
     try:
         run_infer(model_dir=model_dir, images=list(images), task=task, prompt=prompt, sensor=sensor, backend=backend,
                   batch_size=batch_size, as_json=as_json, mask_dir=mask_dir, stream=stream,
-                  expert_budget=expert_budget, threads=threads, verbose=verbose, sampling=_sampling(sampling_kw))
+                  expert_budget=expert_budget, pinned=[EXPERT_NAMES.index(p) for p in pinned], threads=threads,
+                  verbose=verbose, sampling=_sampling(sampling_kw))
     except (TaskError, ValueError, OSError, RuntimeError) as exc:
         raise _fail(exc) from None
 

@@ -59,9 +59,13 @@ def _describe(result: InferenceResult, verbose: bool) -> str:
 
 
 def run_infer(*, model_dir, images, task, prompt, sensor, backend, batch_size, as_json, mask_dir, stream,
-              expert_budget, threads, verbose, sampling: SamplingConfig) -> None:
+              expert_budget, threads, verbose, sampling: SamplingConfig, pinned: list[int] | None = None) -> None:
     instruction = make_instruction(task, prompt)
     options = parse_budget(expert_budget)
+    if pinned:
+        if backend != "ort":
+            raise ValueError("--pin-expert works with the ort backend (its expert cache)")
+        options["pinned_experts"] = tuple(pinned)
     if threads:
         options["threads"] = threads
     pipe = Pipeline(model_dir, backend=backend, **options)

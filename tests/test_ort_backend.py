@@ -149,6 +149,22 @@ def test_expert_budget_and_stats(engine):
     backend.close()
 
 
+def test_pinned_expert_survives_lru(engine):
+    backend = OrtBackend.from_dir(engine, expert_budget_experts=2, pinned_experts=[2], verify="size", threads=1)
+    cfg = backend.config
+    for expert in (2, 0, 1, 0, 1):
+        cache = backend.new_cache(1, 2, expert)
+        backend.forward(cache, np.zeros((1, 1, cfg.hidden_size), np.float32), np.zeros((1, 1), np.int32),
+                        np.ones((1, 1), np.float32))
+        assert 2 in backend.stats()["experts_resident"]
+    assert backend.stats()["expert_evictions"] == 3  # 0 and 1 take turns in the one unpinned slot
+    backend.close()
+    with pytest.raises(BackendError, match="pinned experts"):
+        OrtBackend.from_dir(engine, expert_budget_experts=1, pinned_experts=[0, 1], verify="size")
+    with pytest.raises(BackendError, match="expert 5"):
+        OrtBackend.from_dir(engine, pinned_experts=[5], verify="size")
+
+
 def test_trunk_is_mapped_once_and_shared(ort_backend):
     loaded = [ort_backend.expert_cache.get(e) for e in range(3)]
     loader = ort_backend.experts

@@ -160,7 +160,7 @@ class OrtBackend(Backend):
 
     def __init__(self, manifest: Manifest, threads: int | None = None, providers: Sequence[str] | str | None = None,
                  expert_budget_experts: int | None = None, expert_budget_bytes: int | None = None,
-                 prepack_weights: bool = False):
+                 prepack_weights: bool = False, pinned_experts: Sequence[int] = ()):
         from rsvlm_edge.expert_cache import ExpertCache
 
         try:
@@ -184,24 +184,33 @@ class OrtBackend(Backend):
             if expert_budget_experts < 1:
                 raise BackendError("the expert budget must allow at least one expert")
             budget = expert_budget_experts * self.experts.expert_bytes
-        self.expert_cache = ExpertCache(self.experts.load, budget_bytes=budget)
+        for e in pinned_experts:
+            self.experts.component(e)  # validates the index
+        if budget is not None and len(set(pinned_experts)) * self.experts.expert_bytes > budget:
+            raise BackendError(f"pinned experts {sorted(set(pinned_experts))} need "
+                               f"{len(set(pinned_experts)) * self.experts.expert_bytes:,} bytes, more than the expert "
+                               f"budget of {budget:,}")
+        self.expert_cache = ExpertCache(self.experts.load, budget_bytes=budget, pinned=tuple(pinned_experts))
         cfg = self.config
         self._kv_names = [(f"past_key_{i}", f"past_value_{i}", f"new_key_{i}", f"new_value_{i}") for i in range(cfg.num_layers)]
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, threads: int | None = None, providers: Sequence[str] | str | None = None,
                  expert_budget_experts: int | None = None, expert_budget_bytes: int | None = None,
-                 verify: Verify = True, prepack_weights: bool = False) -> "OrtBackend":
+                 verify: Verify = True, prepack_weights: bool = False,
+                 pinned_experts: Sequence[int] = ()) -> "OrtBackend":
         """Open an exported engine directory. ``verify``: True (sha256 of every file), "size" (sizes only), False.
 
-        ``expert_budget_experts`` / ``expert_budget_bytes`` cap the resident experts (least recently used evicted).
+        ``expert_budget_experts`` / ``expert_budget_bytes`` cap the resident experts (least recently used evicted);
+        ``pinned_experts`` are never evicted once loaded (they count against the budget).
         """
         try:
             manifest = Manifest.load(model_dir, verify=verify)
         except ManifestError as exc:
             raise BackendError(f"cannot use {model_dir} with the ort backend: {exc}") from None
         return cls(manifest, threads=threads, providers=providers, expert_budget_experts=expert_budget_experts,
-                   expert_budget_bytes=expert_budget_bytes, prepack_weights=prepack_weights)
+                   expert_budget_bytes=expert_budget_bytes, prepack_weights=prepack_weights,
+                   pinned_experts=pinned_experts)
 
     # ------------------------------------------------------------------ sessions
     def _options(self):
