@@ -45,8 +45,11 @@ class ExpertCache:
     """Least-recently-used experts, evicted when the resident bytes would exceed ``budget_bytes``."""
 
     def __init__(self, loader: Loader, budget_bytes: int | None = None, pinned: tuple[int, ...] = (),
-                 on_evict: Callable[[int, Any], None] | None = None):
+                 on_evict: Callable[[int, Any], None] | None = None, size_of: Callable[[int], int] | None = None):
+        """``size_of(e)``, when the size is known before loading, lets the cache evict *before* it loads, so the
+        resident bytes never exceed the budget, not even during a switch (otherwise peak = budget + one expert)."""
         self.loader, self.budget, self.pinned, self.on_evict = loader, budget_bytes, set(pinned), on_evict
+        self.size_of = size_of
         self._items: OrderedDict[int, tuple[Any, int]] = OrderedDict()
         self._lock = threading.RLock()
         self._pending: dict[int, Future] = {}
@@ -90,6 +93,13 @@ class ExpertCache:
     # ------------------------------------------------------------------ internals
     def _load(self, expert: int) -> Any:
         try:
+            if self.size_of is not None and self.budget is not None:
+                expected = self.size_of(expert)
+                with self._lock:
+                    if expected > self.budget:
+                        raise ExpertBudgetError(
+                            f"expert {expert} needs {expected:,} bytes, more than the budget of {self.budget:,}")
+                    self._make_room(expected, keep=expert)
             t0 = time.perf_counter()
             value, size = self.loader(expert)
             elapsed = (time.perf_counter() - t0) * 1e3

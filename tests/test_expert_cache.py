@@ -37,6 +37,24 @@ def test_budget_of_one_expert_keeps_only_the_current_one():
     assert log == [0, 1, 2, 0]
 
 
+def test_known_sizes_evict_before_loading():
+    """With sizes known up front, the resident bytes never exceed the budget, not even while switching."""
+    sizes, peak, resident = {0: 10, 1: 10, 2: 10}, [], []
+    cache: ExpertCache
+
+    def load(expert):
+        peak.append(sum(sizes[e] for e in cache.resident()) + sizes[expert])  # what would be in memory now
+        return f"expert-{expert}", sizes[expert]
+
+    cache = ExpertCache(load, budget_bytes=10, size_of=sizes.__getitem__)
+    for e in [0, 1, 2, 0]:
+        cache.get(e)
+        resident.append(cache.resident())
+    assert max(peak) == 10 and resident == [[0], [1], [2], [0]]
+    with pytest.raises(ExpertBudgetError, match="more than the budget"):
+        ExpertCache(load, budget_bytes=5, size_of=sizes.__getitem__).get(0)
+
+
 def test_pinned_experts_are_never_evicted():
     cache = ExpertCache(make_loader({0: 10, 1: 10, 2: 10}, []), budget_bytes=20, pinned=(0,))
     for e in [0, 1, 2, 1, 2]:

@@ -116,6 +116,10 @@ class ExpertLoader:
     def expert_bytes(self) -> int:
         return int(self.manifest.experts.get("expert_bytes") or (self.manifest.path(self.expert_files[0]).stat().st_size))
 
+    def size_of(self, expert: int) -> int:
+        """Bytes expert ``expert`` will occupy once loaded (its FFN file), known before reading it."""
+        return int(self.manifest.path(self.expert_files[expert]).stat().st_size)
+
     def component(self, expert: int) -> Component:
         if not 0 <= expert < len(self.components):
             raise BackendError(f"expert {expert} does not exist (this model has {len(self.components)})")
@@ -190,7 +194,8 @@ class OrtBackend(Backend):
             raise BackendError(f"pinned experts {sorted(set(pinned_experts))} need "
                                f"{len(set(pinned_experts)) * self.experts.expert_bytes:,} bytes, more than the expert "
                                f"budget of {budget:,}")
-        self.expert_cache = ExpertCache(self.experts.load, budget_bytes=budget, pinned=tuple(pinned_experts))
+        self.expert_cache = ExpertCache(self.experts.load, budget_bytes=budget, pinned=tuple(pinned_experts),
+                                        size_of=self.experts.size_of)
         cfg = self.config
         self._kv_names = [(f"past_key_{i}", f"past_value_{i}", f"new_key_{i}", f"new_value_{i}") for i in range(cfg.num_layers)]
 
