@@ -28,6 +28,11 @@ Layout (``format_version`` 1)::
       "engine": {"kind": "onnx" | "tensorrt", "trt_version": null | "10.3.0", "compute_capability": null | "8.7"}
     }
 
+TensorRT engine dirs (``rsvlm_edge.engines.trt_build``) have one ``<name>.plan`` per component (no external data)
+and add per component ``profiles`` (``[{"name", "shapes": {input: [min, opt, max]}}]``, what the backend may run),
+``builder_flags``, ``strongly_typed``, ``dla_core`` and ``source_sha256`` (the ONNX graph it was built from); the
+plans only load where :func:`check_engine_compat` passes.
+
 Every file named anywhere in ``components[*].sha256`` and ``tokenizer`` is verified by :meth:`Manifest.load`
 (streamed sha256, or only sizes with ``verify="size"``); a missing or altered file raises :class:`ManifestError`
 naming it, so a backend never crashes deep inside a runtime on a truncated download.
@@ -257,6 +262,9 @@ class Manifest:
         engine = {"trt_version": None, "compute_capability": None, **engine}
         if engine["kind"] == "tensorrt" and not (engine["trt_version"] and engine["compute_capability"]):
             raise ManifestError("TensorRT engines must record trt_version and compute_capability in the manifest")
+        if engine["kind"] == "tensorrt" and not re.fullmatch(r"\d+\.\d+", str(engine["compute_capability"])):
+            raise ManifestError(f"engine.compute_capability must read major.minor (e.g. \"8.7\"), "
+                                f"got {engine['compute_capability']!r}")
         components = {name: Component.from_dict(name, comp) for name, comp in data["components"].items()}
         known = {"format_version", "model_config", "tokenizer", "components", "experts", "engine"}
         return cls(model_config=data["model_config"], components=components, tokenizer=tokenizer,

@@ -94,6 +94,7 @@ def test_missing_and_truncated_files(engine_dir):
     (lambda d: d["components"]["a"]["sha256"].update({"../escape.bin": "0"}), "stay inside the directory"),
     (lambda d: d["components"]["a"]["inputs"][0].update(dtype="complex64"), "unknown dtype"),
     (lambda d: d.update(engine={"kind": "tensorrt"}), "must record trt_version and compute_capability"),
+    (lambda d: d.update(engine={"kind": "tensorrt", "trt_version": "10.3.0", "compute_capability": "sm_87"}), "major.minor"),
     (lambda d: d.update(engine={"kind": "openvino"}), "engine.kind must be one of"),
 ])
 def test_malformed_manifests_are_refused(engine_dir, edit, message):
