@@ -192,7 +192,7 @@ class Generator:
         """Sample from ``logits`` and feed tokens back until every row stops. The stop token is not fed."""
         tok, backend = self.tokenizer, self.backend
         rows = len(samplers)
-        stop = set(sampling.stop_ids) | {tok.end_id}
+        stop = set() if sampling.ignore_stop else set(sampling.stop_ids) | {tok.end_id}
         streams = [StreamDecoder(tok) for _ in range(rows)]
         generated: list[list[int]] = [[] for _ in range(rows)]
         finished = [False] * rows

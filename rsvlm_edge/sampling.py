@@ -16,6 +16,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0  # 1 = off (CTRL-style: divide positive logits, multiply negative ones)
     seed: int = 0
     stop_ids: list[int] = field(default_factory=list)
+    ignore_stop: bool = False  # benchmarks: never stop early, so every run decodes exactly max_new_tokens
 
     def validate(self) -> "SamplingConfig":
         if self.max_new_tokens < 1:

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/tiny-demo}"
-rsvlm-edge train "$out" --config tiny --align-steps "${ALIGN_STEPS:-300}" --instruct-steps "${INSTRUCT_STEPS:-2100}" \
+rsvlm-edge train "$out" --config tiny --align-steps "${ALIGN_STEPS:-300}" --instruct-steps "${INSTRUCT_STEPS:-1500}" \
   --batch-size 24 --lr 1e-3 --threads 2 --seed 0 --save-every 50

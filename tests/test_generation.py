@@ -88,3 +88,14 @@ def test_chat_reuses_cache_until_the_expert_changes(generator):
     fresh.turns = [reused.turns[0]]
     t2 = fresh.ask("[VQA] Is there a ship?", s)
     assert t1.token_ids == t2.token_ids
+
+
+def test_ignore_stop_decodes_exactly_max_new_tokens(generator):
+    """Benchmarks need a fixed decode length: with ignore_stop the end token is fed back like any other."""
+    req = Request([pixels(21)], "rgb", "[CAP] Describe the image.")
+    stop_all = SamplingConfig(max_new_tokens=5, stop_ids=list(range(generator.config.vocab_size)))
+    assert generator.generate([req], stop_all)[0].token_ids == []  # every token stops it
+    forced = generator.generate([req], SamplingConfig(max_new_tokens=5, ignore_stop=True,
+                                                      stop_ids=list(range(generator.config.vocab_size))))[0]
+    assert len(forced.token_ids) == 5 and forced.finish_reason == "length"
+    assert forced.timings["decode_steps"] == 4
