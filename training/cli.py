@@ -59,28 +59,53 @@ def train_command(out_dir, config_name, align_steps, instruct_steps, batch_size,
 
 
 @click.command("eval")
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("model_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--compare", "compare_dirs", nargs=2, type=click.Path(exists=True, file_okay=False),
+              metavar="DIR_A DIR_B", help="Compare two engine dirs (e.g. fp32 and int8) on the same samples: per-task "
+              "metrics of both, B - A deltas and teacher-forced greedy token agreement of B with A's answers.")
 @click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
 @click.option("--suite", "suites", multiple=True,
               type=click.Choice(["synthetic", "router", "aid", "rsvqa_lr", "levir_cd", "sirst", "dota", "bigearthnet"]),
               help="Held-out sets to score (repeatable; default: synthetic, router, aid, rsvqa_lr, levir_cd).")
 @click.option("--limit", type=int, default=200, show_default=True, help="Samples per suite (seeded subset).")
 @click.option("--batch-size", default=8, show_default=True)
+@click.option("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores).")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), help="Real data root (default ../shared/data).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
-def eval_command(model_dir, backend, suites, limit, batch_size, data_root, out_path) -> None:
-    """Score a model per task: accuracy, BLEU-4/CIDEr, box Acc@0.5, detection F1, mask mIoU, change F1, router accuracy."""
+def eval_command(model_dir, compare_dirs, backend, suites, limit, batch_size, threads, data_root, out_path) -> None:
+    """Score a model per task: accuracy, BLEU-4/CIDEr, box Acc@0.5, detection F1, mask mIoU, change F1, router accuracy.
+
+    \b
+    rsvlm-edge eval engines/tiny --out report.json
+    rsvlm-edge eval --compare engines/tiny engines/tiny-int8 --limit 50   # INT8 vs FP32: deltas + token agreement
+    """
     from rsvlm_edge.fileio import atomic_write_text
     from rsvlm_edge.pipeline import Pipeline
     from rsvlm_edge.training.evaluate import evaluate, format_report
 
-    pipe = Pipeline(model_dir, backend=backend)
-    try:
-        report = evaluate(pipe.generator, list(suites) or ["synthetic", "router", "aid", "rsvqa_lr", "levir_cd"],
-                          limit=limit, data_root=_data_root(data_root), batch_size=batch_size)
-    finally:
-        pipe.close()
-    report = {"model": str(model_dir), "backend": backend, "limit": limit, **report}
-    click.echo(format_report(report))
+    if bool(model_dir) == bool(compare_dirs):
+        raise click.UsageError("give MODEL_DIR, or --compare DIR_A DIR_B (not both)")
+    suites = list(suites) or ["synthetic", "router", "aid", "rsvqa_lr", "levir_cd"]
+    options = {"threads": threads} if threads and backend == "ort" else {}
+    if compare_dirs:
+        from rsvlm_edge.training.compare import compare, format_comparison
+
+        pipes = [Pipeline(d, backend=backend, **options) for d in compare_dirs]
+        try:
+            report = compare(pipes[0].generator, pipes[1].generator, suites, limit=limit,
+                             data_root=_data_root(data_root), batch_size=batch_size)
+        finally:
+            for pipe in pipes:
+                pipe.close()
+        report = {"a": str(compare_dirs[0]), "b": str(compare_dirs[1]), "backend": backend, "limit": limit, **report}
+        click.echo(format_comparison(report, *compare_dirs))
+    else:
+        pipe = Pipeline(model_dir, backend=backend, **options)
+        try:
+            report = evaluate(pipe.generator, suites, limit=limit, data_root=_data_root(data_root), batch_size=batch_size)
+        finally:
+            pipe.close()
+        report = {"model": str(model_dir), "backend": backend, "limit": limit, **report}
+        click.echo(format_report(report))
     if out_path:
         atomic_write_text(out_path, json.dumps(report, indent=2) + "\n")

@@ -6,7 +6,7 @@ Every number in the model card comes from :func:`evaluate` via ``rsvlm-edge eval
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -31,6 +31,8 @@ class Prediction:
     text: str
     parsed: formats.ParsedAnswer
     expert: int
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
 
 
 def predict(generator: Generator, samples: list[Sample], batch_size: int = 8, max_new_tokens: int = 320,
@@ -44,7 +46,8 @@ def predict(generator: Generator, samples: list[Sample], batch_size: int = 8, ma
         requests = [Request(pixels=[prepare_image(im, samples[i].sensor, size) for im in samples[i].images],
                             sensor=samples[i].sensor, prompt=samples[i].prompt) for i in idx]
         for i, gen in zip(idx, generator.generate(requests, sampling)):
-            results[i] = Prediction(samples[i], gen.text, formats.parse_answer(samples[i].tag, gen.text), gen.routing.expert)
+            results[i] = Prediction(samples[i], gen.text, formats.parse_answer(samples[i].tag, gen.text), gen.routing.expert,
+                                    list(gen.token_ids), gen.finish_reason)
         if progress:
             progress(len(idx))
     return [results[i] for i in range(len(samples))]

@@ -1,0 +1,223 @@
+"""Write an INT8 (explicit Q/DQ) engine dir from an FP32 one and a calibration table.
+
+The layout stays the export's: one graph + ``<name>.bin`` per component, the decoder's shared trunk (INT8 weights
+and their scales, FP32 norms) once in ``decoder_trunk.bin`` and each expert's INT8 FFN in ``decoder_expert<e>.bin``,
+so :class:`~rsvlm_edge.backends.ort_backend.OrtBackend` memory-maps and swaps experts exactly as for FP32.
+Sensor stems and the router are copied unchanged (tiny, and the router decides the expert). The directory is staged
+beside OUT_DIR and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from rsvlm_edge.calibration.collect import external_arrays
+from rsvlm_edge.calibration.qdq import QuantizedGraph, quantize_graph
+from rsvlm_edge.export.weights import DataFileWriter
+from rsvlm_edge.manifest import Component, Manifest, sha256_file
+
+LM_HEAD = re.compile(r"lm_head")
+COPIED_KINDS = ("stem", "router")
+
+
+class Int8WriteError(RuntimeError):
+    """The INT8 engine dir cannot be written (bad source, OUT_DIR not empty ...); OUT_DIR is left untouched."""
+
+
+def keep_fp32_predicate(keep_lm_head: bool) -> Callable[[onnx.NodeProto], bool] | None:
+    if not keep_lm_head:
+        return None
+    return lambda node: bool(LM_HEAD.search(node.name)) or any(LM_HEAD.search(i) for i in node.input)
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: Path, overwrite: bool):
+    """A temporary sibling of ``out_dir`` renamed over it on success, removed on failure."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise Int8WriteError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise Int8WriteError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
+        for path in staging.rglob("*"):
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _point(init: onnx.TensorProto, file: str, entry: dict) -> None:
+    init.ClearField("raw_data")
+    del init.external_data[:]
+    for key, value in (("location", file), ("offset", str(entry["offset"])), ("length", str(entry["length"]))):
+        init.external_data.add(key=key, value=value)
+    init.data_location = TensorProto.EXTERNAL
+
+
+def _write_tensors(path: Path, names: list[str], q: QuantizedGraph) -> tuple[dict[str, dict], str, int]:
+    with DataFileWriter(path) as writer:
+        layout = {n: writer.add(n, np.ascontiguousarray(q.tensors[n][0])) for n in names}
+        digest, size = writer.close()
+    return layout, digest, size
+
+
+def _save_graph(q: QuantizedGraph, where: dict[str, tuple[str, dict]], path: Path) -> None:
+    for init in q.model.graph.initializer:
+        if init.name in where:
+            _point(init, *where[init.name])
+    onnx.save(q.model, str(path))
+
+
+class Int8Writer:
+    """Quantizes each component of ``source`` into ``staging`` and collects the new manifest entries."""
+
+    def __init__(self, source: Manifest, staging: Path, table: dict[str, dict[str, float]], act_dtype: str,
+                 keep_lm_head: bool):
+        self.src, self.dir, self.table, self.act_dtype = source, staging, table, act_dtype
+        self.keep = keep_fp32_predicate(keep_lm_head)
+        self.components: dict[str, Component] = {}
+        self.report: dict[str, Any] = {}
+
+    def _load(self, comp: Component) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        model = onnx.load(str(self.src.path(comp.file)), load_external_data=False)
+        return model, external_arrays(self.src.path("."), model)
+
+    def _entry(self, comp: Component, files: list[str], precision: str, extra: dict | None = None) -> Component:
+        sha = {f: sha256_file(self.dir / f) for f in files}
+        sizes = {f: (self.dir / f).stat().st_size for f in files}
+        more = {**comp.extra, "bytes": sizes, **(extra or {})}
+        return Component(name=comp.name, file=comp.file, precision=precision, inputs=comp.inputs, outputs=comp.outputs,
+                         sha256=sha, external_data=[f for f in files if f != comp.file], extra=more)
+
+    def copy(self, comp: Component) -> None:
+        for f in comp.files:
+            shutil.copy2(self.src.path(f), self.dir / f)
+        self.components[comp.name] = self._entry(comp, comp.files, comp.precision)
+
+    def simple(self, comp: Component) -> None:
+        model, arrays = self._load(comp)
+        q = quantize_graph(model, arrays, self.table.get(comp.name, {}), self.keep, self.act_dtype)
+        data_file = f"{comp.name}.bin"
+        layout, _, _ = _write_tensors(self.dir / data_file, list(q.tensors), q)
+        _save_graph(q, {n: (data_file, e) for n, e in layout.items()}, self.dir / comp.file)
+        self.components[comp.name] = self._entry(comp, [comp.file, data_file], "int8", self._stats(q))
+        self.report[comp.name] = self._stats(q)
+
+    def decoder(self) -> dict[str, Any]:
+        layout = self.src.experts
+        trunk_src = set(layout["trunk"]["tensors"])
+        trunk_file, experts = layout["trunk"]["file"], {}
+        trunk_layout: dict[str, dict] | None = None
+        expert_layout: dict[str, dict] | None = None
+        trunk_bytes = expert_bytes = 0
+        for e, name in enumerate(layout["components"]):
+            comp = self.src.component(name)
+            model, arrays = self._load(comp)
+            q = quantize_graph(model, arrays, self.table.get(name, {}), self.keep, self.act_dtype)
+            trunk_names = [n for n, (_, origin) in q.tensors.items() if origin in trunk_src]
+            expert_names = [n for n in q.tensors if n not in trunk_names]
+            if trunk_layout is None:
+                trunk_layout, _, trunk_bytes = _write_tensors(self.dir / trunk_file, trunk_names, q)
+            elif sorted(trunk_layout) != sorted(trunk_names):
+                raise Int8WriteError(f"{name}: its trunk tensors differ from decoder expert 0's")
+            data_file = layout["expert_files"][e]
+            this_layout, _, expert_bytes = _write_tensors(self.dir / data_file, expert_names, q)
+            if expert_layout is not None and this_layout != expert_layout:
+                raise Int8WriteError(f"{name}: its expert tensors are laid out unlike expert 0's")
+            expert_layout = this_layout
+            where = {n: (trunk_file, trunk_layout[n]) for n in trunk_names} | {n: (data_file, this_layout[n]) for n in expert_names}
+            _save_graph(q, where, self.dir / comp.file)
+            self.components[name] = self._entry(comp, [comp.file, trunk_file, data_file], "int8", self._stats(q))
+            self.report[name] = self._stats(q)
+            experts[e] = q
+        q0 = experts[0]
+
+        def describe(entries: dict[str, dict], source_layout: dict[str, dict]) -> dict[str, dict]:
+            out = {}
+            for n, entry in entries.items():
+                origin = q0.tensors[n][1]
+                src = source_layout.get(origin, {})
+                role = "int8" if n.endswith("_quantized") else "scale" if n.endswith("_scale") and n != origin else None
+                out[n] = {**entry, "source": src.get("source", origin), "transform": src.get("transform"),
+                          "quantization": role, "of": origin if role else None}
+            return out
+
+        assert trunk_layout is not None and expert_layout is not None
+        return {**layout, "trunk": {"file": trunk_file, "bytes": trunk_bytes,
+                                    "tensors": describe(trunk_layout, layout["trunk"]["tensors"])},
+                "expert_bytes": expert_bytes, "expert_tensors": describe(expert_layout, layout["expert_tensors"])}
+
+    @staticmethod
+    def _stats(q: QuantizedGraph) -> dict[str, Any]:
+        return {"weights_quantized": q.weights_quantized, "activations_quantized": q.activations_quantized,
+                "fp32_matmuls": len(q.kept_fp32)}
+
+
+def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str, dict[str, float]],
+                      act_dtype: str = "int8", keep_lm_head: bool = False, overwrite: bool = False,
+                      extra_files: dict[str, bytes] | None = None, info: dict[str, Any] | None = None,
+                      progress: Callable[[str], None] | None = None) -> Manifest:
+    """Quantize ``src_dir`` (an FP32 ONNX engine dir) into ``out_dir``; ``extra_files`` (name -> bytes) are
+    written beside (the calibration table, TensorRT caches). Returns the new, saved manifest."""
+    from rsvlm_edge.fileio import atomic_write_bytes
+
+    src = Manifest.load(src_dir, verify=True)
+    if src.engine_kind != "onnx":
+        raise Int8WriteError(f"{src_dir} holds {src.engine_kind} engines; INT8 quantization needs the exported ONNX")
+    bad = [c.name for c in src.components.values() if c.precision != "fp32"]
+    if bad:
+        raise Int8WriteError(f"{src_dir} is not an FP32 export ({', '.join(bad)} are {src.components[bad[0]].precision}); "
+                             f"quantize the fp32 export")
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir, overwrite) as staging:
+        writer = Int8Writer(src, staging, table, act_dtype, keep_lm_head)
+        decoders = set(src.experts.get("components", []))
+        for comp in src.components.values():
+            if comp.name in decoders:
+                continue
+            if progress:
+                progress(comp.name)
+            if comp.extra.get("kind") in COPIED_KINDS or comp.name.startswith(("vision_stem_", "router")):
+                writer.copy(comp)
+            else:
+                writer.simple(comp)
+        if progress:
+            progress("decoder")
+        experts = writer.decoder()
+        for name in ("tokenizer.json", "config.json"):
+            if src.path(name).exists():
+                shutil.copy2(src.path(name), staging / name)
+        for name, data in (extra_files or {}).items():
+            atomic_write_bytes(staging / name, data)
+        extra = dict(src.extra)
+        extra["quantization"] = {"precision": "int8", "scheme": "explicit Q/DQ, weights per-channel symmetric, "
+                                 "activations per-tensor symmetric", "activation_dtype": act_dtype,
+                                 "lm_head": "fp32" if keep_lm_head else "int8", "source_sha256": src.all_files(),
+                                 "components": writer.report, **(info or {})}
+        components = {name: writer.components[name] for name in src.components}
+        manifest = Manifest(model_config=src.model_config, components=components, tokenizer=src.tokenizer,
+                            experts=experts, engine=dict(src.engine), extra=extra)
+        manifest.save(staging)
+    return Manifest.load(out_dir, verify="size")

@@ -1,0 +1,80 @@
+"""`rsvlm-edge build`: engine dirs for ONNX Runtime (fp32 optimized / int8 Q/DQ) or TensorRT plans."""
+
+from __future__ import annotations
+
+import click
+
+TRT_PRESETS = ("orin-agx", "orin-nx", "orin-nano", "datacenter")
+
+
+class NoTensorRT(click.ClickException):
+    """TensorRT (or the builder) is not available here: exit code 2, one line."""
+
+    exit_code = 2
+
+
+def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) -> None:
+    try:
+        from rsvlm_edge.backends.trt_env import TrtUnavailableError
+        from rsvlm_edge.engines.trt_build import build_trt_engines
+    except ImportError as exc:
+        raise NoTensorRT(f"TensorRT builds need the trt extra on the target device "
+                                   f"(pip install 'rsvlm-edge[trt]'): {exc}") from None
+    try:
+        build_trt_engines(onnx_dir, out_dir, preset=preset, precision=precision, calib_cache=calib_cache,
+                          timing_cache=timing_cache, log=lambda m: click.echo(m, err=True))
+    except (ImportError, TrtUnavailableError) as exc:  # tensorrt itself is imported lazily by the builder
+        raise NoTensorRT(str(exc).splitlines()[0] if str(exc) else "TensorRT is not installed here") from None
+
+
+@click.command("build")
+@click.argument("onnx_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="ort: fp32 (default) or int8; trt: fp16 (default) or int8.")
+@click.option("--calibration", type=click.Path(exists=True), help="ort int8: calibration.json from `rsvlm-edge calibrate`; "
+              "trt int8 (TensorRT 8.5-10.x): a TensorRT cache file or a trt_calib/ folder of <component>.cache.")
+@click.option("--activations", "act_dtype", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
+              help="ort int8: activation Q/DQ type (uint8 = fast ORT CPU kernels, int8 = TensorRT Q/DQ import).")
+@click.option("--keep-lm-head", is_flag=True, help="ort int8: keep the lm_head (logits) in FP32.")
+@click.option("--preset", type=click.Choice(TRT_PRESETS), default="datacenter", show_default=True, help="trt only.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="trt only: TensorRT timing cache file (reused).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, keep_lm_head, preset, timing_cache,
+                  overwrite) -> None:
+    """Build engines from the exported ONNX engine dir ONNX_DIR into OUT_DIR.
+
+    \b
+    ONNX Runtime (portable, CPU):
+      rsvlm-edge build engines/tiny engines/tiny-opt --target ort --precision fp32
+      rsvlm-edge build engines/tiny engines/tiny-int8 --target ort --precision int8 --calibration calib.json
+    TensorRT (run on the target device; plans are device-specific):
+      rsvlm-edge build engines/tiny engines/tiny-trt --target trt --preset orin-agx --precision fp16
+      rsvlm-edge build engines/tiny engines/tiny-trt8 --target trt --precision int8 --calibration engines/tiny-int8/trt_calib
+
+    `rsvlm-edge calibrate` writes the calibration table and TensorRT caches (and the ORT INT8 dir directly).
+    """
+    from rsvlm_edge.calibration.int8_writer import Int8WriteError
+    from rsvlm_edge.calibration.table import CalibrationTableError
+    from rsvlm_edge.manifest import ManifestError
+
+    if target == "trt":
+        precision = precision or "fp16"
+        if precision not in ("fp16", "int8", "fp32"):
+            raise click.BadParameter(f"TensorRT builds take fp16 or int8, not {precision}", param_hint="--precision")
+        _build_trt(onnx_dir, out_dir, preset, precision, calibration, timing_cache)
+        click.echo(f"TensorRT {precision} plans written to {out_dir}")
+        return
+    precision = precision or "fp32"
+    if precision == "fp16":
+        raise click.BadParameter("ONNX Runtime builds take fp32 or int8 (for FP16 ONNX use `rsvlm-edge export "
+                                 "--precision fp16`)", param_hint="--precision")
+    from rsvlm_edge.engines.ort_build import build_ort
+
+    try:
+        build_ort(onnx_dir, out_dir, precision, calibration, overwrite=overwrite, act_dtype=act_dtype,
+                  keep_lm_head=keep_lm_head)
+    except (Int8WriteError, CalibrationTableError, ManifestError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"ONNX Runtime {precision} engine dir written to {out_dir}")

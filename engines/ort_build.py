@@ -1,0 +1,81 @@
+"""ONNX Runtime engine dirs: graph-optimized FP32 and explicit Q/DQ INT8, in the export's layout.
+
+FP32: stems, vision encoder, embedding and router are saved after ONNX Runtime's *basic* graph optimizations
+(constant folding, redundant-node elimination: hardware-independent, so the files stay portable; the extended,
+CPU-specific fusions are applied again at load time anyway). Decoder graphs are copied unchanged: the backend binds
+the shared trunk and expert weights by initializer name, which optimizing a graph may rename.
+INT8: :func:`rsvlm_edge.calibration.int8_writer.write_int8_engine` from a calibration table.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rsvlm_edge.calibration.int8_writer import Int8WriteError, staged_dir
+from rsvlm_edge.manifest import Component, Manifest, sha256_file
+
+PRECISIONS = ("fp32", "int8")
+
+
+def optimize_component(src: Manifest, comp: Component, out_dir: Path, level: str = "basic") -> Component:
+    """Save ``comp`` optimized into ``out_dir`` (graph + ``<name>.bin``) and return its manifest entry."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
+    so.optimized_model_filepath = str(out_dir / comp.file)
+    data_file = f"{comp.name}.bin"
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file)
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "64")
+    ort.InferenceSession(str(src.path(comp.file)), so, providers=["CPUExecutionProvider"])
+    files = [comp.file] + ([data_file] if (out_dir / data_file).exists() else [])
+    sizes = {f: (out_dir / f).stat().st_size for f in files}
+    return Component(name=comp.name, file=comp.file, precision=comp.precision, inputs=comp.inputs, outputs=comp.outputs,
+                     sha256={f: sha256_file(out_dir / f) for f in files}, external_data=files[1:],
+                     extra={**comp.extra, "bytes": sizes, "ort_optimization": level})
+
+
+def build_ort_fp32(onnx_dir: str | Path, out_dir: str | Path, overwrite: bool = False, level: str = "basic") -> Manifest:
+    src = Manifest.load(onnx_dir, verify=True)
+    if src.engine_kind != "onnx" or any(c.precision != "fp32" for c in src.components.values()):
+        raise Int8WriteError(f"{onnx_dir} is not an FP32 ONNX export")
+    decoders = set(src.experts.get("components", []))
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir, overwrite) as staging:
+        components = {}
+        for comp in src.components.values():
+            if comp.name in decoders:
+                for f in comp.files:
+                    if not (staging / f).exists():
+                        shutil.copy2(src.path(f), staging / f)
+                components[comp.name] = comp
+            else:
+                components[comp.name] = optimize_component(src, comp, staging, level)
+        for name in ("tokenizer.json", "config.json"):
+            if src.path(name).exists():
+                shutil.copy2(src.path(name), staging / name)
+        extra = {**src.extra, "ort_build": {"precision": "fp32", "optimization": level}}
+        Manifest(model_config=src.model_config, components=components, tokenizer=src.tokenizer, experts=src.experts,
+                 engine=dict(src.engine), extra=extra).save(staging)
+    return Manifest.load(out_dir, verify="size")
+
+
+def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32", calibration: str | Path | None = None,
+              overwrite: bool = False, act_dtype: str = "uint8", keep_lm_head: bool = False) -> Manifest:
+    """An ORT engine dir: ``fp32`` (optimized graphs) or ``int8`` (Q/DQ from the calibration table)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"ORT precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return build_ort_fp32(onnx_dir, out_dir, overwrite)
+    if calibration is None:
+        raise ValueError("--precision int8 needs --calibration TABLE (run `rsvlm-edge calibrate` first, "
+                         "or use it directly: it writes the INT8 engine dir)")
+    from rsvlm_edge.calibration.int8_writer import write_int8_engine
+    from rsvlm_edge.calibration.table import load_table
+
+    table, meta = load_table(calibration)
+    return write_int8_engine(onnx_dir, out_dir, table, act_dtype=act_dtype, keep_lm_head=keep_lm_head,
+                             overwrite=overwrite, info={"calibration": {**meta, "table": str(calibration)}})

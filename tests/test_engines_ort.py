@@ -1,0 +1,129 @@
+"""`rsvlm-edge build --target ort` (fp32 optimized, int8 from a table), the trt delegation's errors, eval --compare."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rsvlm_edge.backends.ort_backend import OrtBackend
+from rsvlm_edge.cli import main
+from rsvlm_edge.export.testing import export_checkpoint, make_checkpoint
+from rsvlm_edge.generation import Generator, Request
+from rsvlm_edge.manifest import Manifest
+from rsvlm_edge.pipeline import load_tokenizer
+from rsvlm_edge.sampling import SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(tmp_path_factory):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt-build"))
+    return export_checkpoint(ckpt, tmp_path_factory.mktemp("eng-build") / "fp32")
+
+
+@pytest.fixture(scope="module")
+def table(fp32_dir, tmp_path_factory):
+    from PIL import Image
+
+    from rsvlm_edge.calibration.calibrate import run_calibration
+    from rsvlm_edge.calibration.table import save_table
+
+    folder = tmp_path_factory.mktemp("tiles-build")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"t{i}.png")
+    amax, meta = run_calibration(fp32_dir, [folder], "minmax", threads=1, decode_steps=1, progress=False)
+    return save_table(folder / "calibration.json", amax, **meta)
+
+
+def tokens(engine_dir, prompt="[CAP] Describe the image.", n=6):
+    gen = Generator(OrtBackend.from_dir(engine_dir, threads=1), load_tokenizer(engine_dir))
+    px = np.random.default_rng(5).normal(size=(3, 128, 128)).astype(np.float32)
+    return gen.generate([Request([px], "rgb", prompt)], SamplingConfig(max_new_tokens=n, ignore_stop=True))[0].token_ids
+
+
+def test_build_ort_fp32_optimized_same_tokens(fp32_dir, tmp_path):
+    out = tmp_path / "opt"
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--target", "ort", "--precision", "fp32"])
+    assert res.exit_code == 0, res.output
+    man = Manifest.load(out)
+    assert man.component("vision_encoder").extra["ort_optimization"] == "basic"
+    assert (out / "decoder_trunk.bin").read_bytes() == (fp32_dir / "decoder_trunk.bin").read_bytes()
+    assert tokens(out) == tokens(fp32_dir)
+
+
+def test_build_ort_int8_from_table(fp32_dir, table, tmp_path):
+    out = tmp_path / "int8"
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--calibration", str(table)])
+    assert res.exit_code == 0, res.output
+    man = Manifest.load(out)
+    assert man.component("decoder_expert1").precision == "int8"
+    assert man.extra["quantization"]["activation_dtype"] == "uint8"
+    assert len(tokens(out)) == 6
+
+
+def test_build_int8_lm_head_fp32_and_int8_activations(fp32_dir, table, tmp_path):
+    import onnx
+
+    out = tmp_path / "int8-trt"
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--calibration", str(table),
+                                    "--activations", "int8", "--keep-lm-head"])
+    assert res.exit_code == 0, res.output
+    g = onnx.load(str(out / "decoder_expert0.onnx"), load_external_data=False)
+    lm = [n for n in g.graph.node if n.op_type == "MatMul" and "lm_head" in n.name]
+    assert lm and all(not i.endswith("_dq") for n in lm for i in n.input)
+    zps = [i for i in g.graph.initializer if i.name.endswith("_act_zero_point")]
+    assert zps and all(i.data_type == onnx.TensorProto.INT8 for i in zps)
+    # the FP32 lm_head (hidden x vocab) dominates the tiny trunk, so it stays well above the 0.3x of an all-INT8 trunk
+    assert (out / "decoder_trunk.bin").stat().st_size > 0.5 * (fp32_dir / "decoder_trunk.bin").stat().st_size
+    assert len(tokens(out)) == 6
+
+
+def test_build_errors(fp32_dir, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), "--precision", "int8"])
+    assert res.exit_code == 1 and "--calibration" in res.output
+    res = runner.invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), "--precision", "fp16"])
+    assert res.exit_code == 2 and "fp32 or int8" in res.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    res = runner.invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), "--precision", "int8", "--calibration", str(bad)])
+    assert res.exit_code == 1 and "calibration table" in res.output
+    assert not (tmp_path / "x").exists()
+    res = runner.invoke(main, ["build", "--help"])
+    assert res.exit_code == 0 and "orin-agx" in res.output
+
+
+def test_build_trt_without_tensorrt_is_a_clear_error(fp32_dir, tmp_path):
+    try:
+        from rsvlm_edge.backends.trt_env import load_tensorrt
+
+        load_tensorrt()
+        pytest.skip("a real TensorRT is installed")
+    except Exception:  # noqa: BLE001 - any failure means "no TensorRT here"
+        pass
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(tmp_path / "t"), "--target", "trt",
+                                    "--preset", "orin-nano", "--precision", "fp16"])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("Error: ") and len(res.output.strip().splitlines()) == 1
+    assert not isinstance(res.exception, ImportError)
+
+
+def test_eval_compare_same_dir_agrees(fp32_dir, tmp_path):
+    out = tmp_path / "cmp.json"
+    res = CliRunner().invoke(main, ["eval", "--compare", str(fp32_dir), str(fp32_dir), "--suite", "synthetic",
+                                    "--limit", "2", "--threads", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["synthetic/token_agreement"] == 1.0 and report["all/token_agreement"] == 1.0
+    deltas = [v["delta"] for v in report.values() if isinstance(v, dict)]
+    assert deltas and all(d == 0 for d in deltas)
+    assert "B - A" in res.output
+
+
+def test_eval_argument_errors(fp32_dir):
+    runner = CliRunner()
+    assert runner.invoke(main, ["eval"]).exit_code == 2
+    assert runner.invoke(main, ["eval", str(fp32_dir), "--compare", str(fp32_dir), str(fp32_dir)]).exit_code == 2

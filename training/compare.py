@@ -1,0 +1,112 @@
+"""Compare two engine dirs (e.g. FP32 vs INT8) on the same held-out samples: per-task metric deltas and greedy
+token agreement.
+
+Agreement is teacher-forced: model B is fed model A's greedy answer token by token (A's expert, forced) and each
+step counts whether B's argmax is A's next token (the stop token included). Free-running comparisons collapse after
+the first differing token; this one measures every position.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from rsvlm_edge.generation import Generator, Request
+from rsvlm_edge.preprocess import prepare_image
+from rsvlm_edge.training.evaluate import SUITES, Prediction, predict, router_accuracy, score, suite_samples
+
+
+def forced_agreement(gen: Generator, request: Request, expert: int, reference: list[int]) -> tuple[int, int]:
+    """(steps where ``gen``'s argmax equals ``reference``, steps) with ``reference`` fed back as the answer."""
+    if not reference:
+        return 0, 0
+    backend, tok = gen.backend, gen.tokenizer
+    ids = np.asarray([gen.prompt_ids(request)], dtype=np.int32)
+    embeds = backend.embed(ids)
+    visual = gen._visual_tokens([request])[0]
+    embeds[0, ids[0] == tok.image_id] = visual
+    n = ids.shape[1]
+    cache = backend.new_cache(1, n + len(reference), expert)
+    logits = backend.forward(cache, embeds, np.arange(n, dtype=np.int32)[None], np.ones((1, n), np.float32))
+    agree = 0
+    for k, token in enumerate(reference):
+        agree += int(int(np.argmax(logits[0])) == token)
+        if k + 1 == len(reference):
+            break
+        logits = backend.forward(cache, backend.embed(np.asarray([[token]], np.int32)),
+                                 np.asarray([[n + k]], np.int32), np.ones((1, cache.length + 1), np.float32))
+    return agree, len(reference)
+
+
+def agreement(gen_b: Generator, preds_a: list[Prediction], progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    size = gen_b.config.image_size
+    end = gen_b.tokenizer.end_id
+    agree = total = exact = 0
+    for p in preds_a:
+        request = Request(pixels=[prepare_image(im, p.sample.sensor, size) for im in p.sample.images],
+                          sensor=p.sample.sensor, prompt=p.sample.prompt, expert=p.expert)
+        reference = list(p.token_ids) + ([end] if p.finish_reason == "stop" else [])
+        a, t = forced_agreement(gen_b, request, p.expert, reference)
+        agree, total, exact = agree + a, total + t, exact + int(a == t)
+        if progress:
+            progress(1)
+    return {"token_agreement": agree / total if total else 1.0, "exact_answers": exact / max(1, len(preds_a)),
+            "tokens": total}
+
+
+def compare(gen_a: Generator, gen_b: Generator, suites: list[str], limit: int | None = None,
+            data_root: Path | None = None, batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+    """``{suite/metric: {"a", "b", "delta"}}`` plus ``{suite}/token_agreement`` etc. (B fed A's answers)."""
+    from tqdm import tqdm
+
+    report: dict[str, Any] = {}
+    agree_all = tokens_all = 0.0
+    for suite in suites:
+        if suite not in SUITES:
+            raise ValueError(f"unknown eval suite {suite!r}; choose from {', '.join(SUITES)}")
+        try:
+            samples = suite_samples(suite, limit, data_root)
+        except FileNotFoundError as exc:
+            report[f"{suite}/skipped"] = str(exc)
+            continue
+        if suite == "router":
+            a, b = router_accuracy(gen_a, samples), router_accuracy(gen_b, samples)
+            report.update(_deltas(a, b))
+            continue
+        with tqdm(total=3 * len(samples), desc=f"compare {suite}", disable=not progress, dynamic_ncols=True) as bar:
+            preds_a = predict(gen_a, samples, batch_size=batch_size, progress=bar.update)
+            preds_b = predict(gen_b, samples, batch_size=batch_size, progress=bar.update)
+            agr = agreement(gen_b, preds_a, progress=bar.update)
+        report.update({f"{suite}/{k}": v for k, v in _deltas(score(preds_a), score(preds_b)).items()})
+        report.update({f"{suite}/{k}": v for k, v in agr.items()})
+        agree_all += float(agr["token_agreement"]) * agr["tokens"]
+        tokens_all += agr["tokens"]
+    if tokens_all:
+        report["all/token_agreement"] = agree_all / tokens_all
+    return report
+
+
+def _deltas(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in a:
+        va, vb = a[key], b.get(key)
+        if key.endswith("/n") or not isinstance(va, float) or not isinstance(vb, float):
+            continue
+        out[key] = {"a": va, "b": vb, "delta": vb - va}
+    return out
+
+
+def format_comparison(report: dict[str, Any], name_a: str, name_b: str) -> str:
+    rows = [(k, v) for k, v in report.items()]
+    width = max((len(k) for k, _ in rows), default=10)
+    lines = [f"{'metric':<{width}}  {'A':>8}  {'B':>8}  {'B - A':>8}    A = {name_a}, B = {name_b}"]
+    for key, value in rows:
+        if isinstance(value, dict):
+            lines.append(f"{key:<{width}}  {value['a']:8.4f}  {value['b']:8.4f}  {value['delta']:+8.4f}")
+        elif isinstance(value, float):
+            lines.append(f"{key:<{width}}  {value:8.4f}")
+        else:
+            lines.append(f"{key:<{width}}  {value}")
+    return "\n".join(lines)
