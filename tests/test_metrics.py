@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rsvlm_edge.training import metrics as m
 
 from rsvlm_edge.formats import obb_corners
+from rsvlm_edge.training import metrics as m
 
 # --------------------------------------------------------------------------------------------------- answers
 
