@@ -62,6 +62,16 @@ def test_build_ort_int8_from_table(fp32_dir, table, tmp_path):
     assert man.component("decoder_expert1").precision == "int8"
     assert man.extra["quantization"]["activation_dtype"] == "uint8"
     assert len(tokens(out)) == 6
+    # INT8 decoders prepack their weights by default (ORT's integer GEMM would repack them on every call);
+    # FP32 ones do not (a packed copy of the trunk per expert session); both can be overridden
+    assert OrtBackend.from_dir(out, verify=False).prepack_weights is True
+    assert OrtBackend.from_dir(fp32_dir, verify=False).prepack_weights is False
+    assert OrtBackend.from_dir(out, verify=False, prepack_weights=False).prepack_weights is False
+    unpacked = Generator(OrtBackend.from_dir(out, threads=1, prepack_weights=False), load_tokenizer(out))
+    px = np.random.default_rng(5).normal(size=(3, 128, 128)).astype(np.float32)
+    same = unpacked.generate([Request([px], "rgb", "[CAP] Describe the image.")],
+                             SamplingConfig(max_new_tokens=6, ignore_stop=True))[0].token_ids
+    assert same == tokens(out)
 
 
 def test_build_int8_lm_head_fp32_and_int8_activations(fp32_dir, table, tmp_path):
