@@ -213,7 +213,7 @@ class OrtBackend(Backend):
         ``expert_budget_experts`` / ``expert_budget_bytes`` cap the resident experts (least recently used evicted);
         ``pinned_experts`` are never evicted once loaded (they count against the budget).
         ``prepack_weights``: None = on for INT8 decoders (without packed weights ORT's integer GEMM repacks them on
-        every call: measured on rsunivlm-1b INT8, 29 -> 46 decode tok/s and 5x faster prefill, for +0.45 GB per
+        every call: on rsunivlm-1b INT8 `rsvlm-edge bench` went from 27.8 to 51.3 decode tok/s, for +0.45 GB per
         resident expert session), off for FP32/FP16 (+1.9 GB per session for ~10%).
         """
         try:
