@@ -9,11 +9,8 @@ beside OUT_DIR and moved into place only when complete.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +21,7 @@ from onnx import TensorProto
 from rsvlm_edge.calibration.collect import external_arrays
 from rsvlm_edge.calibration.qdq import QuantizedGraph, quantize_graph
 from rsvlm_edge.export.weights import DataFileWriter
+from rsvlm_edge.fileio import staged_dir
 from rsvlm_edge.manifest import Component, Manifest, sha256_file
 
 LM_HEAD = re.compile(r"lm_head")
@@ -38,34 +36,6 @@ def keep_fp32_predicate(keep_lm_head: bool) -> Callable[[onnx.NodeProto], bool] 
     if not keep_lm_head:
         return None
     return lambda node: bool(LM_HEAD.search(node.name)) or any(LM_HEAD.search(i) for i in node.input)
-
-
-@contextlib.contextmanager
-def staged_dir(out_dir: Path, overwrite: bool):
-    """A temporary sibling of ``out_dir`` renamed over it on success, removed on failure."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise Int8WriteError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise Int8WriteError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        yield staging
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)
-        for path in staging.rglob("*"):
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _point(init: onnx.TensorProto, file: str, entry: dict) -> None:
@@ -191,7 +161,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
         raise Int8WriteError(f"{src_dir} is not an FP32 export ({', '.join(bad)} are {src.components[bad[0]].precision}); "
                              f"quantize the fp32 export")
     out_dir = Path(out_dir)
-    with staged_dir(out_dir, overwrite) as staging:
+    with staged_dir(out_dir, overwrite, Int8WriteError) as staging:
         writer = Int8Writer(src, staging, table, act_dtype, keep_lm_head)
         decoders = set(src.experts.get("components", []))
         for comp in src.components.values():

@@ -12,7 +12,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from rsvlm_edge.calibration.int8_writer import Int8WriteError, staged_dir
+from rsvlm_edge.calibration.int8_writer import Int8WriteError
+from rsvlm_edge.fileio import staged_dir
 from rsvlm_edge.manifest import Component, Manifest, sha256_file
 
 PRECISIONS = ("fp32", "int8")
@@ -44,7 +45,7 @@ def build_ort_fp32(onnx_dir: str | Path, out_dir: str | Path, overwrite: bool = 
         raise Int8WriteError(f"{onnx_dir} is not an FP32 ONNX export")
     decoders = set(src.experts.get("components", []))
     out_dir = Path(out_dir)
-    with staged_dir(out_dir, overwrite) as staging:
+    with staged_dir(out_dir, overwrite, Int8WriteError) as staging:
         components = {}
         for comp in src.components.values():
             if comp.name in decoders:

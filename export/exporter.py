@@ -17,15 +17,12 @@ or failed export never leaves a half-written OUT_DIR.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import io
 import json
-import os
 import re
 import resource
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -53,6 +50,7 @@ from rsvlm_edge.export.graph import (
 )
 from rsvlm_edge.export.names import GROUPS, TRUNK_FILE, decoder_component, expert_file
 from rsvlm_edge.export.weights import DataFileWriter, materialize, point_to_external, write_graph
+from rsvlm_edge.fileio import staged_dir
 from rsvlm_edge.manifest import Component, Manifest, TensorSpec, sha256_file
 
 #: FP32 parity tolerance of the export check, relative to the reference's magnitude (tests use 1e-4 absolute).
@@ -287,34 +285,6 @@ def select_specs(model, components: tuple[str, ...] | None) -> list[ComponentSpe
     return [s for s in specs if s.name.startswith(prefixes)]
 
 
-@contextlib.contextmanager
-def staging_dir(out_dir: Path, overwrite: bool):
-    """A temporary sibling of ``out_dir`` that replaces it on success and vanishes on failure."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        yield staging
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp and the atomic writers create owner-only modes
-        for path in staging.iterdir():
-            os.chmod(path, 0o666 & ~umask)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(staging, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def export_model(model, out_dir: str | Path, tokenizer_file: str | Path | None, options: ExportOptions | None = None,
                  progress: Callable[[str], None] = lambda s: None, source: str | None = None) -> ExportResult:
     """Export ``model`` (an :class:`~rsvlm_edge.modeling.RSVLM`) into ``out_dir``; see the module docstring."""
@@ -327,7 +297,7 @@ def export_model(model, out_dir: str | Path, tokenizer_file: str | Path | None, 
     model = model.eval()
     t0 = time.perf_counter()
     specs = select_specs(model, options.components)
-    with staging_dir(out_dir, options.overwrite) as staging:
+    with staged_dir(out_dir, options.overwrite, ExportError) as staging:
         writer = _Writer(model, staging, options, progress)
         try:
             for i, spec in enumerate(specs, start=1):

@@ -15,7 +15,7 @@ import numpy as np
 
 from rsvlm_edge.generation import Generator, Request
 from rsvlm_edge.preprocess import prepare_image
-from rsvlm_edge.training.evaluate import SUITES, Prediction, predict, router_accuracy, score, suite_samples
+from rsvlm_edge.training.evaluate import Prediction, loaded_suites, predict, router_accuracy, score
 
 
 def forced_agreement(gen: Generator, request: Request, expert: int, reference: list[int]) -> tuple[int, int]:
@@ -63,14 +63,7 @@ def compare(gen_a: Generator, gen_b: Generator, suites: list[str], limit: int | 
 
     report: dict[str, Any] = {}
     agree_all = tokens_all = 0.0
-    for suite in suites:
-        if suite not in SUITES:
-            raise ValueError(f"unknown eval suite {suite!r}; choose from {', '.join(SUITES)}")
-        try:
-            samples = suite_samples(suite, limit, data_root)
-        except FileNotFoundError as exc:
-            report[f"{suite}/skipped"] = str(exc)
-            continue
+    for suite, samples in loaded_suites(suites, limit, data_root, report):
         if suite == "router":
             a, b = router_accuracy(gen_a, samples), router_accuracy(gen_b, samples)
             report.update(_deltas(a, b))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -153,11 +153,9 @@ def suite_samples(name: str, limit: int | None, data_root: Path | None, seed: in
     return samples
 
 
-def evaluate(generator: Generator, suites: list[str], limit: int | None = None, data_root: Path | None = None,
-             batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    report: dict[str, Any] = {}
+def loaded_suites(suites: list[str], limit: int | None, data_root: Path | None,
+                  report: dict[str, Any]) -> Iterator[tuple[str, list[Sample]]]:
+    """(suite, held-out samples) for each named suite; a suite whose data is missing is noted in ``report``."""
     for suite in suites:
         if suite not in SUITES:
             raise ValueError(f"unknown eval suite {suite!r}; choose from {', '.join(SUITES)}")
@@ -166,6 +164,15 @@ def evaluate(generator: Generator, suites: list[str], limit: int | None = None, 
         except FileNotFoundError as exc:
             report[f"{suite}/skipped"] = str(exc)
             continue
+        yield suite, samples
+
+
+def evaluate(generator: Generator, suites: list[str], limit: int | None = None, data_root: Path | None = None,
+             batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    report: dict[str, Any] = {}
+    for suite, samples in loaded_suites(suites, limit, data_root, report):
         if suite == "router":
             report.update(router_accuracy(generator, samples))
             continue

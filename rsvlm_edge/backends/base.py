@@ -36,6 +36,17 @@ class CacheHandle:
         if self.length + new_tokens > self.capacity:
             raise BackendError(f"KV cache full: {self.length} + {new_tokens} tokens > capacity {self.capacity}")
 
+    def check_step(self, embeds: np.ndarray, attention_mask: np.ndarray) -> tuple[int, int, int]:
+        """Validate one :meth:`Backend.forward` call against this cache; returns (batch, new positions, start)."""
+        b, s = embeds.shape[:2]
+        self.check(self.expert, s)
+        if b != self.batch:
+            raise BackendError(f"batch {b} does not match the cache's batch {self.batch}")
+        start = self.length
+        if attention_mask.shape != (b, start + s):
+            raise BackendError(f"attention_mask must be (B, cache length + S) = {(b, start + s)}, got {attention_mask.shape}")
+        return b, s, start
+
 
 class Backend(abc.ABC):
     name: str = "base"

@@ -190,13 +190,7 @@ class TrtBackend(Backend):
         return CacheHandle(batch=batch, capacity=capacity, expert=expert, state=state)
 
     def forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        b, s = embeds.shape[:2]
-        cache.check(cache.expert, s)
-        if b != cache.batch:
-            raise BackendError(f"batch {b} does not match the cache's batch {cache.batch}")
-        start = cache.length
-        if attention_mask.shape != (b, start + s):
-            raise BackendError(f"attention_mask must be (B, cache length + S) = {(b, start + s)}, got {attention_mask.shape}")
+        b, s, start = cache.check_step(embeds, attention_mask)
         engine: TrtEngine = self.expert_cache.get(cache.expert)
         cfg = self.config
         if engine.dtypes["past_key_0"].itemsize * b * cfg.num_kv_heads * cfg.head_dim != cache.state.row_bytes:
