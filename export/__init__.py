@@ -7,6 +7,8 @@ Modules (importing this package is cheap: ``export_model`` etc. load torch only 
 * :mod:`~rsvlm_edge.export.components` - the exported views of the model and their IO specs (the split).
 * :mod:`~rsvlm_edge.export.graph` - graph passes: weights with provenance, transpose/constant folding,
   LayerNormalization decomposition. :mod:`~rsvlm_edge.export.fp16` - FP16 conversion keeping FP32 islands.
+* :mod:`~rsvlm_edge.export.static_shapes` - constant Reshape/Slice shapes from symbolic shape inference, so the
+  traced shape arithmetic (a third of the decoder's kernels) is pruned.
 * :mod:`~rsvlm_edge.export.weights` - external-data files (aligned layout, streamed sha256).
 * :mod:`~rsvlm_edge.export.checks` - onnx.checker, strict shape inference, parity with PyTorch.
 * :mod:`~rsvlm_edge.export.trt_check` - TensorRT 8.5 / 10.3 / 11 operator lists (``data/trt_supported_ops.json``)

