@@ -244,7 +244,7 @@ def _parse_grouped(text: str, count: int, what: str, check) -> list[tuple[str, t
     """``label [..] [..]; label [..]`` -> [(label, shape), ...] in text order; empty segments are skipped."""
     if _is_none(text):
         return []
-    out = []
+    out: list[tuple[str, tuple[int, ...]]] = []
     for segment in text.split(";"):
         if not segment.strip():
             continue

@@ -68,3 +68,13 @@ def test_train_cli_runs_and_resumes(tmp_path, precision):
     assert result.exit_code == 0, result.output
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps[-1] == 6 and steps.count(4) == 1
+
+
+def test_model_card_summarises_the_train_log():
+    from rsvlm_edge.training.model_card import train_log_summary
+
+    rows = [{"stage": "align", "step": s, "sec": 0.5, "lm_loss": 2.0} for s in (10, 20)]
+    rows += [{"stage": "instruct", "step": s, "sec": 1.0, "lm_loss": 1.0} for s in (30, 40, 50)]
+    lines = train_log_summary(rows, log_every=10)
+    assert lines[0].startswith("- align: 20 steps, 0.50 s per step")
+    assert lines[1].startswith("- instruct: 30 steps, 1.00 s per step") and "final loss 1.000" in lines[1]

@@ -25,7 +25,25 @@ HEADLINE = [
 ]
 
 
-def render(model_dir: Path, report: dict[str, Any], command: str, train_config: dict[str, Any] | None) -> str:
+def train_log_summary(rows: list[dict[str, Any]], log_every: int) -> list[str]:
+    """Steps, step time and losses from ``train_log.jsonl`` (one row every ``log_every`` steps, each with its
+    step's seconds, data drawing included): the compute figure is the logged steps' mean times the step count."""
+    lines = []
+    for stage in ("align", "instruct"):
+        stage_rows = [r for r in rows if r.get("stage") == stage]
+        if not stage_rows:
+            continue
+        secs = [float(r["sec"]) for r in stage_rows]
+        steps = max(int(r["step"]) for r in stage_rows) - (min(int(r["step"]) for r in stage_rows) - log_every)
+        tail = stage_rows[-10:]
+        lines.append(f"- {stage}: {steps} steps, {sum(secs) / len(secs):.2f} s per step (mean of {len(secs)} logged), "
+                     f"about {steps * sum(secs) / len(secs) / 60:.0f} min; final loss "
+                     f"{sum(float(r['lm_loss']) for r in tail) / len(tail):.3f} (mean of the last {len(tail)} logged)")
+    return lines
+
+
+def render(model_dir: Path, report: dict[str, Any], command: str, train_config: dict[str, Any] | None,
+           train_log: list[dict[str, Any]] | None = None) -> str:
     cfg = ModelConfig.load(model_dir / "config.json")
     lines = [
         f"# {cfg.name} demo model",
@@ -59,6 +77,8 @@ def render(model_dir: Path, report: dict[str, Any], command: str, train_config: 
     for key, value in report.items():
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         lines.append(f"| {key} | {shown} |")
+    if train_log:
+        lines += ["", "## Training run", "", *train_log_summary(train_log, (train_config or {}).get("log_every", 10))]
     if train_config:
         lines += ["", "## Training", "", "```json", json.dumps(train_config, indent=2), "```"]
     return "\n".join(lines) + "\n"
@@ -69,8 +89,10 @@ def write_card(model_dir: str | Path, report_path: str | Path, command: str) -> 
     report = json.loads(Path(report_path).read_text())
     train_cfg_path = model_dir / "train_config.json"
     train_cfg = json.loads(train_cfg_path.read_text()) if train_cfg_path.exists() else None
+    log_path = model_dir / "train_log.jsonl"
+    train_log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else None
     out = model_dir / "MODEL_CARD.md"
-    atomic_write_text(out, render(model_dir, report, command, train_cfg))
+    atomic_write_text(out, render(model_dir, report, command, train_cfg, train_log))
     return out
 
 
