@@ -117,9 +117,9 @@ class Mixture:
 
     def batches(self, batch_size: int, pad_id: int, bucket: int = 16) -> Iterator[Batch]:
         """Draw ``bucket`` batches' worth, sort by length, cut into batches: far less padding when a few long
-        answers (masks, DOTA scenes) share a pool with short ones (class names). With 4 batches per pool, a quarter
-        of the batches were padded to a mask's length (estimated 0.87 s per tiny step on 2 cores); with 16 the long
-        answers fill one batch of their own (0.59 s)."""
+        answers (masks, DOTA scenes) share a pool with short ones (class names). With only 4 batches per pool, the
+        few long answers of each pool padded a whole batch of short ones to a mask's length; with 16 they mostly
+        fill a batch of their own."""
         while True:
             picks = self.rng.choices(self.names, weights=list(self.probs), k=batch_size * bucket)
             pool = sorted((self.sources[name].draw(self.rng) for name in picks), key=lambda e: len(e.ids))
