@@ -65,7 +65,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AVX512-BF16 / AMX cores run bf16 GEMMs about twice as fast as fp32 (measured: 0.72 -> 0.36 s per tiny step)."""
+    """AVX512-BF16 / AMX cores run bf16 GEMMs much faster than fp32 (the demo run: 0.45 s per align step vs 0.84 s)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
