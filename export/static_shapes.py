@@ -126,8 +126,9 @@ def static_shapes(g: Graph) -> int:
                 name = node.input[slot]
                 if not name or name in known:
                     continue
-                ints = [_as_int(v) for v in _values(values.get(name)) or [None]]
-                if all(v is not None for v in ints):
+                known_values = _values(values.get(name))
+                ints = [_as_int(v) for v in known_values] if known_values is not None else []
+                if ints and all(v is not None for v in ints):
                     constant(node, slot, ints)  # type: ignore[arg-type]
                     changed = True
             rewired += changed

@@ -54,9 +54,8 @@ class AugmentedListSource(ListSource):
         pixels = [np.rot90(p, k, axes=(1, 2)) for p in ex.pixels]
         if flip:
             pixels = [p[:, :, ::-1] for p in pixels]
-        pixels = [jitter(p, rng) for p in pixels]
-        return Example(ex.ids, ex.labels, [np.ascontiguousarray(p) for p in pixels], ex.sensor, ex.expert,
-                       ex.instruction_ids, ex.tagged)
+        pixels = [jitter(p, rng) for p in pixels]  # fresh contiguous arrays
+        return Example(ex.ids, ex.labels, pixels, ex.sensor, ex.expert, ex.instruction_ids, ex.tagged)
 
 
 def jitter(pixels: np.ndarray, rng: random.Random, max_shift: int = 10, contrast: float = 0.15,
@@ -64,7 +63,7 @@ def jitter(pixels: np.ndarray, rng: random.Random, max_shift: int = 10, contrast
     """A cheap photometric + translation augmentation for scene tiles: shift by up to ``max_shift`` px (reflect
     padded), scale contrast around the tile mean and offset brightness. Class labels do not change under either;
     with ~150 AID tiles per class the model otherwise memorises them within a few epochs."""
-    c, h, w = pixels.shape
+    _, h, w = pixels.shape
     dy, dx = rng.randint(-max_shift, max_shift), rng.randint(-max_shift, max_shift)
     padded = np.pad(pixels, ((0, 0), (abs(dy), abs(dy)), (abs(dx), abs(dx))), mode="reflect")
     out = padded[:, abs(dy) + dy: abs(dy) + dy + h, abs(dx) + dx: abs(dx) + dx + w].astype(np.float32)
