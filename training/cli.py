@@ -17,6 +17,9 @@ def _data_root(value: str | None) -> Path | None:
 @click.command("train")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--config", "config_name", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
+@click.option("--vision-steps", default=0, show_default=True,
+              help="Stage 0: the vision encoder alone learns scene classes and per-patch boxes (training-only heads).")
+@click.option("--vision-batch-size", default=64, show_default=True)
 @click.option("--align-steps", default=300, show_default=True, help="Stage 1: captions/classes through expert 0.")
 @click.option("--instruct-steps", default=1500, show_default=True, help="Stage 2: all tasks, tag-routed experts + router.")
 @click.option("--batch-size", default=24, show_default=True)
@@ -30,9 +33,9 @@ def _data_root(value: str | None) -> Path | None:
               "or AMX; auto picks it where the CPU has it.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=100, show_default=True, help="Checkpoint every N steps (resume by re-running).")
-def train_command(out_dir, config_name, align_steps, instruct_steps, batch_size, lr, untagged_share, data_root,
+def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_steps, instruct_steps, batch_size, lr, untagged_share, data_root,
                   real_limit, threads, precision, seed, save_every) -> None:
-    """Train the MoE VLM (two stages) and write OUT_DIR/model (config, fp16 safetensors, tokenizer).
+    """Train the MoE VLM (optional vision stage, then two stages) and write OUT_DIR/model (config, fp16 safetensors, tokenizer).
 
     Re-running the same command resumes from OUT_DIR/checkpoint.pt. The loss log is OUT_DIR/train_log.jsonl.
     """
@@ -44,7 +47,7 @@ def train_command(out_dir, config_name, align_steps, instruct_steps, batch_size,
 
     cfg = preset(config_name)
     out = Path(out_dir)
-    tc = TrainConfig(align_steps=align_steps, instruct_steps=instruct_steps, batch_size=batch_size, lr=lr,
+    tc = TrainConfig(vision_steps=vision_steps, vision_batch_size=vision_batch_size, align_steps=align_steps, instruct_steps=instruct_steps, batch_size=batch_size, lr=lr,
                      untagged_share=untagged_share, threads=threads, precision=precision, seed=seed, save_every=save_every)
     tok_path = out / "tokenizer.json"
     recipe_args = dict(data_root=_data_root(data_root), seed=seed, untagged_share=untagged_share, real_limit=real_limit)
@@ -57,7 +60,8 @@ def train_command(out_dir, config_name, align_steps, instruct_steps, batch_size,
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save(tok_path)
     recipe.tokenizer = tokenizer
-    model_dir = Trainer(out, cfg, tokenizer, tc, recipe).run()
+    scenes = len(recipe.scene_vocabulary()) if vision_steps else 0
+    model_dir = Trainer(out, cfg, tokenizer, tc, recipe, num_scene_classes=scenes).run()
     click.echo(f"model written to {model_dir}")
 
 

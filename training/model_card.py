@@ -29,16 +29,21 @@ def train_log_summary(rows: list[dict[str, Any]], log_every: int) -> list[str]:
     """Steps, step time and losses from ``train_log.jsonl`` (one row every ``log_every`` steps, each with its
     step's seconds, data drawing included): the compute figure is the logged steps' mean times the step count."""
     lines = []
-    for stage in ("align", "instruct"):
+    for stage in ("vision", "align", "instruct"):
         stage_rows = [r for r in rows if r.get("stage") == stage]
         if not stage_rows:
             continue
         secs = [float(r["sec"]) for r in stage_rows]
         steps = max(int(r["step"]) for r in stage_rows) - (min(int(r["step"]) for r in stage_rows) - log_every)
         tail = stage_rows[-10:]
+        key = "loss" if stage == "vision" else "lm_loss"  # the vision stage has no language-model loss
         lines.append(f"- {stage}: {steps} steps, {sum(secs) / len(secs):.2f} s per step (mean of {len(secs)} logged), "
                      f"about {steps * sum(secs) / len(secs) / 60:.0f} min; final loss "
-                     f"{sum(float(r['lm_loss']) for r in tail) / len(tail):.3f} (mean of the last {len(tail)} logged)")
+                     f"{sum(float(r[key]) for r in tail) / len(tail):.3f} (mean of the last {len(tail)} logged)")
+    for r in rows:
+        if r.get("stage") == "vision_eval" and "heldout_scene_acc" in r:
+            lines.append(f"- after the vision stage, the training-only scene head scored "
+                         f"{float(r['heldout_scene_acc']):.3f} top-1 on {r['heldout_n']} held-out AID tiles")
     return lines
 
 

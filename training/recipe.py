@@ -10,7 +10,9 @@ import numpy as np
 
 from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.tokenizer import Tokenizer
+from rsvlm_edge.preprocess import prepare_image
 from rsvlm_edge.training.data import Example, ListSource, Mixture, SyntheticSource, encode_all
+from rsvlm_edge.training.vision_pretrain import VisionMixture, scene_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class Recipe:
         self.untagged_share, self.real_limit = untagged_share, real_limit
         self._real: dict[str, AugmentedListSource | None] = {}
         self._samples: dict[str, list] = {}
+        self._tiles: dict[str, list[tuple[np.ndarray, str]]] = {}
 
     def real_samples(self, name: str) -> list:
         """Raw train-split samples of one real set (empty when it is not on this machine)."""
@@ -117,7 +120,31 @@ class Recipe:
                 self._real[name] = None
         return self._real[name]
 
-    def __call__(self, stage: str) -> Mixture:
+    def scene_tiles(self, split: str) -> list[tuple[np.ndarray, str]]:
+        """(prepared float16 pixels, class name) of every AID tile of a split, for stage ``vision``."""
+        if split == "train":
+            samples = self.real_samples("aid")
+        else:
+            try:
+                samples = load_real("aid", self.root, split)[: 2 * self.real_limit if self.real_limit else None]
+            except (FileNotFoundError, OSError):
+                samples = []
+        return [(prepare_image(s.images[0], s.sensor, self.cfg.image_size).astype(np.float16), s.answer)
+                for s in samples if s.tag == "[CLS]"]
+
+    def scene_vocabulary(self) -> list[str]:
+        """The scene label space of stage ``vision`` (synthetic classes + the AID classes on this machine)."""
+        return scene_vocabulary(sorted({name for _, name in self._vision_tiles("train")}))
+
+    def _vision_tiles(self, split: str) -> list[tuple[np.ndarray, str]]:
+        if split not in self._tiles:
+            self._tiles[split] = self.scene_tiles(split)
+        return self._tiles[split]
+
+    def __call__(self, stage: str) -> Mixture | VisionMixture:
+        if stage == "vision":
+            return VisionMixture(self.cfg, self._vision_tiles("train"), seed=self.seed,
+                                 heldout=self._vision_tiles("test"))
         sources = {}
         for name, weight in STAGE_WEIGHTS[stage].items():
             if name in SYNTHETIC_STREAMS:

@@ -1,5 +1,7 @@
-"""Two-stage training of the MoE VLM on CPU (or a GPU when present), resumable, with a JSONL loss log.
+"""Staged training of the MoE VLM on CPU (or a GPU when present), resumable, with a JSONL loss log.
 
+Stage ``vision`` (optional, ``vision_steps``): the encoder alone learns scene classes and per-patch boxes through
+training-only heads (:mod:`rsvlm_edge.training.vision_pretrain`), standing in for RSUniVLM's pretrained SigLIP.
 Stage ``align``: captions and classification only, everything through expert 0 (image); the vision encoder,
 projector and decoder trunk learn to talk about tiles. At the switch, experts 1 and 2 start as copies of expert 0
 (upcycling, as RSUniVLM initialises its granularity experts from one FFN).
@@ -25,6 +27,7 @@ from rsvlm_edge.fileio import atomic_path, atomic_write_text
 from rsvlm_edge.modeling import RSVLM, build_model, save_model
 from rsvlm_edge.tokenizer import Tokenizer
 from rsvlm_edge.training.data import IGNORE, Batch, Mixture
+from rsvlm_edge.training.vision_pretrain import VisionHeads, num_semantic_classes, vision_loss
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -32,6 +35,8 @@ LOG = "train_log.jsonl"
 
 @dataclass
 class TrainConfig:
+    vision_steps: int = 0
+    vision_batch_size: int = 64
     align_steps: int = 300
     instruct_steps: int = 1500
     batch_size: int = 24
@@ -51,7 +56,7 @@ class TrainConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.align_steps + self.instruct_steps
+        return self.vision_steps + self.align_steps + self.instruct_steps
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -120,7 +125,7 @@ def upcycle_experts(model: RSVLM) -> None:
 
 class Trainer:
     def __init__(self, out_dir: str | Path, cfg: ModelConfig, tokenizer: Tokenizer, tc: TrainConfig,
-                 mixtures: Callable[[str], Mixture], progress: bool = True):
+                 mixtures: Callable[[str], Mixture], progress: bool = True, num_scene_classes: int = 0):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cfg, self.tokenizer, self.tc, self.mixtures, self.progress = cfg, tokenizer, tc, mixtures, progress
@@ -129,8 +134,17 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.precision = resolve_precision(tc.precision)
         self.model = build_model(cfg, seed=tc.seed)
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        # Training-only heads of stage ``vision``; they share the optimizer (no gradients after that stage).
+        self.heads: VisionHeads | None = None
+        if tc.vision_steps:
+            if num_scene_classes < 1:
+                raise ValueError("stage vision needs num_scene_classes (the recipe's scene vocabulary)")
+            self.heads = VisionHeads(cfg.hidden_size, num_scene_classes, num_semantic_classes())
+        self.augment_rng = torch.Generator().manual_seed(tc.seed)
+        named = list(self.model.named_parameters()) + (
+            [(f"heads.{n}", p) for n, p in self.heads.named_parameters()] if self.heads else [])
+        decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
         self.step = 0
@@ -144,6 +158,8 @@ class Trainer:
         if state["model_config"] != self.cfg.to_dict():
             raise ValueError(f"{path} was written for another model config; use a fresh output dir")
         self.model.load_state_dict(state["model"])
+        if self.heads is not None and "heads" in state:
+            self.heads.load_state_dict(state["heads"])
         self.opt.load_state_dict(state["optimizer"])
         self.step = state["step"]
         torch.set_rng_state(state["torch_rng"])
@@ -152,10 +168,13 @@ class Trainer:
         with atomic_path(self.out / CHECKPOINT) as tmp:
             torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                         "model_config": self.cfg.to_dict(), "train_config": asdict(self.tc),
-                        "torch_rng": torch.get_rng_state()}, tmp)
+                        "torch_rng": torch.get_rng_state(),
+                        **({"heads": self.heads.state_dict()} if self.heads is not None else {})}, tmp)
 
     def stage_of(self, step: int) -> str:
-        return "align" if step < self.tc.align_steps else "instruct"
+        if step < self.tc.vision_steps:
+            return "vision"
+        return "align" if step < self.tc.vision_steps + self.tc.align_steps else "instruct"
 
     def run(self) -> Path:
         from tqdm import tqdm
@@ -169,12 +188,13 @@ class Trainer:
             while self.step < tc.total_steps:
                 stage = self.stage_of(self.step)
                 if stage != stream_stage:
-                    if stage == "instruct" and self.step == tc.align_steps:
+                    if stage == "instruct" and self.step == tc.vision_steps + tc.align_steps:
                         upcycle_experts(self.model)
                     # Each stage/resume point gets its own deterministic stream.
                     mixture = self.mixtures(stage)
                     mixture.rng.seed(tc.seed * 1_000_003 + self.step)
-                    stream, stream_stage = mixture.batches(tc.batch_size, self.tokenizer.pad_id), stage
+                    size = tc.vision_batch_size if stage == "vision" else tc.batch_size
+                    stream, stream_stage = mixture.batches(size, self.tokenizer.pad_id), stage
                 t0 = time.perf_counter()
                 batch = next(stream)  # type: ignore[arg-type]
                 lr = lr_at(self.step, tc)
@@ -182,9 +202,13 @@ class Trainer:
                     group["lr"] = lr
                 self.model.train()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                    loss, stats = batch_loss(self.model, batch, self.tokenizer.image_id,
-                                             router_weight=tc.router_weight if stage == "instruct" else 0.0,
-                                             force_expert=0 if stage == "align" else None)
+                    if stage == "vision":
+                        loss, stats = vision_loss(self.model.vision, self.heads, batch, self.cfg.grid_size,
+                                                  self.augment_rng)
+                    else:
+                        loss, stats = batch_loss(self.model, batch, self.tokenizer.image_id,
+                                                 router_weight=tc.router_weight if stage == "instruct" else 0.0,
+                                                 force_expert=0 if stage == "align" else None)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
@@ -196,6 +220,10 @@ class Trainer:
                     log.flush()
                 bar.set_postfix(stage=stage, loss=f"{stats['loss']:.3f}")
                 bar.update(1)
+                if stage == "vision" and self.step == tc.vision_steps and hasattr(mixture, "heldout_accuracy"):
+                    log.write(json.dumps({"step": self.step, "stage": "vision_eval", **mixture.heldout_accuracy(
+                        self.model.vision, self.heads, self.precision == "bf16")}) + "\n")
+                    log.flush()
                 if self.step % tc.save_every == 0 or self.step == tc.total_steps:
                     self.save_checkpoint()
         finally:
