@@ -7,8 +7,11 @@ heads on the visual tokens the decoder will read (after the projector), and with
 
 * scene classes (AID's 30 plus the synthetic generator's 10, one label space by name) from the mean visual token;
 * on synthetic scenes, per patch: the majority semantic class (land cover or object), whether an object's centre
-  falls in the patch, and that object's box (normalised x1, y1, x2, y2), FCOS/CenterNet style. Grounding then only
-  has to pick the right patch and copy its box out.
+  falls in the patch, and that object's box edges relative to the patch centre (FCOS/CenterNet style). The decoder
+  knows which patch a visual token is from its sequence position, so grounding then only has to pick the right
+  patch and add its offsets. (Absolute coordinates did not train: the first probe's box L1 stayed at the constant
+  predictor's ~0.22, because the CNN features carry no position and the ViT's learned position embedding starts
+  near zero.)
 
 The heads are training-only: they are not in the shipped model.
 """
@@ -28,7 +31,7 @@ from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.preprocess import prepare_image
 
 #: Loss weights of the dense terms relative to the scene cross-entropy.
-SEMANTIC_WEIGHT, CENTRE_WEIGHT, BOX_WEIGHT = 0.5, 1.0, 5.0
+SEMANTIC_WEIGHT, CENTRE_WEIGHT, BOX_WEIGHT = 0.5, 1.0, 10.0
 
 
 @dataclass
@@ -38,7 +41,7 @@ class VisionBatch:
     dense: np.ndarray  # (B,) bool: the row has dense (synthetic) targets
     semantic: np.ndarray  # (B, G*G) int64 majority semantic class per patch (-100 where not dense)
     centre: np.ndarray  # (B, G*G) float32 1 where an object's centre is in the patch
-    boxes: np.ndarray  # (B, G*G, 4) float32 that object's box in [0, 1]
+    boxes: np.ndarray  # (B, G*G, 4) float32 that object's box edges minus the patch centre, in image sizes
     augment: np.ndarray  # (B,) bool: geometric augmentation allowed (scene-only rows)
 
 
@@ -66,8 +69,9 @@ def num_semantic_classes() -> int:
 
 
 def dense_targets(scene, sensor: str, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per patch of a ``grid`` x ``grid`` layout: majority semantic class, centre flag and the centred object's box.
-    Where two visible objects centre in one patch, the larger one wins (it is the one a box can match)."""
+    """Per patch of a ``grid`` x ``grid`` layout: majority semantic class, centre flag and the centred object's box
+    as (x1, y1, x2, y2) minus the patch centre, in image sizes. Where two visible objects centre in one patch, the
+    larger one wins (it is the one a box can match)."""
     size = scene.size
     cell = size // grid
     sem = scene.semantic(sensor)[: cell * grid, : cell * grid]
@@ -85,7 +89,8 @@ def dense_targets(scene, sensor: str, grid: int) -> tuple[np.ndarray, np.ndarray
         if obj.area > best_area[k]:
             best_area[k] = obj.area
             centre[k] = 1.0
-            boxes[k] = np.asarray([x1, y1, x2, y2], np.float32) / size
+            px, py = (k % grid + 0.5) * cell, (k // grid + 0.5) * cell
+            boxes[k] = np.asarray([x1 - px, y1 - py, x2 - px, y2 - py], np.float32) / size
     return semantic, centre, boxes
 
 
@@ -100,11 +105,12 @@ class VisionHeads(nn.Module):
         self.num_semantic = num_semantic
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """tokens (B, G*G, D) -> scene logits (B, S), semantic logits (B, N, K), centre logits (B, N), boxes (B, N, 4)."""
+        """tokens (B, G*G, D) -> scene logits (B, S), semantic logits (B, N, K), centre logits (B, N), box offsets
+        (B, N, 4) from the patch centre in image sizes (the raw outputs are in tenths of the image)."""
         h = self.norm(tokens)
         dense = self.dense(h)
         k = self.num_semantic
-        return self.scene(h.mean(1)), dense[..., :k], dense[..., k], torch.sigmoid(dense[..., k + 1:])
+        return self.scene(h.mean(1)), dense[..., :k], dense[..., k], 0.1 * dense[..., k + 1:]
 
 
 def augment_affine(pixels: torch.Tensor, rng: torch.Generator, max_rotate: float = 180.0,
