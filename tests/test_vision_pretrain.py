@@ -14,8 +14,15 @@ from rsvlm_edge.config import preset
 from rsvlm_edge.modeling import build_model
 from rsvlm_edge.training.synthetic import SCENE_CLASSES, make_scene
 from rsvlm_edge.training.train import TrainConfig
-from rsvlm_edge.training.vision_pretrain import (VisionHeads, VisionMixture, augment_affine, dense_targets,
-                                                 num_semantic_classes, scene_vocabulary, vision_loss)
+from rsvlm_edge.training.vision_pretrain import (
+    VisionHeads,
+    VisionMixture,
+    augment_affine,
+    dense_targets,
+    num_semantic_classes,
+    scene_vocabulary,
+    vision_loss,
+)
 
 
 def test_dense_targets_mark_each_object_centre_with_its_box():

@@ -33,8 +33,8 @@ def _data_root(value: str | None) -> Path | None:
               "or AMX; auto picks it where the CPU has it.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=100, show_default=True, help="Checkpoint every N steps (resume by re-running).")
-def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_steps, instruct_steps, batch_size, lr, untagged_share, data_root,
-                  real_limit, threads, precision, seed, save_every) -> None:
+def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_steps, instruct_steps, batch_size, lr,
+                  untagged_share, data_root, real_limit, threads, precision, seed, save_every) -> None:
     """Train the MoE VLM (optional vision stage, then two stages) and write OUT_DIR/model (config, fp16 safetensors, tokenizer).
 
     Re-running the same command resumes from OUT_DIR/checkpoint.pt. The loss log is OUT_DIR/train_log.jsonl.
@@ -47,8 +47,9 @@ def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_s
 
     cfg = preset(config_name)
     out = Path(out_dir)
-    tc = TrainConfig(vision_steps=vision_steps, vision_batch_size=vision_batch_size, align_steps=align_steps, instruct_steps=instruct_steps, batch_size=batch_size, lr=lr,
-                     untagged_share=untagged_share, threads=threads, precision=precision, seed=seed, save_every=save_every)
+    tc = TrainConfig(vision_steps=vision_steps, vision_batch_size=vision_batch_size, align_steps=align_steps,
+                     instruct_steps=instruct_steps, batch_size=batch_size, lr=lr, untagged_share=untagged_share,
+                     threads=threads, precision=precision, seed=seed, save_every=save_every)
     tok_path = out / "tokenizer.json"
     recipe_args = dict(data_root=_data_root(data_root), seed=seed, untagged_share=untagged_share, real_limit=real_limit)
     recipe = Recipe(cfg, None, **recipe_args)  # type: ignore[arg-type]  # tokenizer set below

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from rsvlm_edge.config import ModelConfig
-from rsvlm_edge.tokenizer import Tokenizer
 from rsvlm_edge.preprocess import prepare_image
+from rsvlm_edge.tokenizer import Tokenizer
 from rsvlm_edge.training.data import Example, ListSource, Mixture, SyntheticSource, encode_all
 from rsvlm_edge.training.vision_pretrain import VisionMixture, scene_vocabulary
 

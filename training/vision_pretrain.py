@@ -1,9 +1,9 @@
 """Stage ``vision``: supervised pre-training of the vision encoder before any language is involved.
 
 RSUniVLM starts from a pretrained SigLIP encoder; the demo model starts from random weights, and a 4-layer decoder
-reading class names and box numbers off an untrained encoder learns both slowly (the first demo run scored 35% on
-AID *train* tiles: it under-fitted). This stage gives the encoder the two skills the target tasks need, with cheap
-heads on the visual tokens the decoder will read (after the projector), and without the decoder's cost:
+reading class names and box numbers off an untrained encoder learns both slowly. This stage gives the encoder the
+two skills the target tasks need, with cheap heads on the visual tokens the decoder will read (after the projector),
+and without the decoder's cost:
 
 * scene classes (AID's 30 plus the synthetic generator's 10, one label space by name) from the mean visual token;
 * on synthetic scenes, per patch: the majority semantic class (land cover or object), whether an object's centre
