@@ -85,22 +85,26 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         labels[row, : len(e.labels)] = e.labels
         mask[row, : len(e.ids)] = 1
     # Images are spliced in batch order (row by row, first image first); group them by sensor for the encoder.
-    slots: dict[str, list[int]] = {}
-    arrays: dict[str, list[np.ndarray]] = {}
-    k = 0
-    for e in examples:
-        for px in e.pixels:
-            slots.setdefault(e.sensor, []).append(k)
-            arrays.setdefault(e.sensor, []).append(px.astype(np.float32))
-            k += 1
+    images = [(e.sensor, px) for e in examples for px in e.pixels]
     inst_w = max(len(e.instruction_ids) for e in examples)
     inst = np.full((b, inst_w), pad_id, dtype=np.int64)
     inst_mask = np.zeros((b, inst_w), dtype=np.float32)
     for row, e in enumerate(examples):
         inst[row, : len(e.instruction_ids)] = e.instruction_ids
         inst_mask[row, : len(e.instruction_ids)] = 1
-    return Batch(ids, labels, mask, {s: (slots[s], np.stack(arrays[s])) for s in slots}, k,
+    return Batch(ids, labels, mask, group_by_sensor(images), len(images),
                  np.asarray([e.expert for e in examples], dtype=np.int64), inst, inst_mask)
+
+
+def group_by_sensor(images: Sequence[tuple[str, np.ndarray]]) -> dict[str, tuple[list[int], np.ndarray]]:
+    """(sensor, pixels) in batch order -> sensor -> (their positions, stacked float32 pixels): the encoder runs once
+    per sensor and the caller puts each output back at its position."""
+    slots: dict[str, list[int]] = {}
+    arrays: dict[str, list[np.ndarray]] = {}
+    for k, (sensor, px) in enumerate(images):
+        slots.setdefault(sensor, []).append(k)
+        arrays.setdefault(sensor, []).append(px.astype(np.float32))
+    return {s: (slots[s], np.stack(arrays[s])) for s in slots}
 
 
 class Mixture:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.preprocess import prepare_image
+from rsvlm_edge.training.data import group_by_sensor
 
 #: Loss weights of the dense terms relative to the scene cross-entropy.
 SEMANTIC_WEIGHT, CENTRE_WEIGHT, BOX_WEIGHT = 0.5, 1.0, 10.0
@@ -169,15 +170,11 @@ def collate_vision(examples: Sequence[VisionExample], grid: int, augment: Sequen
     centre = np.zeros((b, n), np.float32)
     boxes = np.zeros((b, n, 4), np.float32)
     dense = np.zeros(b, bool)
-    slots: dict[str, list[int]] = {}
-    arrays: dict[str, list[np.ndarray]] = {}
     for row, e in enumerate(examples):
-        slots.setdefault(e.sensor, []).append(row)
-        arrays.setdefault(e.sensor, []).append(e.pixels.astype(np.float32))
         if e.semantic is not None:
             dense[row] = True
             semantic[row], centre[row], boxes[row] = e.semantic, e.centre, e.boxes
-    return VisionBatch({s: (slots[s], np.stack(arrays[s])) for s in slots},
+    return VisionBatch(group_by_sensor([(e.sensor, e.pixels) for e in examples]),
                        np.asarray([e.scene for e in examples], np.int64), dense, semantic, centre, boxes,
                        np.asarray(augment, bool))
 
