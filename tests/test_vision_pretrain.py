@@ -134,3 +134,14 @@ def test_model_card_summarises_the_vision_stage():
     assert lines[0].startswith("- vision: 20 steps, 1.50 s per step") and "final loss 3.000" in lines[0]
     assert lines[1].startswith("- align: 10 steps")
     assert lines[2].endswith("0.500 top-1 on 100 held-out AID tiles")
+
+
+def test_gradient_clipping_covers_the_training_only_heads(tmp_path):
+    from rsvlm_edge.training.train import Trainer
+
+    trainer = Trainer(tmp_path, preset("tiny"), None, TrainConfig(vision_steps=2), lambda stage: None,  # type: ignore[arg-type]
+                      progress=False, num_scene_classes=5)
+    assert trainer.heads is not None
+    stepped = {id(p) for group in trainer.opt.param_groups for p in group["params"]}
+    assert stepped == {id(p) for p in trainer.trainable}
+    assert {id(p) for p in trainer.heads.parameters()} <= stepped

@@ -143,6 +143,7 @@ class Trainer:
         self.augment_rng = torch.Generator().manual_seed(tc.seed)
         named = list(self.model.named_parameters()) + (
             [(f"heads.{n}", p) for n, p in self.heads.named_parameters()] if self.heads else [])
+        self.trainable = [p for _, p in named]  # everything the optimizer steps, so clipping sees the heads too
         decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
         no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
@@ -211,7 +212,7 @@ class Trainer:
                                                  force_expert=0 if stage == "align" else None)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.trainable, tc.grad_clip)
                 self.opt.step()
                 self.step += 1
                 stats.update(step=self.step, stage=stage, lr=lr, sec=time.perf_counter() - t0)
