@@ -26,6 +26,9 @@ from rsvlm_edge.manifest import Component, Manifest, sha256_file
 
 LM_HEAD = re.compile(r"lm_head")
 COPIED_KINDS = ("stem", "router")
+SCHEMES = ("qdq", "weight-only")
+# (graph, its external weights, component name) -> the rewritten graph and its tensors
+Quantizer = Callable[[onnx.ModelProto, dict[str, np.ndarray], str], QuantizedGraph]
 
 
 class Int8WriteError(RuntimeError):
@@ -63,10 +66,8 @@ def _save_graph(q: QuantizedGraph, where: dict[str, tuple[str, dict]], path: Pat
 class Int8Writer:
     """Quantizes each component of ``source`` into ``staging`` and collects the new manifest entries."""
 
-    def __init__(self, source: Manifest, staging: Path, table: dict[str, dict[str, float]], act_dtype: str,
-                 keep_lm_head: bool):
-        self.src, self.dir, self.table, self.act_dtype = source, staging, table, act_dtype
-        self.keep = keep_fp32_predicate(keep_lm_head)
+    def __init__(self, source: Manifest, staging: Path, quantize: Quantizer):
+        self.src, self.dir, self.quantize = source, staging, quantize
         self.components: dict[str, Component] = {}
         self.report: dict[str, Any] = {}
 
@@ -88,7 +89,7 @@ class Int8Writer:
 
     def simple(self, comp: Component) -> None:
         model, arrays = self._load(comp)
-        q = quantize_graph(model, arrays, self.table.get(comp.name, {}), self.keep, self.act_dtype)
+        q = self.quantize(model, arrays, comp.name)
         data_file = f"{comp.name}.bin"
         layout, _, _ = _write_tensors(self.dir / data_file, list(q.tensors), q)
         _save_graph(q, {n: (data_file, e) for n, e in layout.items()}, self.dir / comp.file)
@@ -105,7 +106,7 @@ class Int8Writer:
         for e, name in enumerate(layout["components"]):
             comp = self.src.component(name)
             model, arrays = self._load(comp)
-            q = quantize_graph(model, arrays, self.table.get(name, {}), self.keep, self.act_dtype)
+            q = self.quantize(model, arrays, name)
             trunk_names = [n for n, (_, origin) in q.tensors.items() if origin in trunk_src]
             expert_names = [n for n in q.tensors if n not in trunk_names]
             if trunk_layout is None:
@@ -145,13 +146,39 @@ class Int8Writer:
                 "fp32_matmuls": len(q.kept_fp32)}
 
 
-def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str, dict[str, float]],
+def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype: str, keep_lm_head: bool,
+              block_size: int) -> tuple[Quantizer, dict[str, Any]]:
+    """The per-graph rewrite of ``scheme`` and the manifest's description of it."""
+    keep = keep_fp32_predicate(keep_lm_head)
+    lm_head = "fp32" if keep_lm_head else "int8"
+    if scheme == "qdq":
+        if table is None:
+            raise Int8WriteError("the Q/DQ scheme needs a calibration table (run `rsvlm-edge calibrate`)")
+        amax = table
+        return (lambda model, arrays, name: quantize_graph(model, arrays, amax.get(name, {}), keep, act_dtype),
+                {"scheme": "explicit Q/DQ, weights per-channel symmetric, activations per-tensor symmetric",
+                 "activation_dtype": act_dtype, "lm_head": lm_head})
+    if scheme == "weight-only":
+        from rsvlm_edge.calibration.weight_only import quantize_weight_only
+
+        return (lambda model, arrays, name: quantize_weight_only(model, arrays, keep, block_size),
+                {"scheme": f"weight-only INT8 (ONNX Runtime MatMulNBits), symmetric per block of {block_size} along K; "
+                           f"activations quantized per block at run time", "weight_block_size": block_size,
+                 "activation_dtype": "dynamic", "lm_head": lm_head, "runtime": "onnxruntime"})
+    raise Int8WriteError(f"INT8 scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+
+
+def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str, dict[str, float]] | None,
                       act_dtype: str = "int8", keep_lm_head: bool = False, overwrite: bool = False,
                       extra_files: dict[str, bytes] | None = None, info: dict[str, Any] | None = None,
-                      progress: Callable[[str], None] | None = None) -> Manifest:
+                      progress: Callable[[str], None] | None = None, scheme: str = "qdq",
+                      block_size: int = 128) -> Manifest:
     """Quantize ``src_dir`` (an FP32 ONNX engine dir) into ``out_dir``; ``extra_files`` (name -> bytes) are
-    written beside (the calibration table, TensorRT caches). Returns the new, saved manifest."""
+    written beside (the calibration table, TensorRT caches). ``scheme`` "qdq" needs ``table`` (activation ranges);
+    "weight-only" ignores it. Returns the new, saved manifest."""
     from rsvlm_edge.fileio import atomic_write_bytes
+
+    quantize, description = quantizer(scheme, table, act_dtype, keep_lm_head, block_size)
 
     src = Manifest.load(src_dir, verify=True)
     if src.engine_kind != "onnx":
@@ -162,7 +189,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
                              f"quantize the fp32 export")
     out_dir = Path(out_dir)
     with staged_dir(out_dir, overwrite, Int8WriteError) as staging:
-        writer = Int8Writer(src, staging, table, act_dtype, keep_lm_head)
+        writer = Int8Writer(src, staging, quantize)
         decoders = set(src.experts.get("components", []))
         for comp in src.components.values():
             if comp.name in decoders:
@@ -182,9 +209,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
         for name, data in (extra_files or {}).items():
             atomic_write_bytes(staging / name, data)
         extra = dict(src.extra)
-        extra["quantization"] = {"precision": "int8", "scheme": "explicit Q/DQ, weights per-channel symmetric, "
-                                 "activations per-tensor symmetric", "activation_dtype": act_dtype,
-                                 "lm_head": "fp32" if keep_lm_head else "int8", "source_sha256": src.all_files(),
+        extra["quantization"] = {"precision": "int8", **description, "source_sha256": src.all_files(),
                                  "components": writer.report, **(info or {})}
         components = {name: writer.components[name] for name in src.components}
         manifest = Manifest(model_config=src.model_config, components=components, tokenizer=src.tokenizer,

@@ -115,7 +115,6 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray], amax:
     result = QuantizedGraph(model)
     targets = quantizable_nodes(model, keep_fp32)
     quantized_weights = {w for _, _, w, _ in targets}
-    inits = {i.name: i for i in graph.initializer}
     new_inits: list[onnx.TensorProto] = []
     new_nodes: list[onnx.NodeProto] = []
     act_dq: dict[str, str] = {}
@@ -139,31 +138,12 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray], amax:
         result.weights_quantized += 1
 
     # ---- embedding tables: Gather(int8 rows) * Gather(row scales)
-    gathers = []
-    if quantize_gather:
-        for node in graph.node:
-            if (node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2
-                    and node.input[0] in weights and not any(a.name == "axis" and a.i != 0 for a in node.attribute)):
-                gathers.append(node)
-    gathered_tables = set()
-    for node in gathers:
-        table = node.input[0]
-        if table not in gathered_tables:
-            q, scale = quantize_weight(weights[table], 0)
-            external(f"{table}_quantized", q, table)
-            external(f"{table}_scale", scale.reshape(-1, 1), table)
-            gathered_tables.add(table)
-            result.weights_quantized += 1
+    gathers = embedding_gathers(graph, weights) if quantize_gather else []
+    gathered_tables = quantize_tables(gathers, weights, external, result)
 
     for node in graph.node:
         if node in gathers:
-            table, ids, out = node.input[0], node.input[1], node.output[0]
-            new_nodes += [
-                helper.make_node("Gather", [f"{table}_quantized", ids], [f"{out}_int8"], name=f"{node.name}/GatherInt8"),
-                helper.make_node("Gather", [f"{table}_scale", ids], [f"{out}_scale"], name=f"{node.name}/GatherScale"),
-                helper.make_node("Cast", [f"{out}_int8"], [f"{out}_float"], name=f"{node.name}/Cast", to=TensorProto.FLOAT),
-                helper.make_node("Mul", [f"{out}_float", f"{out}_scale"], [out], name=f"{node.name}/Dequantize"),
-            ]
+            new_nodes += dequantized_gather(node)
             continue
         if any(node is t[0] for t in targets):
             act = node.input[0]
@@ -208,8 +188,51 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray], amax:
             result.kept_fp32.append(node.name)
         new_nodes.append(node)
 
-    # ---- initializers: drop the replaced FP32 ones, keep the rest (external ones go back through ``tensors``)
-    replaced = quantized_weights | gathered_tables | quantized_biases
+    replace_initializers(graph, new_nodes, new_inits, quantized_weights | gathered_tables | quantized_biases,
+                         weights, external)
+    _ensure_opset(model, 13)  # per-axis DequantizeLinear
+    return result
+
+
+def embedding_gathers(graph: onnx.GraphProto, weights: dict[str, np.ndarray]) -> list[onnx.NodeProto]:
+    """``Gather`` nodes that look rows up in a 2-D external initializer (the token embedding)."""
+    inits = {i.name: i for i in graph.initializer}
+    return [node for node in graph.node
+            if node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2
+            and node.input[0] in weights and not any(a.name == "axis" and a.i != 0 for a in node.attribute)]
+
+
+def quantize_tables(gathers: list[onnx.NodeProto], weights: dict[str, np.ndarray],
+                    external: Callable[[str, np.ndarray, str], None], result: QuantizedGraph) -> set[str]:
+    """INT8 rows + one scale per row for every gathered table; returns the tables replaced."""
+    tables: set[str] = set()
+    for node in gathers:
+        table = node.input[0]
+        if table not in tables:
+            q, scale = quantize_weight(weights[table], 0)
+            external(f"{table}_quantized", q, table)
+            external(f"{table}_scale", scale.reshape(-1, 1), table)
+            tables.add(table)
+            result.weights_quantized += 1
+    return tables
+
+
+def dequantized_gather(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """Gather(int8 rows) * Gather(row scales): only the looked-up rows are dequantized."""
+    table, ids, out = node.input[0], node.input[1], node.output[0]
+    return [
+        helper.make_node("Gather", [f"{table}_quantized", ids], [f"{out}_int8"], name=f"{node.name}/GatherInt8"),
+        helper.make_node("Gather", [f"{table}_scale", ids], [f"{out}_scale"], name=f"{node.name}/GatherScale"),
+        helper.make_node("Cast", [f"{out}_int8"], [f"{out}_float"], name=f"{node.name}/Cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{out}_float", f"{out}_scale"], [out], name=f"{node.name}/Dequantize"),
+    ]
+
+
+def replace_initializers(graph: onnx.GraphProto, new_nodes: list[onnx.NodeProto], new_inits: list[onnx.TensorProto],
+                         replaced: set[str], weights: dict[str, np.ndarray],
+                         external: Callable[[str, np.ndarray, str], None]) -> None:
+    """Drop the replaced FP32 initializers, keep the rest (external ones go back through ``external``), and install
+    ``new_nodes`` in topological order."""
     still_used = {i for n in new_nodes for i in n.input}
     kept = []
     for init in graph.initializer:
@@ -225,8 +248,6 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray], amax:
     del graph.node[:]
     graph.node.extend(new_nodes)
     del graph.value_info[:]
-    _ensure_opset(model, 13)  # per-axis DequantizeLinear
-    return result
 
 
 def _order_nodes(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> None:

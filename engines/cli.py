@@ -37,18 +37,24 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
               "trt int8 (TensorRT 8.5-10.x): a TensorRT cache file or a trt_calib/ folder of <component>.cache.")
 @click.option("--activations", "act_dtype", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
               help="ort int8: activation Q/DQ type (uint8 = fast ORT CPU kernels, int8 = TensorRT Q/DQ import).")
+@click.option("--scheme", type=click.Choice(["qdq", "weight-only"]), default="qdq", show_default=True,
+              help="ort int8: qdq = explicit Q/DQ from --calibration (also imports into TensorRT); weight-only = "
+                   "blockwise INT8 weights for ONNX Runtime's MatMulNBits, no calibration, faster CPU decode.")
+@click.option("--block-size", type=click.Choice(["32", "64", "128", "256"]), default="128", show_default=True,
+              help="ort int8 weight-only: weights per scale along K.")
 @click.option("--keep-lm-head", is_flag=True, help="ort int8: keep the lm_head (logits) in FP32.")
 @click.option("--preset", type=click.Choice(TRT_PRESETS), default="datacenter", show_default=True, help="trt only.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="trt only: TensorRT timing cache file (reused).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
-def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, keep_lm_head, preset, timing_cache,
-                  overwrite) -> None:
+def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, scheme, block_size, keep_lm_head, preset,
+                  timing_cache, overwrite) -> None:
     """Build engines from the exported ONNX engine dir ONNX_DIR into OUT_DIR.
 
     \b
     ONNX Runtime (portable, CPU):
       rsvlm-edge build engines/tiny engines/tiny-opt --target ort --precision fp32
       rsvlm-edge build engines/tiny engines/tiny-int8 --target ort --precision int8 --calibration calib.json
+      rsvlm-edge build engines/tiny engines/tiny-int8w --target ort --precision int8 --scheme weight-only
     TensorRT (run on the target device; plans are device-specific):
       rsvlm-edge build engines/tiny engines/tiny-trt --target trt --preset orin-agx --precision fp16
       rsvlm-edge build engines/tiny engines/tiny-trt8 --target trt --precision int8 --calibration engines/tiny-int8/trt_calib
@@ -74,7 +80,8 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
 
     try:
         build_ort(onnx_dir, out_dir, precision, calibration, overwrite=overwrite, act_dtype=act_dtype,
-                  keep_lm_head=keep_lm_head)
+                  keep_lm_head=keep_lm_head, scheme=scheme, block_size=int(block_size))
     except (Int8WriteError, CalibrationTableError, ManifestError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"ONNX Runtime {precision} engine dir written to {out_dir}")
+    what = f"{precision} ({scheme})" if precision == "int8" else precision
+    click.echo(f"ONNX Runtime {what} engine dir written to {out_dir}")

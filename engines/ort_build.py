@@ -4,7 +4,8 @@ FP32: stems, vision encoder, embedding and router are saved after ONNX Runtime's
 (constant folding, redundant-node elimination: hardware-independent, so the files stay portable; the extended,
 CPU-specific fusions are applied again at load time anyway). Decoder graphs are copied unchanged: the backend binds
 the shared trunk and expert weights by initializer name, which optimizing a graph may rename.
-INT8: :func:`rsvlm_edge.calibration.int8_writer.write_int8_engine` from a calibration table.
+INT8: :func:`rsvlm_edge.calibration.int8_writer.write_int8_engine`, either explicit Q/DQ from a calibration table
+(portable to TensorRT) or weight-only ``MatMulNBits`` (ONNX Runtime only, no calibration; the faster CPU decode).
 """
 
 from __future__ import annotations
@@ -65,16 +66,24 @@ def build_ort_fp32(onnx_dir: str | Path, out_dir: str | Path, overwrite: bool = 
 
 
 def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32", calibration: str | Path | None = None,
-              overwrite: bool = False, act_dtype: str = "uint8", keep_lm_head: bool = False) -> Manifest:
-    """An ORT engine dir: ``fp32`` (optimized graphs) or ``int8`` (Q/DQ from the calibration table)."""
+              overwrite: bool = False, act_dtype: str = "uint8", keep_lm_head: bool = False, scheme: str = "qdq",
+              block_size: int = 128) -> Manifest:
+    """An ORT engine dir: ``fp32`` (optimized graphs) or ``int8`` (``scheme`` "qdq": Q/DQ from the calibration
+    table; "weight-only": blockwise INT8 weights for ``MatMulNBits``, no table)."""
     if precision not in PRECISIONS:
         raise ValueError(f"ORT precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return build_ort_fp32(onnx_dir, out_dir, overwrite)
+    from rsvlm_edge.calibration.int8_writer import write_int8_engine
+
+    if scheme == "weight-only":
+        if calibration is not None:
+            raise ValueError("--scheme weight-only needs no --calibration (it quantizes weights only)")
+        return write_int8_engine(onnx_dir, out_dir, None, keep_lm_head=keep_lm_head, overwrite=overwrite,
+                                 scheme=scheme, block_size=block_size)
     if calibration is None:
         raise ValueError("--precision int8 needs --calibration TABLE (run `rsvlm-edge calibrate` first, "
-                         "or use it directly: it writes the INT8 engine dir)")
-    from rsvlm_edge.calibration.int8_writer import write_int8_engine
+                         "or use it directly: it writes the INT8 engine dir), or use --scheme weight-only")
     from rsvlm_edge.calibration.table import load_table
 
     table, meta = load_table(calibration)

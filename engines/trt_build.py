@@ -180,6 +180,9 @@ def build_trt_engines(onnx_dir: str | Path, out_dir: str | Path, preset: str | B
         raise TrtBuildError(f"cannot build from {onnx_dir}: {exc}") from None
     if source.engine_kind != "onnx":
         raise TrtBuildError(f"{onnx_dir} holds {source.engine_kind} engines; TensorRT plans are built from ONNX graphs")
+    if (source.extra.get("quantization") or {}).get("runtime") == "onnxruntime":
+        raise TrtBuildError(f"{onnx_dir} is a weight-only INT8 dir for ONNX Runtime (MatMulNBits, which TensorRT "
+                            f"cannot import); build from the FP32 export or a Q/DQ INT8 dir from `rsvlm-edge calibrate`")
     chosen = [source.component(n) for n in (components or list(source.components))]
     preset = get_preset(preset)
     load_tensorrt()  # a clear error with an install hint before anything else

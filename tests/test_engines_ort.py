@@ -137,3 +137,66 @@ def test_eval_argument_errors(fp32_dir):
     runner = CliRunner()
     assert runner.invoke(main, ["eval"]).exit_code == 2
     assert runner.invoke(main, ["eval", str(fp32_dir), "--compare", str(fp32_dir), str(fp32_dir)]).exit_code == 2
+
+
+def test_blockwise_int8_round_trip_and_matmulnbits_semantics():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rsvlm_edge.calibration.weight_only import blockwise_int8, dequantize_blockwise
+
+    rng = np.random.default_rng(0)
+    k, n, block = 200, 24, 64  # K not a whole number of blocks: the last block is zero-padded
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    codes, scales = blockwise_int8(w, block)
+    assert codes.shape == (n, 4, block) and codes.dtype == np.uint8 and scales.shape == (n, 4)
+    back = dequantize_blockwise(codes, scales, k)
+    assert np.abs(back - w).max() <= scales.max() / 2 + 1e-6  # at most half a step per block
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "c", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
+                            block_size=block, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(codes, "c"), numpy_helper.from_array(scales, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ back, rtol=1e-4, atol=1e-4)  # ORT reads the codes exactly as written
+    with pytest.raises(ValueError, match="block size"):
+        blockwise_int8(w, 100)
+
+
+def test_build_ort_int8_weight_only(fp32_dir, tmp_path):
+    import onnx
+
+    out = tmp_path / "int8w"
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
+                                    "--block-size", "64"])
+    assert res.exit_code == 0, res.output
+    assert "weight-only" in res.output
+    man = Manifest.load(out)
+    assert man.component("decoder_expert2").precision == "int8"
+    assert man.extra["quantization"]["weight_block_size"] == 64
+    g = onnx.load(str(out / "decoder_expert0.onnx"), load_external_data=False)
+    ops = [n.op_type for n in g.graph.node]
+    assert ops.count("MatMulNBits") >= 7 * man.model_config["num_layers"]  # q k v o gate up down per layer (+ lm_head)
+    assert "DequantizeLinear" not in ops and "QuantizeLinear" not in ops
+    # trunk shared, experts swapped: same split as the FP32 export, weights about a quarter of the FP32 bytes
+    for f in ("decoder_trunk.bin", "decoder_expert1.bin"):
+        assert (out / f).stat().st_size < 0.35 * (fp32_dir / f).stat().st_size
+    assert OrtBackend.from_dir(out, verify=False).prepack_weights is True
+    # close to FP32: the first greedy tokens agree on the tiny model
+    assert tokens(out)[:3] == tokens(fp32_dir)[:3]
+
+
+def test_weight_only_refuses_a_table_and_trt(fp32_dir, table, tmp_path):
+    out = tmp_path / "int8w"
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
+                                    "--calibration", str(table)])
+    assert res.exit_code == 1 and "needs no --calibration" in res.output and not out.exists()
+    from rsvlm_edge.engines.trt_build import TrtBuildError, build_trt_engines
+    from rsvlm_edge.engines.ort_build import build_ort
+
+    build_ort(fp32_dir, out, "int8", scheme="weight-only")
+    with pytest.raises(TrtBuildError, match="MatMulNBits"):
+        build_trt_engines(out, tmp_path / "plans")
