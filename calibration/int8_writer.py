@@ -143,12 +143,13 @@ class Int8Writer:
     @staticmethod
     def _stats(q: QuantizedGraph) -> dict[str, Any]:
         return {"weights_quantized": q.weights_quantized, "activations_quantized": q.activations_quantized,
-                "fp32_matmuls": len(q.kept_fp32)}
+                "fp32_matmuls": len(q.kept_fp32), **({"fused": q.fused} if q.fused else {})}
 
 
 def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype: str, keep_lm_head: bool,
-              block_size: int) -> tuple[Quantizer, dict[str, Any]]:
-    """The per-graph rewrite of ``scheme`` and the manifest's description of it."""
+              block_size: int, model_config: dict[str, Any] | None = None) -> tuple[Quantizer, dict[str, Any]]:
+    """The per-graph rewrite of ``scheme`` and the manifest's description of it. The weight-only graphs are
+    ORT-only anyway, so they also get the ORT rotary fusion (needs ``model_config``)."""
     keep = keep_fp32_predicate(keep_lm_head)
     lm_head = "fp32" if keep_lm_head else "int8"
     if scheme == "qdq":
@@ -160,11 +161,22 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
                  "activation_dtype": act_dtype, "lm_head": lm_head})
     if scheme == "weight-only":
         from rsvlm_edge.calibration.weight_only import quantize_weight_only
+        from rsvlm_edge.config import ModelConfig
+        from rsvlm_edge.engines.ort_fusions import fuse_rotary
 
-        return (lambda model, arrays, name: quantize_weight_only(model, arrays, keep, block_size),
+        cfg = ModelConfig.from_dict(model_config) if model_config else None
+
+        def weight_only(model: onnx.ModelProto, arrays: dict[str, np.ndarray], name: str) -> QuantizedGraph:
+            q = quantize_weight_only(model, arrays, keep, block_size)
+            if cfg is not None:
+                q.fused["rotary"] = fuse_rotary(q.model, cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+            return q
+
+        return (weight_only,
                 {"scheme": f"weight-only INT8 (ONNX Runtime MatMulNBits), symmetric per block of {block_size} along K; "
                            f"activations quantized per block at run time", "weight_block_size": block_size,
-                 "activation_dtype": "dynamic", "lm_head": lm_head, "runtime": "onnxruntime"})
+                 "activation_dtype": "dynamic", "lm_head": lm_head, "runtime": "onnxruntime",
+                 "fusions": ["RotaryEmbedding"] if cfg is not None else []})
     raise Int8WriteError(f"INT8 scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
 
 
@@ -178,11 +190,11 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
     "weight-only" ignores it. Returns the new, saved manifest."""
     from rsvlm_edge.fileio import atomic_write_bytes
 
-    quantize, description = quantizer(scheme, table, act_dtype, keep_lm_head, block_size)
 
     src = Manifest.load(src_dir, verify=True)
     if src.engine_kind != "onnx":
         raise Int8WriteError(f"{src_dir} holds {src.engine_kind} engines; INT8 quantization needs the exported ONNX")
+    quantize, description = quantizer(scheme, table, act_dtype, keep_lm_head, block_size, src.model_config)
     bad = [c.name for c in src.components.values() if c.precision != "fp32"]
     if bad:
         raise Int8WriteError(f"{src_dir} is not an FP32 export ({', '.join(bad)} are {src.components[bad[0]].precision}); "

@@ -36,6 +36,7 @@ class QuantizedGraph:
     weights_quantized: int = 0
     activations_quantized: int = 0
     kept_fp32: list[str] = field(default_factory=list)
+    fused: dict[str, int] = field(default_factory=dict)  # ORT fusions applied afterwards (pattern -> count)
 
 
 def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:

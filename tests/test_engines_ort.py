@@ -181,12 +181,27 @@ def test_build_ort_int8_weight_only(fp32_dir, tmp_path):
     ops = [n.op_type for n in g.graph.node]
     assert ops.count("MatMulNBits") >= 7 * man.model_config["num_layers"]  # q k v o gate up down per layer (+ lm_head)
     assert "DequantizeLinear" not in ops and "QuantizeLinear" not in ops
+    # ORT-only graphs also get the rotary fusion: one RotaryEmbedding for q and one for k per layer
+    assert ops.count("RotaryEmbedding") == 2 * man.model_config["num_layers"] and "Neg" not in ops
+    assert man.extra["quantization"]["components"]["decoder_expert0"]["fused"] == {"rotary": 2 * man.model_config["num_layers"]}
     # trunk shared, experts swapped: same split as the FP32 export, weights about a quarter of the FP32 bytes
     for f in ("decoder_trunk.bin", "decoder_expert1.bin"):
         assert (out / f).stat().st_size < 0.35 * (fp32_dir / f).stat().st_size
     assert OrtBackend.from_dir(out, verify=False).prepack_weights is True
     # close to FP32: the first greedy tokens agree on the tiny model
     assert tokens(out)[:3] == tokens(fp32_dir)[:3]
+
+
+def test_rope_tables_match_the_model():
+    import torch
+
+    from rsvlm_edge.engines.ort_fusions import rope_tables
+    from rsvlm_edge.modeling.model import rope_cos_sin
+
+    cos, sin = rope_tables(16, 10000.0, 50)
+    ref_cos, ref_sin = rope_cos_sin(torch.arange(50)[None], 16, 10000.0)
+    np.testing.assert_allclose(cos, ref_cos[0, 0, :, :8].numpy(), atol=1e-6)
+    np.testing.assert_allclose(sin, ref_sin[0, 0, :, 8:].numpy(), atol=1e-6)
 
 
 def test_weight_only_refuses_a_table_and_trt(fp32_dir, table, tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -105,6 +105,18 @@ def group_by_sensor(images: Sequence[tuple[str, np.ndarray]]) -> dict[str, tuple
         slots.setdefault(sensor, []).append(k)
         arrays.setdefault(sensor, []).append(px.astype(np.float32))
     return {s: (slots[s], np.stack(arrays[s])) for s in slots}
+
+
+def encode_by_sensor(groups: dict[str, tuple[list[int], np.ndarray]], count: int,
+                     encode: Callable[[str, list[int], np.ndarray], Sequence[Any]]) -> list[Any]:
+    """Run ``encode(sensor, positions, pixels)`` once per group of :func:`group_by_sensor` and return the outputs
+    back in batch order (``count`` images)."""
+    slots: list[Any] = [None] * count
+    for sensor, (order, pixels) in groups.items():
+        out = encode(sensor, order, pixels)
+        for j, k in enumerate(order):
+            slots[k] = out[j]
+    return slots
 
 
 class Mixture:

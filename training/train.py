@@ -26,7 +26,7 @@ from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.fileio import atomic_path, atomic_write_text
 from rsvlm_edge.modeling import RSVLM, build_model, save_model
 from rsvlm_edge.tokenizer import Tokenizer
-from rsvlm_edge.training.data import IGNORE, Batch, Mixture
+from rsvlm_edge.training.data import IGNORE, Batch, Mixture, encode_by_sensor
 from rsvlm_edge.training.vision_pretrain import VisionHeads, num_semantic_classes, vision_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -89,12 +89,9 @@ def resolve_precision(precision: str) -> str:
 def batch_loss(model: RSVLM, batch: Batch, image_token_id: int, router_weight: float,
                force_expert: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Answer-token cross-entropy (+ router cross-entropy) for one batch."""
-    slots: list[torch.Tensor | None] = [None] * batch.num_images
-    for sensor, (order, pixels) in batch.pixels_by_sensor.items():
-        tokens = model.encode_images(torch.from_numpy(pixels), sensor)
-        for j, k in enumerate(order):
-            slots[k] = tokens[j]
-    image_embeds = torch.stack(slots) if slots else None  # type: ignore[arg-type]
+    slots = encode_by_sensor(batch.pixels_by_sensor, batch.num_images,
+                             lambda sensor, _, pixels: model.encode_images(torch.from_numpy(pixels), sensor))
+    image_embeds = torch.stack(slots) if slots else None
     ids = torch.from_numpy(batch.ids)
     experts = torch.from_numpy(batch.experts)
     expert: int | torch.Tensor = force_expert if force_expert is not None else experts

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.preprocess import prepare_image
-from rsvlm_edge.training.data import group_by_sensor
+from rsvlm_edge.training.data import encode_by_sensor, group_by_sensor
 
 #: Loss weights of the dense terms relative to the scene cross-entropy.
 SEMANTIC_WEIGHT, CENTRE_WEIGHT, BOX_WEIGHT = 0.5, 1.0, 10.0
@@ -132,18 +132,16 @@ def augment_affine(pixels: torch.Tensor, rng: torch.Generator, max_rotate: float
 
 def vision_loss(encoder: nn.Module, heads: VisionHeads, batch: VisionBatch, grid_size: int,
                 rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    b = len(batch.scene)
-    tokens: list[torch.Tensor | None] = [None] * b
-    for sensor, (order, pixels) in batch.pixels_by_sensor.items():
+    def encode(sensor: str, order: list[int], pixels: np.ndarray) -> torch.Tensor:
         px = torch.from_numpy(pixels)
         aug = torch.from_numpy(batch.augment[order])
         if aug.any():
             px = px.clone()
             px[aug] = augment_affine(px[aug], rng)
-        out = encoder(px, sensor)[:, : grid_size * grid_size]  # drop the newline token
-        for j, k in enumerate(order):
-            tokens[k] = out[j]
-    scene_logits, sem_logits, centre_logits, boxes = heads(torch.stack(tokens))  # type: ignore[arg-type]
+        return encoder(px, sensor)[:, : grid_size * grid_size]  # drop the newline token
+
+    tokens = encode_by_sensor(batch.pixels_by_sensor, len(batch.scene), encode)
+    scene_logits, sem_logits, centre_logits, boxes = heads(torch.stack(tokens))
     scene = torch.from_numpy(batch.scene)
     scene_loss = F.cross_entropy(scene_logits.float(), scene)
     stats = {"scene_loss": float(scene_loss.detach()),
