@@ -190,7 +190,6 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
     "weight-only" ignores it. Returns the new, saved manifest."""
     from rsvlm_edge.fileio import atomic_write_bytes
 
-
     src = Manifest.load(src_dir, verify=True)
     if src.engine_kind != "onnx":
         raise Int8WriteError(f"{src_dir} holds {src.engine_kind} engines; INT8 quantization needs the exported ONNX")

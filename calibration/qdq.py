@@ -121,11 +121,7 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray], amax:
     act_dq: dict[str, str] = {}
     quantized_biases: set[str] = set()
 
-    def external(name: str, array: np.ndarray, origin: str) -> None:
-        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-        tensor.data_location = TensorProto.EXTERNAL
-        new_inits.append(tensor)
-        result.tensors[name] = (array, origin)
+    external = external_adder(result, new_inits)
 
     # ---- weights: W -> DequantizeLinear(W_quantized, W_scale, W_zero_point, axis) named W, consumers unchanged
     axes = {w: axis for _, _, w, axis in targets}
@@ -193,6 +189,18 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray], amax:
                          weights, external)
     _ensure_opset(model, 13)  # per-axis DequantizeLinear
     return result
+
+
+def external_adder(result: QuantizedGraph, new_inits: list[onnx.TensorProto]
+                   ) -> Callable[[str, np.ndarray, str], None]:
+    """``external(name, array, origin)``: declare an external initializer in the graph and hand its bytes (and the
+    original it came from) to the caller through ``result.tensors``."""
+    def external(name: str, array: np.ndarray, origin: str) -> None:
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        new_inits.append(tensor)
+        result.tensors[name] = (array, origin)
+    return external
 
 
 def embedding_gathers(graph: onnx.GraphProto, weights: dict[str, np.ndarray]) -> list[onnx.NodeProto]:

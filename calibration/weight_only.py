@@ -18,18 +18,19 @@ from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from rsvlm_edge.calibration.qdq import (
     QMAX,
     QuantizedGraph,
     dequantized_gather,
     embedding_gathers,
+    external_adder,
     quantize_tables,
     replace_initializers,
 )
+from rsvlm_edge.engines.ort_fusions import CONTRIB, use_contrib_domain
 
-CONTRIB = "com.microsoft"
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK = 128
 ACCURACY_INT8 = 4  # MatMulNBits: quantize A to INT8 per block and use the integer dot-product kernels
@@ -86,11 +87,7 @@ def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
     new_inits: list[onnx.TensorProto] = []
     new_nodes: list[onnx.NodeProto] = []
 
-    def external(name: str, array: np.ndarray, origin: str) -> None:
-        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
-        tensor.data_location = TensorProto.EXTERNAL
-        new_inits.append(tensor)
-        result.tensors[name] = (array, origin)
+    external = external_adder(result, new_inits)
 
     quantized: dict[str, tuple[int, int]] = {}
     for node in targets:
@@ -101,7 +98,8 @@ def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
             codes, scales = blockwise_int8(weights[w], block_size)
             external(f"{w}_quantized", codes, w)
             external(f"{w}_scale", scales, w)
-            quantized[w] = tuple(np.shape(weights[w]))  # type: ignore[assignment]
+            k, n = np.shape(weights[w])
+            quantized[w] = (int(k), int(n))
             result.weights_quantized += 1
     gathers = embedding_gathers(graph, weights)
     tables = quantize_tables(gathers, weights, external, result)
@@ -121,6 +119,5 @@ def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
                 result.kept_fp32.append(node.name)
             new_nodes.append(node)
     replace_initializers(graph, new_nodes, new_inits, set(quantized) | tables, weights, external)
-    if not any(op.domain == CONTRIB for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(CONTRIB, 1))
+    use_contrib_domain(model)
     return result

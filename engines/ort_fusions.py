@@ -19,6 +19,12 @@ POSITIONS_INT64 = "position_ids/int64"
 COS_CACHE, SIN_CACHE = "rotary/cos_cache", "rotary/sin_cache"
 
 
+def use_contrib_domain(model: onnx.ModelProto) -> None:
+    """Declare ORT's contrib operator domain once (MatMulNBits, RotaryEmbedding live there)."""
+    if not any(op.domain == CONTRIB for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CONTRIB, 1))
+
+
 def rope_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     """(max_positions, head_dim / 2) cos and sin, computed in float32 the way the PyTorch model computes them."""
     inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))))
@@ -103,6 +109,5 @@ def fuse_rotary(model: onnx.ModelProto, head_dim: int, theta: float, max_positio
     cos, sin = rope_tables(head_dim, theta, max_positions)
     graph.initializer.extend([numpy_helper.from_array(cos, COS_CACHE), numpy_helper.from_array(sin, SIN_CACHE)])
     _prune_dead(graph)
-    if not any(op.domain == CONTRIB for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(CONTRIB, 1))
+    use_contrib_domain(model)
     return len(matches)

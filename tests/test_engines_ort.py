@@ -209,8 +209,8 @@ def test_weight_only_refuses_a_table_and_trt(fp32_dir, table, tmp_path):
     res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
                                     "--calibration", str(table)])
     assert res.exit_code == 1 and "needs no --calibration" in res.output and not out.exists()
-    from rsvlm_edge.engines.trt_build import TrtBuildError, build_trt_engines
     from rsvlm_edge.engines.ort_build import build_ort
+    from rsvlm_edge.engines.trt_build import TrtBuildError, build_trt_engines
 
     build_ort(fp32_dir, out, "int8", scheme="weight-only")
     with pytest.raises(TrtBuildError, match="MatMulNBits"):
