@@ -52,27 +52,33 @@ def numpy_gemm_gflops(n: int = 2048, reps: int = 3) -> float:
     return 2.0 * n**3 / _best(lambda: np.matmul(a, b, out=out), reps) / 1e9
 
 
+def cpu_session(graph, threads: int, contrib: bool = False):
+    """An ORT CPU session of a hand-built ``onnx`` graph (opset 17, plus com.microsoft for ``contrib`` ops)."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("com.microsoft", 1)] if contrib else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = min(model.ir_version, 8)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def _ort_matmul_session(op: str, n: int, threads: int):
     """A one-node MatMul / MatMulInteger graph (None without the ``onnx`` package)."""
     try:
         from onnx import TensorProto, helper
     except ImportError:
         return None
-    import onnxruntime as ort
-
     a_type, b_type, y_type = ((TensorProto.FLOAT,) * 3 if op == "MatMul"
                               else (TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32))
     graph = helper.make_graph([helper.make_node(op, ["A", "B"], ["Y"])], "gemm",
                               [helper.make_tensor_value_info("A", a_type, [n, n]),
                                helper.make_tensor_value_info("B", b_type, [n, n])],
                               [helper.make_tensor_value_info("Y", y_type, [n, n])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = min(model.ir_version, 8)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(),
-                                so, providers=["CPUExecutionProvider"])
+    return cpu_session(graph, threads)
 
 
 def ort_gemm_gops(op: str, n: int = 2048, threads: int = 1, reps: int = 3) -> float | None:

@@ -16,22 +16,16 @@ import time
 
 import numpy as np
 
-from rsvlm_edge.bench.limits import memory_bandwidth
+from rsvlm_edge.bench.limits import cpu_session, memory_bandwidth
 
 
 def _session(nodes, inits, k: int, outputs: int, threads: int):
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(nodes, "weight_stream", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(outputs)],
                               inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 8
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return cpu_session(graph, threads, contrib=True)
 
 
 def _graphs(weights: list[np.ndarray], block_size: int):

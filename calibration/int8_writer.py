@@ -27,8 +27,10 @@ from rsvlm_edge.manifest import Component, Manifest, sha256_file
 LM_HEAD = re.compile(r"lm_head")
 COPIED_KINDS = ("stem", "router")
 SCHEMES = ("qdq", "weight-only")
-# (graph, its external weights, component name) -> the rewritten graph and its tensors
-Quantizer = Callable[[onnx.ModelProto, dict[str, np.ndarray], str], QuantizedGraph]
+# (graph, its external weights, component name, weight name -> its file) -> the rewritten graph and its tensors.
+# The file of each weight lets a rewrite stack weights without mixing the decoder's trunk and expert files.
+FileOf = Callable[[str], str]
+Quantizer = Callable[[onnx.ModelProto, dict[str, np.ndarray], str, FileOf], QuantizedGraph]
 
 
 class Int8WriteError(RuntimeError):
@@ -89,7 +91,7 @@ class Int8Writer:
 
     def simple(self, comp: Component) -> None:
         model, arrays = self._load(comp)
-        q = self.quantize(model, arrays, comp.name)
+        q = self.quantize(model, arrays, comp.name, lambda weight: "data")  # one data file
         data_file = f"{comp.name}.bin"
         layout, _, _ = _write_tensors(self.dir / data_file, list(q.tensors), q)
         _save_graph(q, {n: (data_file, e) for n, e in layout.items()}, self.dir / comp.file)
@@ -106,7 +108,7 @@ class Int8Writer:
         for e, name in enumerate(layout["components"]):
             comp = self.src.component(name)
             model, arrays = self._load(comp)
-            q = self.quantize(model, arrays, name)
+            q = self.quantize(model, arrays, name, lambda weight: "trunk" if weight in trunk_src else "expert")
             trunk_names = [n for n, (_, origin) in q.tensors.items() if origin in trunk_src]
             expert_names = [n for n in q.tensors if n not in trunk_names]
             if trunk_layout is None:
@@ -156,7 +158,7 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
         if table is None:
             raise Int8WriteError("the Q/DQ scheme needs a calibration table (run `rsvlm-edge calibrate`)")
         amax = table
-        return (lambda model, arrays, name: quantize_graph(model, arrays, amax.get(name, {}), keep, act_dtype),
+        return (lambda model, arrays, name, file_of: quantize_graph(model, arrays, amax.get(name, {}), keep, act_dtype),
                 {"scheme": "explicit Q/DQ, weights per-channel symmetric, activations per-tensor symmetric",
                  "activation_dtype": act_dtype, "lm_head": lm_head})
     if scheme == "weight-only":
@@ -166,8 +168,9 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
 
         cfg = ModelConfig.from_dict(model_config) if model_config else None
 
-        def weight_only(model: onnx.ModelProto, arrays: dict[str, np.ndarray], name: str) -> QuantizedGraph:
-            q = quantize_weight_only(model, arrays, keep, block_size)
+        def weight_only(model: onnx.ModelProto, arrays: dict[str, np.ndarray], name: str,
+                        file_of: FileOf) -> QuantizedGraph:
+            q = quantize_weight_only(model, arrays, keep, block_size, file_of=file_of)
             if cfg is not None:
                 q.fused["rotary"] = fuse_rotary(q.model, cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
             return q
@@ -176,7 +179,8 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
                 {"scheme": f"weight-only INT8 (ONNX Runtime MatMulNBits), symmetric per block of {block_size} along K; "
                            f"activations quantized per block at run time", "weight_block_size": block_size,
                  "activation_dtype": "dynamic", "lm_head": lm_head, "runtime": "onnxruntime",
-                 "fusions": ["RotaryEmbedding"] if cfg is not None else []})
+                 "fusions": ["stacked MatMulNBits (shared-input products, bias folded)"]
+                            + (["RotaryEmbedding"] if cfg is not None else [])})
     raise Int8WriteError(f"INT8 scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
 
 

@@ -10,15 +10,22 @@ block (finer than per-channel); no activation ranges are needed, so no calibrati
 What is rewritten: ``MatMul`` nodes whose second input is a 2-D weight initializer (K, N) become
 ``com.microsoft.MatMulNBits`` (bits 8); the token embedding is stored INT8 per row as in the Q/DQ path.
 Conv, Gemm and activation x activation products stay FP32. ORT-only: TensorRT builds from the FP32 export.
+
+With ``fuse`` (the default), products that read the same activation (q/k/v of a layer, gate/up of an expert) become
+one ``MatMulNBits`` over their weights stacked along N, followed by a ``Split``; a bias ``Add`` after every member is
+folded into the kernel's bias input. At batch 1 the k/v projections are small (rsunivlm-1b: 896 x 128) and a kernel
+call that small is mostly thread hand-off, not weight streaming. Members are stacked only when their weights live
+in the same file (all trunk or all one expert), so the expert swap still replaces one file.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from rsvlm_edge.calibration.qdq import (
     QMAX,
@@ -73,51 +80,125 @@ def weight_matmuls(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto],
             and not (keep_fp32 is not None and keep_fp32(node))]
 
 
+@dataclass
+class _Member:
+    node: onnx.NodeProto
+    bias_add: onnx.NodeProto | None  # the ``Add`` of a 1-D bias right after the product, folded when all have one
+    bias: str | None
+
+    @property
+    def weight(self) -> str:
+        return self.node.input[1]
+
+
+def _bias_add(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodeProto]], weights: dict[str, np.ndarray],
+              n: int) -> tuple[onnx.NodeProto, str] | None:
+    readers = consumers.get(node.output[0], [])
+    if len(readers) != 1 or readers[0].op_type != "Add":
+        return None
+    add = readers[0]
+    other = [i for i in add.input if i != node.output[0]]
+    if len(other) != 1 or other[0] not in weights or np.shape(weights[other[0]]) != (n,):
+        return None
+    return add, other[0]
+
+
+def shared_input_groups(targets: list[onnx.NodeProto], weights: dict[str, np.ndarray],
+                        consumers: dict[str, list[onnx.NodeProto]],
+                        file_of: Callable[[str], str]) -> list[list[_Member]]:
+    """Target products that read the same activation with the same K and weights in one file, in graph order."""
+    by_input: dict[tuple[str, int, str], list[onnx.NodeProto]] = {}
+    for node in targets:
+        w = node.input[1]
+        by_input.setdefault((node.input[0], int(np.shape(weights[w])[0]), file_of(w)), []).append(node)
+    groups = []
+    for nodes in by_input.values():
+        if len(nodes) < 2 or len({n.input[1] for n in nodes}) < len(nodes):
+            continue
+        biases = [_bias_add(n, consumers, weights, int(np.shape(weights[n.input[1]])[1])) for n in nodes]
+        fold = all(b is not None for b in biases)
+        groups.append([_Member(n, b[0] if fold and b else None, b[1] if fold and b else None)
+                       for n, b in zip(nodes, biases)])
+    return groups
+
+
 def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
                          keep_fp32: Callable[[onnx.NodeProto], bool] | None = None,
-                         block_size: int = DEFAULT_BLOCK, accuracy_level: int = ACCURACY_INT8) -> QuantizedGraph:
+                         block_size: int = DEFAULT_BLOCK, accuracy_level: int = ACCURACY_INT8,
+                         fuse: bool = True, file_of: Callable[[str], str] | None = None) -> QuantizedGraph:
     """Rewrite a copy of ``model`` (loaded without external data); ``weights`` holds every external initializer.
     Same contract as :func:`rsvlm_edge.calibration.qdq.quantize_graph`: the result's ``tensors`` lists every external
-    initializer with the name of the original it came from, so the caller keeps the trunk / expert file split."""
+    initializer with the name of the original it came from, so the caller keeps the trunk / expert file split (a
+    stacked weight names its first member). ``file_of(weight name)`` names the file a weight is stored in; only
+    weights of one file are stacked (default: every weight in one file)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     result = QuantizedGraph(model)
     targets = weight_matmuls(model, keep_fp32)
     target_ids = {id(n) for n in targets}
+    for node in targets:
+        if node.input[1] not in weights:
+            raise ValueError(f"{node.name}: weight {node.input[1]} is stored inline; weight-only INT8 expects external "
+                             f"weights")
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    groups = shared_input_groups(targets, weights, consumers, file_of or (lambda name: "")) if fuse else []
+    grouped = {id(m.node): g for g in groups for m in g}
+    folded = {id(m.bias_add) for g in groups for m in g if m.bias_add is not None}
     new_inits: list[onnx.TensorProto] = []
     new_nodes: list[onnx.NodeProto] = []
 
     external = external_adder(result, new_inits)
 
-    quantized: dict[str, tuple[int, int]] = {}
-    for node in targets:
-        w = node.input[1]
-        if w not in quantized:
-            if w not in weights:
-                raise ValueError(f"{node.name}: weight {w} is stored inline; weight-only INT8 expects external weights")
-            codes, scales = blockwise_int8(weights[w], block_size)
-            external(f"{w}_quantized", codes, w)
-            external(f"{w}_scale", scales, w)
-            k, n = np.shape(weights[w])
-            quantized[w] = (int(k), int(n))
-            result.weights_quantized += 1
+    def matmul(a: str, w: str, origin: str, arrays: list[np.ndarray], outputs: list[str], name: str,
+               bias: str | None = None):
+        codes, scales = zip(*(blockwise_int8(x, block_size) for x in arrays))
+        external(f"{w}_quantized", np.concatenate(codes), origin)
+        external(f"{w}_scale", np.concatenate(scales), origin)
+        k, n = int(np.shape(arrays[0])[0]), sum(int(np.shape(x)[1]) for x in arrays)
+        inputs = [a, f"{w}_quantized", f"{w}_scale"] + (["", "", bias] if bias else [])
+        new_nodes.append(helper.make_node("MatMulNBits", inputs, outputs, name=f"{name}/MatMulNBits", domain=CONTRIB,
+                                          K=k, N=n, bits=8, block_size=block_size, accuracy_level=accuracy_level))
+        result.weights_quantized += len(arrays)
+
+    quantized: set[str] = set()
     gathers = embedding_gathers(graph, weights)
     tables = quantize_tables(gathers, weights, external, result)
-
     for node in graph.node:
         if node in gathers:
             new_nodes += dequantized_gather(node)
+        elif id(node) in grouped:
+            group = grouped[id(node)]
+            if node is not group[0].node:
+                continue  # emitted with the group's first member
+            first = group[0]
+            stacked = f"{first.weight}_stacked{len(group)}"
+            bias = None
+            if first.bias is not None:
+                bias = f"{stacked}_bias"
+                external(bias, np.concatenate([np.asarray(weights[m.bias], np.float32) for m in group]), first.bias)
+            outputs = [m.bias_add.output[0] if m.bias_add is not None else m.node.output[0] for m in group]
+            matmul(node.input[0], stacked, first.weight, [weights[m.weight] for m in group], [f"{stacked}_out"],
+                   node.name, bias)
+            sizes = np.asarray([np.shape(weights[m.weight])[1] for m in group], np.int64)
+            new_inits.append(numpy_helper.from_array(sizes, f"{stacked}_split"))
+            new_nodes.append(helper.make_node("Split", [f"{stacked}_out", f"{stacked}_split"], outputs,
+                                              name=f"{node.name}/Split", axis=-1))
+            quantized.update(m.weight for m in group)
+            quantized.update(m.bias for m in group if m.bias is not None)
+            result.fused["stacked_matmuls"] = result.fused.get("stacked_matmuls", 0) + 1
+        elif id(node) in folded:
+            continue
         elif id(node) in target_ids:
             w = node.input[1]
-            k, n = quantized[w]
-            new_nodes.append(helper.make_node(
-                "MatMulNBits", [node.input[0], f"{w}_quantized", f"{w}_scale"], list(node.output),
-                name=f"{node.name}/MatMulNBits", domain=CONTRIB, K=k, N=n, bits=8, block_size=block_size,
-                accuracy_level=accuracy_level))
+            matmul(node.input[0], w, w, [weights[w]], list(node.output), node.name)
+            quantized.add(w)
         else:
             if node.op_type in ("MatMul", "Gemm", "Conv"):
                 result.kept_fp32.append(node.name)
             new_nodes.append(node)
-    replace_initializers(graph, new_nodes, new_inits, set(quantized) | tables, weights, external)
+    replace_initializers(graph, new_nodes, new_inits, quantized | tables, weights, external)
     use_contrib_domain(model)
     return result

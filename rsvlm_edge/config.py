@@ -40,6 +40,10 @@ class ModelConfig:
     cnn_branch: bool = True
     cnn_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # one stride-2 stage each
     image_newline: bool = True  # RSUniVLM appends one learned token after the patch grid
+    # A learned 2-D position embedding added to the projected patch tokens (2-D sin/cos at init). The decoder's RoPE
+    # positions reach attention scores but not the values it reads, so without this a patch token does not say where
+    # it is and box answers fall back to language priors. Off for configs written before it existed.
+    token_pos_embed: bool = False
     sensors: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SENSORS))
     # --- decoder (Qwen2 style) ---
     vocab_size: int = 4096
@@ -93,6 +97,8 @@ class ModelConfig:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        if self.token_pos_embed and self.hidden_size % 4:
+            problems.append(f"token_pos_embed needs hidden_size divisible by 4, got {self.hidden_size}")
         if self.vision_width % self.vision_heads:
             problems.append(f"vision_width {self.vision_width} is not divisible by vision_heads {self.vision_heads}")
         for layer in self.vision_feature_layers:
@@ -138,7 +144,7 @@ class ModelConfig:
 
 def tiny_config() -> ModelConfig:
     """The demo model trained on CPU here and shipped in the repo."""
-    return ModelConfig().validate()
+    return ModelConfig(token_pos_embed=True).validate()
 
 
 def rsunivlm_1b_config() -> ModelConfig:

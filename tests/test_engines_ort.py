@@ -44,6 +44,23 @@ def tokens(engine_dir, prompt="[CAP] Describe the image.", n=6):
     return gen.generate([Request([px], "rgb", prompt)], SamplingConfig(max_new_tokens=n, ignore_stop=True))[0].token_ids
 
 
+def prefill_logits(engine_dir, prompt="[CAP] Describe the image.") -> np.ndarray:
+    gen = Generator(OrtBackend.from_dir(engine_dir, threads=1), load_tokenizer(engine_dir))
+    request = Request([np.random.default_rng(5).normal(size=(3, 128, 128)).astype(np.float32)], "rgb", prompt)
+    ids = np.asarray([gen.prompt_ids(request)], np.int32)
+    embeds = gen.backend.embed(ids)
+    embeds[0, ids[0] == gen.tokenizer.image_id] = gen._visual_tokens([request])[0]
+    n = ids.shape[1]
+    return gen.backend.forward(gen.backend.new_cache(1, n, 0), embeds, np.arange(n, dtype=np.int32)[None],
+                               np.ones((1, n), np.float32))[0]
+
+
+def logit_error(engine_dir, reference_dir) -> float:
+    """Distance of the first step's logits from the reference engine's, relative to their spread."""
+    a, b = prefill_logits(reference_dir), prefill_logits(engine_dir)
+    return float(np.linalg.norm(b - a) / np.linalg.norm(a - a.mean()))
+
+
 def test_build_ort_fp32_optimized_same_tokens(fp32_dir, tmp_path):
     out = tmp_path / "opt"
     res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--target", "ort", "--precision", "fp32"])
@@ -179,17 +196,70 @@ def test_build_ort_int8_weight_only(fp32_dir, tmp_path):
     assert man.extra["quantization"]["weight_block_size"] == 64
     g = onnx.load(str(out / "decoder_expert0.onnx"), load_external_data=False)
     ops = [n.op_type for n in g.graph.node]
-    assert ops.count("MatMulNBits") >= 7 * man.model_config["num_layers"]  # q k v o gate up down per layer (+ lm_head)
+    layers = man.model_config["num_layers"]
+    # q/k/v (bias folded) and gate/up are stacked: qkv, o, gate-up, down per layer, plus the lm_head
+    assert ops.count("MatMulNBits") == 4 * layers + 1 and ops.count("Split") == 2 * layers
     assert "DequantizeLinear" not in ops and "QuantizeLinear" not in ops
     # ORT-only graphs also get the rotary fusion: one RotaryEmbedding for q and one for k per layer
-    assert ops.count("RotaryEmbedding") == 2 * man.model_config["num_layers"] and "Neg" not in ops
-    assert man.extra["quantization"]["components"]["decoder_expert0"]["fused"] == {"rotary": 2 * man.model_config["num_layers"]}
+    assert ops.count("RotaryEmbedding") == 2 * layers and "Neg" not in ops
+    assert man.extra["quantization"]["components"]["decoder_expert0"]["fused"] == {"stacked_matmuls": 2 * layers,
+                                                                                   "rotary": 2 * layers}
     # trunk shared, experts swapped: same split as the FP32 export, weights about a quarter of the FP32 bytes
     for f in ("decoder_trunk.bin", "decoder_expert1.bin"):
         assert (out / f).stat().st_size < 0.35 * (fp32_dir / f).stat().st_size
     assert OrtBackend.from_dir(out, verify=False).prepack_weights is True
-    # close to FP32: the first greedy tokens agree on the tiny model
-    assert tokens(out)[:3] == tokens(fp32_dir)[:3]
+    # close to FP32. Not compared by greedy tokens: a random-init model's top logits nearly tie, so any rounding
+    # (here 1.6% of the logits' spread) may swap them
+    assert logit_error(out, fp32_dir) < 0.05
+
+
+def test_stacked_matmulnbits_match_the_separate_products():
+    """Products reading one activation are stacked along N (bias folded) only when their weights may share a file,
+    and the stacked graph computes what the separate MatMulNBits do."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from rsvlm_edge.calibration.weight_only import quantize_weight_only
+
+    rng = np.random.default_rng(0)
+    k = 64
+    weights = {"wq": rng.standard_normal((k, 32)), "wk": rng.standard_normal((k, 16)), "wx": rng.standard_normal((k, 8)),
+               "bq": rng.standard_normal(32), "bk": rng.standard_normal(16)}
+    weights = {n: w.astype(np.float32) for n, w in weights.items()}
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q0"], name="q"), helper.make_node("Add", ["q0", "bq"], ["q"]),
+             helper.make_node("MatMul", ["x", "wk"], ["k0"], name="k"), helper.make_node("Add", ["bk", "k0"], ["k"]),
+             helper.make_node("MatMul", ["x", "wx"], ["other"], name="other")]
+    inits = []
+    for name, w in weights.items():
+        t = onnx.TensorProto(name=name, data_type=TensorProto.FLOAT, dims=w.shape)
+        t.data_location = TensorProto.EXTERNAL
+        inits.append(t)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, k])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("q", "k", "other")],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+
+    def run(q) -> list[np.ndarray]:
+        for init in q.model.graph.initializer:
+            if init.name in q.tensors:
+                init.CopyFrom(onnx.numpy_helper.from_array(q.tensors[init.name][0], init.name))
+        sess = ort.InferenceSession(q.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})
+
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    separate = quantize_weight_only(model, weights, block_size=32, fuse=False)
+    stacked = quantize_weight_only(model, weights, block_size=32, file_of=lambda w: "expert" if w == "wx" else "trunk")
+    ops = [n.op_type for n in stacked.model.graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("Split") == 1 and "Add" not in ops  # q+k stacked, biases folded
+    assert stacked.fused == {"stacked_matmuls": 1} and stacked.weights_quantized == 3
+    assert {origin for _, origin in stacked.tensors.values()} == {"wq", "bq", "wx"}  # files follow the first member
+    for a, b in zip(run(separate), run(stacked)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    everything = quantize_weight_only(model, weights, block_size=32)  # one file
+    assert [n.op_type for n in everything.model.graph.node].count("MatMulNBits") == 1  # x read once: all three
+    assert sum(n.op_type == "Add" for n in everything.model.graph.node) == 2  # wx has no bias: none is folded
 
 
 def test_rope_tables_match_the_model():

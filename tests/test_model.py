@@ -6,7 +6,7 @@ import torch
 
 from rsvlm_edge.config import ConfigError, ModelConfig, preset, rsunivlm_1b_config, tiny_config
 from rsvlm_edge.modeling import build_model, load_model, parameter_counts, save_model
-from rsvlm_edge.modeling.model import attention_bias
+from rsvlm_edge.modeling.model import attention_bias, sincos_2d
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,36 @@ def test_config_validation_and_presets():
         preset("huge")
     assert ModelConfig.from_dict(tiny_config().to_dict()) == tiny_config()
     assert np.isclose(rsunivlm_1b_config().head_dim, 64)
+
+
+def test_sincos_2d_gives_every_patch_its_own_code():
+    code = sincos_2d(8, 256)
+    assert code.shape == (64, 256) and code.abs().max() <= 1.0
+    distances = torch.cdist(code, code) + torch.eye(64) * 1e9
+    assert distances.min() > 0.5  # no two patches share (or nearly share) a code
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(8, 258)
+
+
+def test_token_position_embedding_is_added_to_the_patch_tokens_only():
+    """The same weights with and without the field differ exactly by the 2-D code on the patch tokens (the newline
+    token has no position), so a token says which patch it came from whatever the image holds."""
+    cfg = ModelConfig(token_pos_embed=True).validate()
+    with_pos = build_model(cfg, seed=0).eval()
+    without = build_model(ModelConfig(token_pos_embed=False).validate(), seed=0).eval()
+    missing, unexpected = with_pos.load_state_dict(without.state_dict(), strict=False)
+    assert missing == ["vision.token_pos_embed"] and not unexpected
+    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        diff = with_pos.encode_images(pixels, "rgb") - without.encode_images(pixels, "rgb")
+    torch.testing.assert_close(diff[:, :cfg.num_patches], sincos_2d(cfg.grid_size, cfg.hidden_size).expand(2, -1, -1),
+                               atol=1e-5, rtol=0)
+    assert diff[:, cfg.num_patches:].abs().max() == 0
+
+
+def test_configs_without_token_pos_embed_load_as_before():
+    data = tiny_config().to_dict()
+    assert data.pop("token_pos_embed") is True  # new tiny models have it
+    old = ModelConfig.from_dict(data)
+    assert old.token_pos_embed is False
+    assert "vision.token_pos_embed" not in dict(build_model(old, seed=0).named_parameters())

@@ -78,3 +78,14 @@ def test_model_card_summarises_the_train_log():
     lines = train_log_summary(rows, log_every=10)
     assert lines[0].startswith("- align: 20 steps, 0.50 s per step")
     assert lines[1].startswith("- instruct: 30 steps, 1.00 s per step") and "final loss 1.000" in lines[1]
+
+
+def test_native_bf16_comes_from_the_cpu_flags(tmp_path):
+    from rsvlm_edge.training.train import cpu_flags, cpu_has_fast_bf16
+
+    assert cpu_has_fast_bf16({"avx512f", "avx512_bf16"}) and cpu_has_fast_bf16({"amx_bf16", "amx_tile"})
+    assert not cpu_has_fast_bf16({"avx512f", "avx512bw", "avx512_vnni"})  # oneDNN would emulate bf16 here
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(str(info)) == {"fpu", "sse2", "avx512f", "avx512_bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) is None

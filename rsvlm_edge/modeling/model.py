@@ -91,6 +91,22 @@ class CNNBranch(nn.Module):
         return torch.cat(feats, dim=-1)
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) row-major 2-D sin/cos code: the first half of the channels encodes the row, the second the
+    column, each at dim/4 geometric frequencies (MAE / ViT-style). Values in [-1, 1]."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}")
+    freqs = 1.0 / (100.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4)))
+    coords = torch.arange(grid, dtype=torch.float32)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def code(v: torch.Tensor) -> torch.Tensor:
+        angles = v.reshape(-1, 1) * freqs[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([code(rows), code(cols)], dim=1)
+
+
 class VisionEncoder(nn.Module):
     """Pixels of one sensor -> visual tokens in the decoder's embedding space."""
 
@@ -109,6 +125,8 @@ class VisionEncoder(nn.Module):
         self.proj1 = nn.Linear(cfg.vision_feature_dim, cfg.hidden_size)  # mlp2x_gelu projector
         self.proj2 = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.newline = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02) if cfg.image_newline else None
+        self.token_pos_embed = (nn.Parameter(sincos_2d(cfg.grid_size, cfg.hidden_size)[None])
+                                if cfg.token_pos_embed else None)
 
     def forward(self, pixels: torch.Tensor, sensor: str) -> torch.Tensor:
         if sensor not in self.stems:
@@ -125,6 +143,8 @@ class VisionEncoder(nn.Module):
         if self.cnn is not None:
             feats.append(self.cnn(x))
         tokens = self.proj2(F.gelu(self.proj1(self.feature_norm(torch.cat(feats, dim=-1)))))
+        if self.token_pos_embed is not None:
+            tokens = tokens + self.token_pos_embed
         if self.newline is not None:
             tokens = torch.cat([tokens, self.newline.expand(tokens.shape[0], 1, -1)], dim=1)
         return tokens
