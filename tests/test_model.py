@@ -147,8 +147,8 @@ def test_token_position_embedding_is_added_to_the_patch_tokens_only():
 
 
 def test_configs_without_token_pos_embed_load_as_before():
-    data = tiny_config().to_dict()
-    assert data.pop("token_pos_embed") is True  # new tiny models have it
+    data = ModelConfig(token_pos_embed=True).to_dict()
+    assert data.pop("token_pos_embed") is True
     old = ModelConfig.from_dict(data)
     assert old.token_pos_embed is False
     assert "vision.token_pos_embed" not in dict(build_model(old, seed=0).named_parameters())

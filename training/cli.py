@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,10 +32,12 @@ def _data_root(value: str | None) -> Path | None:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Compute precision: bf16 autocast (fp32 master weights) halves step time on CPUs with AVX512-BF16 "
               "or AMX; auto picks it where the CPU has it.")
+@click.option("--token-pos-embed/--no-token-pos-embed", default=None,
+              help="Add a learned 2-D position embedding to the visual tokens (default: as the preset says; tiny: off).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=100, show_default=True, help="Checkpoint every N steps (resume by re-running).")
 def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_steps, instruct_steps, batch_size, lr,
-                  untagged_share, data_root, real_limit, threads, precision, seed, save_every) -> None:
+                  untagged_share, data_root, real_limit, threads, precision, token_pos_embed, seed, save_every) -> None:
     """Train the MoE VLM (optional vision stage, then two stages) and write OUT_DIR/model (config, fp16 safetensors, tokenizer).
 
     Re-running the same command resumes from OUT_DIR/checkpoint.pt. The loss log is OUT_DIR/train_log.jsonl.
@@ -46,6 +49,8 @@ def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_s
     from rsvlm_edge.training.train import TrainConfig, Trainer
 
     cfg = preset(config_name)
+    if token_pos_embed is not None:
+        cfg = dataclasses.replace(cfg, token_pos_embed=token_pos_embed).validate()
     out = Path(out_dir)
     tc = TrainConfig(vision_steps=vision_steps, vision_batch_size=vision_batch_size, align_steps=align_steps,
                      instruct_steps=instruct_steps, batch_size=batch_size, lr=lr, untagged_share=untagged_share,

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 STAGE_WEIGHTS: dict[str, dict[str, float]] = {
     "align": {"synthetic_caption": 0.35, "aid": 0.65},
     "instruct": {
-        "synthetic": 0.26, "synthetic_grounding": 0.18, "aid": 0.31, "rsvqa_lr": 0.20, "levir_cd": 0.015,
+        "synthetic": 0.30, "synthetic_grounding": 0.14, "aid": 0.31, "rsvqa_lr": 0.20, "levir_cd": 0.015,
         "sirst": 0.02, "bigearthnet": 0.01, "dota": 0.0025, "hrsid": 0.0025,
     },
 }
