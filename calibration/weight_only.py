@@ -178,7 +178,8 @@ def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
             bias = None
             if first.bias is not None:
                 bias = f"{stacked}_bias"
-                external(bias, np.concatenate([np.asarray(weights[m.bias], np.float32) for m in group]), first.bias)
+                biases = [weights[m.bias] for m in group if m.bias is not None]  # all of them: folded only when all have one
+                external(bias, np.concatenate(biases).astype(np.float32), first.bias)
             outputs = [m.bias_add.output[0] if m.bias_add is not None else m.node.output[0] for m in group]
             matmul(node.input[0], stacked, first.weight, [weights[m.weight] for m in group], [f"{stacked}_out"],
                    node.name, bias)
