@@ -45,14 +45,11 @@ def tokens(engine_dir, prompt="[CAP] Describe the image.", n=6):
 
 
 def prefill_logits(engine_dir, prompt="[CAP] Describe the image.") -> np.ndarray:
+    from rsvlm_edge.training.compare import prefill
+
     gen = Generator(OrtBackend.from_dir(engine_dir, threads=1), load_tokenizer(engine_dir))
     request = Request([np.random.default_rng(5).normal(size=(3, 128, 128)).astype(np.float32)], "rgb", prompt)
-    ids = np.asarray([gen.prompt_ids(request)], np.int32)
-    embeds = gen.backend.embed(ids)
-    embeds[0, ids[0] == gen.tokenizer.image_id] = gen._visual_tokens([request])[0]
-    n = ids.shape[1]
-    return gen.backend.forward(gen.backend.new_cache(1, n, 0), embeds, np.arange(n, dtype=np.int32)[None],
-                               np.ones((1, n), np.float32))[0]
+    return prefill(gen, request, expert=0)[1][0]
 
 
 def logit_error(engine_dir, reference_dir) -> float:

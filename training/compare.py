@@ -18,18 +18,25 @@ from rsvlm_edge.preprocess import prepare_image
 from rsvlm_edge.training.evaluate import Prediction, loaded_suites, predict, router_accuracy, score
 
 
+def prefill(gen: Generator, request: Request, expert: int, extra_capacity: int = 0):
+    """Run one request's prompt (image tokens spliced in) through ``expert``: (cache with room for
+    ``extra_capacity`` more tokens, the first step's logits (1, V), prompt length)."""
+    backend = gen.backend
+    ids = np.asarray([gen.prompt_ids(request)], dtype=np.int32)
+    embeds = backend.embed(ids)
+    embeds[0, ids[0] == gen.tokenizer.image_id] = gen._visual_tokens([request])[0]
+    n = ids.shape[1]
+    cache = backend.new_cache(1, n + extra_capacity, expert)
+    logits = backend.forward(cache, embeds, np.arange(n, dtype=np.int32)[None], np.ones((1, n), np.float32))
+    return cache, logits, n
+
+
 def forced_agreement(gen: Generator, request: Request, expert: int, reference: list[int]) -> tuple[int, int]:
     """(steps where ``gen``'s argmax equals ``reference``, steps) with ``reference`` fed back as the answer."""
     if not reference:
         return 0, 0
-    backend, tok = gen.backend, gen.tokenizer
-    ids = np.asarray([gen.prompt_ids(request)], dtype=np.int32)
-    embeds = backend.embed(ids)
-    visual = gen._visual_tokens([request])[0]
-    embeds[0, ids[0] == tok.image_id] = visual
-    n = ids.shape[1]
-    cache = backend.new_cache(1, n + len(reference), expert)
-    logits = backend.forward(cache, embeds, np.arange(n, dtype=np.int32)[None], np.ones((1, n), np.float32))
+    backend = gen.backend
+    cache, logits, n = prefill(gen, request, expert, len(reference))
     agree = 0
     for k, token in enumerate(reference):
         agree += int(int(np.argmax(logits[0])) == token)
