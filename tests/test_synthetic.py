@@ -80,6 +80,16 @@ def test_task_restriction_and_name_forms():
         syn.SyntheticGenerator().sample("[XYZ]")
 
 
+def test_task_weights_reweight_the_mixture():
+    plain = [s.tag for s in syn.generate(300, seed=4)]
+    gen = syn.SyntheticGenerator(seed=4, task_weights={"seg": 0.0, "[VG]": 1.0})
+    tags = [gen.sample().tag for _ in range(300)]
+    assert "[SEG]" in plain and "[SEG]" not in tags
+    assert tags.count("[VG]") > 2 * plain.count("[VG]")
+    with pytest.raises(ValueError, match="weights >= 0"):
+        syn.SyntheticGenerator(task_weights={"[CAP]": -1.0})
+
+
 @pytest.mark.parametrize("size", [64, 192])
 def test_other_image_sizes(size):
     gen = syn.SyntheticGenerator(size=size, seed=1)

@@ -71,6 +71,8 @@ def test_train_cli_runs_and_resumes(tmp_path, precision):
     assert result.exit_code == 0, result.output
     steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps[-1] == 6 and steps.count(4) == 1
+    walls = [json.loads(line)["wall_s"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert walls == sorted(walls) and walls[0] > 0  # the wall clock carries on across the resume
 
 
 def test_model_card_summarises_the_train_log():
@@ -81,6 +83,8 @@ def test_model_card_summarises_the_train_log():
     lines = train_log_summary(rows, log_every=10)
     assert lines[0].startswith("- align: 20 steps, 0.50 s per step")
     assert lines[1].startswith("- instruct: 30 steps, 1.00 s per step") and "final loss 1.000" in lines[1]
+    rows[-1]["wall_s"] = 5400.0
+    assert train_log_summary(rows, log_every=10)[-1].endswith("summed over resumes): 90 min")
 
 
 def test_native_bf16_comes_from_the_cpu_flags(tmp_path):

@@ -166,10 +166,10 @@ class SyntheticSource(Source):
     """Fresh synthetic scenes each draw; ``untagged`` is the share of prompts whose tag is dropped (router training)."""
 
     def __init__(self, tokenizer: Tokenizer, cfg: ModelConfig, seed: int, untagged: float = 0.2,
-                 tasks: Sequence[str] | None = None):
+                 tasks: Sequence[str] | None = None, task_weights: dict[str, float] | None = None):
         from rsvlm_edge.training.synthetic import SyntheticGenerator
 
-        self.gen = SyntheticGenerator(size=cfg.image_size, seed=seed)
+        self.gen = SyntheticGenerator(size=cfg.image_size, seed=seed, task_weights=task_weights)
         self.tokenizer, self.cfg, self.untagged, self.tasks = tokenizer, cfg, untagged, tasks
 
     def draw(self, rng: random.Random) -> Example:

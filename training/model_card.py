@@ -40,6 +40,10 @@ def train_log_summary(rows: list[dict[str, Any]], log_every: int) -> list[str]:
         lines.append(f"- {stage}: {steps} steps, {sum(secs) / len(secs):.2f} s per step (mean of {len(secs)} logged), "
                      f"about {steps * sum(secs) / len(secs) / 60:.0f} min; final loss "
                      f"{sum(float(r[key]) for r in tail) / len(tail):.3f} (mean of the last {len(tail)} logged)")
+    walls = [float(r["wall_s"]) for r in rows if "wall_s" in r]
+    if walls:
+        lines.append(f"- wall time of the whole run (every stage, data drawing and checkpoints included, summed over "
+                     f"resumes): {max(walls) / 60:.0f} min")
     for r in rows:
         if r.get("stage") == "vision_eval" and "heldout_scene_acc" in r:
             lines.append(f"- after the vision stage, the training-only scene head scored "

@@ -1236,17 +1236,23 @@ def _mixture(weights: dict[str, float], keep: Sequence[str]) -> tuple[list[str],
 class SyntheticGenerator:
     """A reproducible stream of synthetic samples: same (size, seed) -> identical arrays and texts.
 
-    ``tasks`` restricts the task mixture (tags like ``"[CAP]"`` or names like ``"cap"``), ``sensors`` the sensors.
+    ``tasks`` restricts the task mixture (tags like ``"[CAP]"`` or names like ``"cap"``), ``sensors`` the sensors;
+    ``task_weights`` replaces :data:`TASK_MIXTURE`'s shares (tags missing from it keep theirs).
     """
 
     def __init__(self, size: int = 128, seed: int = 0, tasks: Sequence[str] | None = None,
-                 sensors: Sequence[str] | None = None):
+                 sensors: Sequence[str] | None = None, task_weights: dict[str, float] | None = None):
         if size < 32:
             raise ValueError(f"synthetic scenes need size >= 32, got {size}")
         self.size = int(size)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
-        self._tasks = _mixture(TASK_MIXTURE, [normalize_tag(t) for t in tasks] if tasks else TAGS)
+        weights = dict(TASK_MIXTURE)
+        for tag, weight in (task_weights or {}).items():
+            if normalize_tag(tag) not in weights or not weight >= 0:
+                raise ValueError(f"task weight {tag!r}: {weight!r} (tags: {', '.join(TASK_MIXTURE)}; weights >= 0)")
+            weights[normalize_tag(tag)] = float(weight)
+        self._tasks = _mixture(weights, [normalize_tag(t) for t in tasks] if tasks else TAGS)
         for s in sensors or ():
             self._check_sensor(s)
         self._sensors = _mixture(SENSOR_MIXTURE, sensors or SENSORS)

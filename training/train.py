@@ -167,7 +167,9 @@ class Trainer:
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95))
         self.step = 0
+        self.wall_s = 0.0  # training wall time so far, over every resume (checkpointed)
         self._resume()
+        self._run_start = time.perf_counter()
 
     def _resume(self) -> None:
         path = self.out / CHECKPOINT
@@ -181,14 +183,18 @@ class Trainer:
             self.heads.load_state_dict(state["heads"])
         self.opt.load_state_dict(state["optimizer"])
         self.step = state["step"]
+        self.wall_s = float(state.get("wall_s", 0.0))
         torch.set_rng_state(state["torch_rng"])
 
     def save_checkpoint(self) -> None:
         with atomic_path(self.out / CHECKPOINT) as tmp:
             torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
-                        "model_config": self.cfg.to_dict(), "train_config": asdict(self.tc),
+                        "wall_s": self._wall(), "model_config": self.cfg.to_dict(), "train_config": asdict(self.tc),
                         "torch_rng": torch.get_rng_state(),
                         **({"heads": self.heads.state_dict()} if self.heads is not None else {})}, tmp)
+
+    def _wall(self) -> float:
+        return self.wall_s + time.perf_counter() - self._run_start
 
     def stage_of(self, step: int) -> str:
         if step < self.tc.vision_steps:
@@ -202,6 +208,7 @@ class Trainer:
         bar = tqdm(total=tc.total_steps, initial=self.step, desc=f"train ({self.precision})", disable=not self.progress,
                    dynamic_ncols=True)
         stream_stage, stream = None, None
+        self._run_start = time.perf_counter()
         log = open(self.out / LOG, "a")
         try:
             while self.step < tc.total_steps:
@@ -233,7 +240,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.trainable, tc.grad_clip)
                 self.opt.step()
                 self.step += 1
-                stats.update(step=self.step, stage=stage, lr=lr, sec=time.perf_counter() - t0)
+                stats.update(step=self.step, stage=stage, lr=lr, sec=time.perf_counter() - t0, wall_s=round(self._wall(), 1))
                 if self.step % tc.log_every == 0 or self.step == tc.total_steps:
                     log.write(json.dumps(stats) + "\n")
                     log.flush()
