@@ -154,6 +154,12 @@ def test_box_iou_degenerate():
     assert m.box_iou([5, 5, 5, 5], [5, 5, 5, 5]) == 0.0  # empty union
 
 
+def test_centre_distances_take_the_first_box_and_the_nearest_reference():
+    d = m.centre_distances([[[0, 0, 10, 10], [50, 50, 60, 60]], [20, 20, 30, 30], None, []],
+                           [[[40, 40, 50, 50], [3, 4, 13, 14]], [20, 20, 30, 30], [0, 0, 1, 1], [0, 0, 1, 1]])
+    assert d[0] == pytest.approx(5.0) and d[1] == 0.0 and np.isinf(d[2]) and np.isinf(d[3])
+
+
 def test_acc_at_iou():
     ref = [0, 0, 10, 10]
     preds = [[[0, 0, 10, 10], [50, 50, 60, 60]],  # first box right -> hit
@@ -370,3 +376,18 @@ def test_malformed_predictions_never_crash(pred):
         m.change_f1([pred], [np.ones((2, 2), bool)]),
     ):
         assert isinstance(value, float) and math.isfinite(value)
+
+
+def test_grounding_report_separates_wrong_objects_from_loose_boxes():
+    from rsvlm_edge import formats
+    from rsvlm_edge.training.evaluate import Prediction, score
+    from rsvlm_edge.training.sample import Sample
+
+    ref = [40, 40, 60, 60]
+    answers = ["[40, 40, 60, 60]", "[45, 45, 55, 55]", "[0, 0, 10, 10]", "none"]  # exact, right centre but small, far, none
+    preds = [Prediction(Sample([], "rgb", "[VG] the ship", formats.format_box(ref), target={"boxes": [ref]}),
+                        text, formats.parse_answer("[VG]", text), expert=1) for text in answers]
+    res = score(preds)
+    assert res["vg/acc@0.5"] == pytest.approx(0.25)
+    assert res["vg/centre_within_6"] == pytest.approx(0.5)  # the exact and the small box are on the object
+    assert res["vg/centre_error_median"] == pytest.approx(45 * 2 ** 0.5 / 2)  # median of 0, 0, 45*sqrt2, diagonal

@@ -85,8 +85,12 @@ def score(predictions: Iterable[Prediction]) -> dict[str, Any]:
             for qtype, acc in metrics.vqa_accuracy_by_type([p.text for p in preds], refs, types).items():
                 res[f"{name}/accuracy_{qtype}"] = acc
         elif tag == "[VG]":
-            res[f"{name}/acc@0.5"] = metrics.acc_at_iou(
-                [p.parsed.boxes or [] for p in preds], [p.sample.target["boxes"] for p in preds], 0.5)
+            boxes, refs = [p.parsed.boxes or [] for p in preds], [p.sample.target["boxes"] for p in preds]
+            res[f"{name}/acc@0.5"] = metrics.acc_at_iou(boxes, refs, 0.5)
+            dist = metrics.centre_distances(boxes, refs)
+            # 0..100 units; a missing box counts as the image diagonal, so the report stays finite (strict JSON)
+            res[f"{name}/centre_error_median"] = float(np.median(np.minimum(dist, np.hypot(100.0, 100.0))))
+            res[f"{name}/centre_within_6"] = float(np.mean(dist <= 6.0))  # about half a patch of the 8x8 grid
         elif tag == "[REF]":
             res[f"{name}/label_accuracy"] = float(np.mean(
                 [str(p.sample.target.get("label", "")).lower() in p.text.lower() for p in preds]))

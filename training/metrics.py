@@ -281,6 +281,26 @@ def acc_at_iou(pred_boxes: Sequence[Any], ref_boxes: Sequence[Any], thr: float =
     return _ratio(hits, len(ref_boxes))
 
 
+def centre_distances(pred_boxes: Sequence[Any], ref_boxes: Sequence[Any]) -> np.ndarray:
+    """Per sample, the distance from the first predicted box's centre to the nearest reference box centre (``inf``
+    for a missing or malformed box). It separates the two ways grounding fails: a box on the wrong object (far)
+    against a box on the right object with loose edges (near, yet under the IoU threshold)."""
+    _check_lengths(pred_boxes, ref_boxes)
+    out = np.full(len(ref_boxes), np.inf)
+    for i, (pred, ref) in enumerate(zip(pred_boxes, ref_boxes)):
+        refs = _ref_boxes(ref, i)
+        if pred is not None and not _is_shape(pred, 4):
+            try:
+                pred = next(iter(pred), None)
+            except TypeError:
+                pred = None
+        box = _numbers(pred, 4) if pred is not None else None
+        if box is not None:
+            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            out[i] = min(float(np.hypot(cx - (r[0] + r[2]) / 2, cy - (r[1] + r[3]) / 2)) for r in refs)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- oriented boxes
 
 
