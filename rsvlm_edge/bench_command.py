@@ -74,3 +74,48 @@ def bench_command(engines, torch_dir, tiles, new_tokens, batch, threads, images,
             click.echo(f"wrote {plot_out}", err=True)
         except PlotUnavailable as exc:
             click.echo(f"no plot: {exc}", err=True)
+
+
+@click.command("profile", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.argument("engine_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(2),
+              help="Tokens generated in the profiled run (greedy; stop tokens ignored).")
+@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime threads (default: all cores).")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False),
+              help="Tile to use (default: the first AID sample from the shared data).")
+@click.option("--prompt", default="[CAP] Describe the image.", show_default=True, help="Instruction for the tile.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the figures as JSON here.")
+@click.option("--keep-traces", type=click.Path(file_okay=False),
+              help="Copy ORT's raw traces here (one JSON per session; open them in Perfetto or chrome://tracing).")
+def profile_command(engine_dir, new_tokens, threads, image, prompt, json_out, keep_traces) -> None:
+    """Where one decode step's time goes, per op type, in an ONNX Runtime engine dir.
+
+    Runs one tile with ONNX Runtime's profiler on and prints, per op type of the routed decoder: nodes and
+    microseconds per decode step, the share of the step, and the weight bytes the nodes read per step over their
+    time (GB/s: read a weight-streaming kernel against the copy bandwidth `rsvlm-edge bench` measures). The rest
+    of the step is ORT's time between nodes and everything outside the decoder session (Python loop, embedding,
+    sampling). The profiler slows every node a little: compare shares and GB/s between engines, not tok/s.
+
+    \b
+    Examples:
+      rsvlm-edge profile models/tiny-demo-int8 --threads 1
+      rsvlm-edge profile /tmp/1b-int8w --threads 2 --new-tokens 16 --json profile_1b.json
+    """
+    from rsvlm_edge.backends.base import BackendError
+    from rsvlm_edge.bench.op_profile import format_profile, profile_decode
+    from rsvlm_edge.bench.report import write_json
+    from rsvlm_edge.bench.runner import BenchError, default_images
+
+    try:
+        image = image or default_images()[0]
+    except BenchError as exc:
+        raise BenchUsageError(str(exc)) from None
+    try:
+        report = profile_decode(engine_dir, image, prompt, new_tokens=new_tokens, threads=threads,
+                                keep_traces=keep_traces)
+    except (BackendError, ValueError, OSError) as exc:
+        raise BenchUsageError(str(exc)) from None
+    click.echo(format_profile(report))
+    if json_out:
+        write_json(report, json_out)
+        click.echo(f"wrote {json_out}", err=True)

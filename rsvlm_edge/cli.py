@@ -175,6 +175,7 @@ def _register_optional_commands() -> None:
         ("rsvlm_edge.calibration.cli", "calibrate"),
         ("rsvlm_edge.chat_command", "chat"),
         ("rsvlm_edge.bench_command", "bench"),
+        ("rsvlm_edge.bench_command", "profile"),
     ]:
         try:
             mod = importlib.import_module(module)

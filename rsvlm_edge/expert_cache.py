@@ -84,6 +84,11 @@ class ExpertCache:
         with self._lock:
             return list(self._items)
 
+    def resident_items(self) -> list[tuple[int, Any]]:
+        """(expert, loaded object) of every resident expert, without touching the hit/miss counts or the order."""
+        with self._lock:
+            return [(expert, item) for expert, (item, _) in self._items.items()]
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         with self._lock:

@@ -177,3 +177,43 @@ def test_worker_timeout_is_a_clear_error(engine_dir, sample_png):
 
     with pytest.raises(BenchError, match="killed after --timeout"):
         run_worker(WorkerSpec("slow", "ort", str(engine_dir), [str(sample_png)], new_tokens=4), lambda _: None, 0.3)
+
+
+def test_op_profile_splits_the_decode_step():
+    from rsvlm_edge.bench.op_profile import summarize
+
+    def node(op, ts, dur, weights=0):
+        return {"cat": "Node", "name": f"/{op}_{ts}_kernel_time", "ts": ts, "dur": dur,
+                "args": {"op_name": op, "parameter_size": str(weights)}}
+
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 500},  # the prefill: left out
+              node("MatMul", 10, 400, 4_000_000)]
+    for start in (1000, 2000):  # two decode steps of 100 us, 80 of them in nodes
+        events += [{"cat": "Session", "name": "model_run", "ts": start, "dur": 100},
+                   node("MatMulNBits", start + 5, 60, 1_200_000), node("Add", start + 70, 20),
+                   {"cat": "Node", "name": "/Add_fence_before", "ts": start + 69, "dur": 1, "args": {}}]
+    report = summarize(events, steps=2, wall_us_per_step=200.0)
+    ops = {row["op"]: row for row in report["ops"]}
+    assert list(ops) == ["MatMulNBits", "Add"]  # slowest first; the prefill's MatMul is not a decode step
+    assert ops["MatMulNBits"]["us_per_step"] == 60 and ops["MatMulNBits"]["share_of_step"] == pytest.approx(0.3)
+    assert ops["MatMulNBits"]["weight_gbs"] == pytest.approx(1.2e6 / 60e-6 / 1e9)  # 20 GB/s inside the kernel
+    assert ops["Add"]["weight_gbs"] is None and ops["Add"]["nodes_per_step"] == 1
+    assert report["ort_between_nodes_us_per_step"] == pytest.approx(20)
+    assert report["outside_decoder_us_per_step"] == pytest.approx(100)
+    with pytest.raises(ValueError, match="fewer than"):
+        summarize(events, steps=4, wall_us_per_step=200.0)
+
+
+def test_profile_cli_on_an_engine(engine_dir, sample_png, tmp_path):
+    out = tmp_path / "profile.json"
+    result = CliRunner().invoke(main, ["profile", str(engine_dir), "--threads", "1", "--new-tokens", "4",
+                                       "--image", str(sample_png), "--json", str(out),
+                                       "--keep-traces", str(tmp_path / "traces")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["steps"] == 3 and report["decoder"].startswith("decoder_expert")
+    assert "MatMul" in {row["op"] for row in report["ops"]} and "outside the decoder session" in result.output
+    assert report["nodes_us_per_step"] <= report["ort_run_us_per_step"] <= report["wall_us_per_step"] * 1.01
+    assert (tmp_path / "traces" / f"{report['decoder']}.json").is_file()
+    bad = CliRunner().invoke(main, ["profile", str(tmp_path), "--image", str(sample_png)])
+    assert bad.exit_code == 2 and "cannot use" in bad.output

@@ -165,7 +165,8 @@ class OrtBackend(Backend):
 
     def __init__(self, manifest: Manifest, threads: int | None = None, providers: Sequence[str] | str | None = None,
                  expert_budget_experts: int | None = None, expert_budget_bytes: int | None = None,
-                 prepack_weights: bool | None = None, pinned_experts: Sequence[int] = ()):
+                 prepack_weights: bool | None = None, pinned_experts: Sequence[int] = (),
+                 profile_prefix: str | None = None):
         from rsvlm_edge.expert_cache import ExpertCache
 
         try:
@@ -179,6 +180,7 @@ class OrtBackend(Backend):
         self.ort = _ort()
         self.manifest = manifest
         self.threads = threads
+        self.profile_prefix = profile_prefix  # ORT's per-node profiler on every session (rsvlm-edge profile)
         self.providers = resolve_providers(providers)
         self._sessions: dict[str, Any] = {}
         self._session_lock = threading.Lock()
@@ -207,11 +209,13 @@ class OrtBackend(Backend):
     def from_dir(cls, model_dir: str | Path, threads: int | None = None, providers: Sequence[str] | str | None = None,
                  expert_budget_experts: int | None = None, expert_budget_bytes: int | None = None,
                  verify: Verify = True, prepack_weights: bool | None = None,
-                 pinned_experts: Sequence[int] = ()) -> "OrtBackend":
+                 pinned_experts: Sequence[int] = (), profile_prefix: str | None = None) -> "OrtBackend":
         """Open an exported engine directory. ``verify``: True (sha256 of every file), "size" (sizes only), False.
 
         ``expert_budget_experts`` / ``expert_budget_bytes`` cap the resident experts (least recently used evicted);
         ``pinned_experts`` are never evicted once loaded (they count against the budget).
+        ``profile_prefix``: turn on ONNX Runtime's profiler in every session, writing ``<prefix>_*.json`` traces
+        (see :meth:`end_profiling`).
         ``prepack_weights``: None = on for INT8 decoders (without packed weights ORT's integer GEMM repacks them on
         every call: on rsunivlm-1b INT8 `rsvlm-edge bench` went from 27.8 to 51.3 decode tok/s, for +0.45 GB per
         resident expert session), off for FP32/FP16 (+1.9 GB per session for ~10%).
@@ -222,7 +226,7 @@ class OrtBackend(Backend):
             raise BackendError(f"cannot use {model_dir} with the ort backend: {exc}") from None
         return cls(manifest, threads=threads, providers=providers, expert_budget_experts=expert_budget_experts,
                    expert_budget_bytes=expert_budget_bytes, prepack_weights=prepack_weights,
-                   pinned_experts=pinned_experts)
+                   pinned_experts=pinned_experts, profile_prefix=profile_prefix)
 
     def _decoder_precision(self) -> str:
         names = (self.manifest.experts or {}).get("components") or []
@@ -235,7 +239,21 @@ class OrtBackend(Backend):
         if self.threads:
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
+        if self.profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = self.profile_prefix
         return so
+
+    def end_profiling(self) -> dict[str, str]:
+        """Stop the profiler of every open session; component name -> its trace file (decoders by expert:
+        ``decoder_expert<e>``). Empty unless the backend was opened with ``profile_prefix``."""
+        if not self.profile_prefix:
+            return {}
+        with self._session_lock:
+            files = {name: session.end_profiling() for name, session in self._sessions.items()}
+        for expert, loaded in self.expert_cache.resident_items():
+            files[self.experts.components[expert]] = loaded.session.end_profiling()
+        return files
 
     def _session(self, name: str):
         with self._session_lock:
