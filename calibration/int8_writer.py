@@ -149,9 +149,11 @@ class Int8Writer:
 
 
 def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype: str, keep_lm_head: bool,
-              block_size: int, model_config: dict[str, Any] | None = None) -> tuple[Quantizer, dict[str, Any]]:
+              block_size: int, model_config: dict[str, Any] | None = None,
+              stack: bool = True) -> tuple[Quantizer, dict[str, Any]]:
     """The per-graph rewrite of ``scheme`` and the manifest's description of it. The weight-only graphs are
-    ORT-only anyway, so they also get the ORT rotary fusion (needs ``model_config``)."""
+    ORT-only anyway, so they also get the ORT rotary fusion (needs ``model_config``); ``stack`` (weight-only) merges
+    the products that read one activation into one ``MatMulNBits``."""
     keep = keep_fp32_predicate(keep_lm_head)
     lm_head = "fp32" if keep_lm_head else "int8"
     if scheme == "qdq":
@@ -170,7 +172,7 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
 
         def weight_only(model: onnx.ModelProto, arrays: dict[str, np.ndarray], name: str,
                         file_of: FileOf) -> QuantizedGraph:
-            q = quantize_weight_only(model, arrays, keep, block_size, file_of=file_of)
+            q = quantize_weight_only(model, arrays, keep, block_size, fuse=stack, file_of=file_of)
             if cfg is not None:
                 q.fused["rotary"] = fuse_rotary(q.model, cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
             return q
@@ -179,7 +181,7 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
                 {"scheme": f"weight-only INT8 (ONNX Runtime MatMulNBits), symmetric per block of {block_size} along K; "
                            f"activations quantized per block at run time", "weight_block_size": block_size,
                  "activation_dtype": "dynamic", "lm_head": lm_head, "runtime": "onnxruntime",
-                 "fusions": ["stacked MatMulNBits (shared-input products, bias folded)"]
+                 "fusions": (["stacked MatMulNBits (shared-input products, bias folded)"] if stack else [])
                             + (["RotaryEmbedding"] if cfg is not None else [])})
     raise Int8WriteError(f"INT8 scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
 
@@ -188,7 +190,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
                       act_dtype: str = "int8", keep_lm_head: bool = False, overwrite: bool = False,
                       extra_files: dict[str, bytes] | None = None, info: dict[str, Any] | None = None,
                       progress: Callable[[str], None] | None = None, scheme: str = "qdq",
-                      block_size: int = 128) -> Manifest:
+                      block_size: int = 128, stack: bool = True) -> Manifest:
     """Quantize ``src_dir`` (an FP32 ONNX engine dir) into ``out_dir``; ``extra_files`` (name -> bytes) are
     written beside (the calibration table, TensorRT caches). ``scheme`` "qdq" needs ``table`` (activation ranges);
     "weight-only" ignores it. Returns the new, saved manifest."""
@@ -197,7 +199,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
     src = Manifest.load(src_dir, verify=True)
     if src.engine_kind != "onnx":
         raise Int8WriteError(f"{src_dir} holds {src.engine_kind} engines; INT8 quantization needs the exported ONNX")
-    quantize, description = quantizer(scheme, table, act_dtype, keep_lm_head, block_size, src.model_config)
+    quantize, description = quantizer(scheme, table, act_dtype, keep_lm_head, block_size, src.model_config, stack)
     bad = [c.name for c in src.components.values() if c.precision != "fp32"]
     if bad:
         raise Int8WriteError(f"{src_dir} is not an FP32 export ({', '.join(bad)} are {src.components[bad[0]].precision}); "

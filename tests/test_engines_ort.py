@@ -210,6 +210,25 @@ def test_build_ort_int8_weight_only(fp32_dir, tmp_path):
     assert logit_error(out, fp32_dir) < 0.05
 
 
+def test_build_weight_only_no_stack_keeps_one_node_per_weight(fp32_dir, table, tmp_path):
+    import onnx
+
+    out = tmp_path / "int8w-flat"
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
+                                    "--no-stack"])
+    assert res.exit_code == 0, res.output
+    man = Manifest.load(out)
+    ops = [n.op_type for n in onnx.load(str(out / "decoder_expert0.onnx"), load_external_data=False).graph.node]
+    layers = man.model_config["num_layers"]
+    assert ops.count("MatMulNBits") == 7 * layers + 1 and "Split" not in ops  # q, k, v, o, gate, up, down + lm_head
+    assert not any("stacked" in f for f in man.extra["quantization"]["fusions"])
+    assert "stacked_matmuls" not in man.extra["quantization"]["components"]["decoder_expert0"]["fused"]
+    assert logit_error(out, fp32_dir) < 0.05
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(tmp_path / "qdq"), "--precision", "int8",
+                                    "--calibration", str(table), "--no-stack"])
+    assert res.exit_code == 1 and "--no-stack applies to --scheme weight-only" in res.output
+
+
 def test_stacked_matmulnbits_match_the_separate_products():
     """Products reading one activation are stacked along N (bias folded) only when their weights may share a file,
     and the stacked graph computes what the separate MatMulNBits do."""
