@@ -39,9 +39,31 @@ def decoder_runs(events: list[dict[str, Any]]) -> list[Run]:
     return sorted(runs, key=lambda r: r.ts)
 
 
-def summarize(events: list[dict[str, Any]], steps: int, wall_us_per_step: float) -> dict[str, Any]:
+def weight_bytes_by_node(onnx_path: str | Path) -> dict[str, int]:
+    """Graph node name -> bytes of the initializers it reads. ORT's trace counts only the initializers stored in the
+    graph (``parameter_size``), not the external ones the backend hands over with ``add_initializer``, so the
+    weights come from the graph file. Empty where the ``onnx`` package is missing (then the trace's figure stands)."""
+    try:
+        import onnx
+        from onnx.helper import tensor_dtype_to_np_dtype
+    except ImportError:
+        return {}
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    sizes = {}
+    for t in model.graph.initializer:
+        count = 1
+        for d in t.dims:
+            count *= int(d)
+        sizes[t.name] = count * tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return {n.name: sum(sizes[i] for i in n.input if i in sizes) for n in model.graph.node if n.name}
+
+
+def summarize(events: list[dict[str, Any]], steps: int, wall_us_per_step: float,
+              node_weights: dict[str, int] | None = None) -> dict[str, Any]:
     """Per-op-type figures over the last ``steps`` runs of a decoder trace (the decode steps of the measured
-    generation), against ``wall_us_per_step`` (1e6 / decode tokens per second)."""
+    generation), against ``wall_us_per_step`` (1e6 / decode tokens per second). ``node_weights`` (node name ->
+    weight bytes, :func:`weight_bytes_by_node`) overrides the trace's own count for the nodes it names."""
+    node_weights = node_weights or {}
     runs = decoder_runs(events)
     if steps < 1 or len(runs) < steps:
         raise ValueError(f"the trace has {len(runs)} decoder runs, fewer than the {steps} decode steps asked for")
@@ -57,7 +79,8 @@ def summarize(events: list[dict[str, Any]], steps: int, wall_us_per_step: float)
         row = ops[str(args.get("op_name", "?"))]
         row["us"] += float(e["dur"])
         row["nodes"] += 1
-        row["weight_bytes"] += float(args.get("parameter_size", 0) or 0)
+        node = str(e["name"])[: -len(KERNEL_SUFFIX)]
+        row["weight_bytes"] += float(node_weights.get(node, args.get("parameter_size", 0) or 0))
         nodes_total += float(e["dur"])
     run_us = sum(r.dur for r in runs) / steps
     rows = []
@@ -99,10 +122,12 @@ def profile_decode(model_dir: str | Path, image: str | Path, instruction: str, n
         finally:
             pipe.close()
         gen = result.generation
-        decoder = pipe.backend.experts.components[gen.routing.expert]  # type: ignore[attr-defined]
+        backend = pipe.backend
+        decoder = backend.experts.components[gen.routing.expert]  # type: ignore[attr-defined]
         events = json.loads(Path(traces[decoder]).read_text())
         steps = int(gen.timings["decode_steps"])
-        report = summarize(events, steps, 1e6 / float(gen.timings["decode_tok_s"]))
+        graph = backend.manifest.path(backend.manifest.component(decoder).file)  # type: ignore[attr-defined]
+        report = summarize(events, steps, 1e6 / float(gen.timings["decode_tok_s"]), weight_bytes_by_node(graph))
         report.update(model_dir=str(model_dir), decoder=decoder, threads=threads, new_tokens=new_tokens,
                       prompt_tokens=gen.prompt_tokens, decode_tok_s=float(gen.timings["decode_tok_s"]))
         if keep_traces:

@@ -202,6 +202,9 @@ def test_op_profile_splits_the_decode_step():
     assert report["outside_decoder_us_per_step"] == pytest.approx(100)
     with pytest.raises(ValueError, match="fewer than"):
         summarize(events, steps=4, wall_us_per_step=200.0)
+    # weights the backend hands ORT from outside the graph are counted from the graph file instead
+    named = summarize(events, steps=2, wall_us_per_step=200.0, node_weights={"/Add_1070": 2_000_000, "/Add_2070": 0})
+    assert {row["op"]: row for row in named["ops"]}["Add"]["weight_mb_per_step"] == pytest.approx(1.0)
 
 
 def test_profile_cli_on_an_engine(engine_dir, sample_png, tmp_path):
@@ -215,5 +218,7 @@ def test_profile_cli_on_an_engine(engine_dir, sample_png, tmp_path):
     assert "MatMul" in {row["op"] for row in report["ops"]} and "outside the decoder session" in result.output
     assert report["nodes_us_per_step"] <= report["ort_run_us_per_step"] <= report["wall_us_per_step"] * 1.01
     assert (tmp_path / "traces" / f"{report['decoder']}.json").is_file()
+    matmul = next(row for row in report["ops"] if row["op"] == "MatMul")
+    assert matmul["weight_mb_per_step"] > 1.0  # the decoder's external weights, from the graph file
     bad = CliRunner().invoke(main, ["profile", str(tmp_path), "--image", str(sample_png)])
     assert bad.exit_code == 2 and "cannot use" in bad.output
