@@ -258,6 +258,17 @@ def _ref_boxes(ref: Any, index: int) -> list[tuple[float, ...]]:
     return boxes  # type: ignore[return-value]
 
 
+def _first_box(pred: Any) -> Any:
+    """The box a grounding answer is scored by: ``pred`` itself when it is one box, else the first of a list of
+    boxes; None for None, an empty list or something that is not iterable (the caller still validates the box)."""
+    if pred is None or _is_shape(pred, 4):
+        return pred
+    try:
+        return next(iter(pred), None)
+    except TypeError:
+        return None
+
+
 def acc_at_iou(pred_boxes: Sequence[Any], ref_boxes: Sequence[Any], thr: float = 0.5) -> float:
     """Visual-grounding accuracy: the share of samples whose *first* predicted box has IoU >= ``thr`` with the
     reference (with the best of them when the reference is a list of boxes).
@@ -269,14 +280,8 @@ def acc_at_iou(pred_boxes: Sequence[Any], ref_boxes: Sequence[Any], thr: float =
     hits = 0
     for i, (pred, ref) in enumerate(zip(pred_boxes, ref_boxes)):
         refs = _ref_boxes(ref, i)
-        if pred is None:
-            continue
-        if not _is_shape(pred, 4):
-            try:
-                pred = next(iter(pred), None)
-            except TypeError:
-                continue
-        if pred is not None and max(box_iou(pred, r) for r in refs) >= thr:
+        box = _first_box(pred)
+        if box is not None and max(box_iou(box, r) for r in refs) >= thr:
             hits += 1
     return _ratio(hits, len(ref_boxes))
 
@@ -289,12 +294,8 @@ def centre_distances(pred_boxes: Sequence[Any], ref_boxes: Sequence[Any]) -> np.
     out = np.full(len(ref_boxes), np.inf)
     for i, (pred, ref) in enumerate(zip(pred_boxes, ref_boxes)):
         refs = _ref_boxes(ref, i)
-        if pred is not None and not _is_shape(pred, 4):
-            try:
-                pred = next(iter(pred), None)
-            except TypeError:
-                pred = None
-        box = _numbers(pred, 4) if pred is not None else None
+        first = _first_box(pred)
+        box = _numbers(first, 4) if first is not None else None
         if box is not None:
             cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
             out[i] = min(float(np.hypot(cx - (r[0] + r[2]) / 2, cy - (r[1] + r[3]) / 2)) for r in refs)
