@@ -62,6 +62,8 @@ class RecordingBackend:
             feeds: Feeds = {"inputs_embeds": np.array(embeds, np.float32), "position_ids": np.array(position_ids, np.int32),
                             "attention_mask": np.array(attention_mask, np.float32)}
             for i, (k, v) in enumerate(zip(cache.state.keys, cache.state.values)):
+                if cache.state.layout == "bnsh-shared":  # (B, kv, capacity, hd) -> the exported (P, B, kv, hd)
+                    k, v = k[:, :, :start].transpose(2, 0, 1, 3), v[:, :, :start].transpose(2, 0, 1, 3)
                 feeds[f"past_key_{i}"] = np.array(k[:start])
                 feeds[f"past_value_{i}"] = np.array(v[:start])
             self.recording.add(self.inner.experts.components[cache.expert], feeds)

@@ -22,7 +22,8 @@ from rsvlm_edge.calibration.collect import external_arrays
 from rsvlm_edge.calibration.qdq import QuantizedGraph, quantize_graph
 from rsvlm_edge.export.weights import DataFileWriter
 from rsvlm_edge.fileio import staged_dir
-from rsvlm_edge.manifest import Component, Manifest, sha256_file
+from rsvlm_edge.engines.ort_fusions import KV_LAYOUT_SHARED
+from rsvlm_edge.manifest import Component, Manifest, TensorSpec, sha256_file
 
 LM_HEAD = re.compile(r"lm_head")
 COPIED_KINDS = ("stem", "router")
@@ -65,6 +66,20 @@ def _save_graph(q: QuantizedGraph, where: dict[str, tuple[str, dict]], path: Pat
     onnx.save(q.model, str(path))
 
 
+def shared_kv_specs(comp: Component, model: onnx.ModelProto) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The manifest IO of a decoder after :func:`~rsvlm_edge.engines.ort_fusions.fuse_attention`: the past K/V
+    inputs and the present K/V outputs are the (batch, kv_heads, capacity, head_dim) shared buffers."""
+    def spec(value: onnx.ValueInfoProto, old: TensorSpec | None) -> TensorSpec:
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
+        return TensorSpec(value.name, old.dtype if old else "float32", dims)
+
+    old = {t.name: t for t in comp.inputs + comp.outputs}
+    inputs = [spec(v, old.get(v.name)) if v.name.startswith("past_") else old[v.name] for v in model.graph.input]
+    outputs = [spec(v, old.get(v.name.replace("present_", "new_"))) if v.name.startswith("present_") else old[v.name]
+               for v in model.graph.output]
+    return inputs, outputs
+
+
 class Int8Writer:
     """Quantizes each component of ``source`` into ``staging`` and collects the new manifest entries."""
 
@@ -77,11 +92,16 @@ class Int8Writer:
         model = onnx.load(str(self.src.path(comp.file)), load_external_data=False)
         return model, external_arrays(self.src.path("."), model)
 
-    def _entry(self, comp: Component, files: list[str], precision: str, extra: dict | None = None) -> Component:
+    def _entry(self, comp: Component, files: list[str], precision: str, extra: dict | None = None,
+               q: QuantizedGraph | None = None) -> Component:
         sha = {f: sha256_file(self.dir / f) for f in files}
         sizes = {f: (self.dir / f).stat().st_size for f in files}
         more = {**comp.extra, "bytes": sizes, **(extra or {})}
-        return Component(name=comp.name, file=comp.file, precision=precision, inputs=comp.inputs, outputs=comp.outputs,
+        inputs, outputs = comp.inputs, comp.outputs
+        if q is not None and q.fused.get("attention"):
+            inputs, outputs = shared_kv_specs(comp, q.model)
+            more["kv_layout"] = KV_LAYOUT_SHARED
+        return Component(name=comp.name, file=comp.file, precision=precision, inputs=inputs, outputs=outputs,
                          sha256=sha, external_data=[f for f in files if f != comp.file], extra=more)
 
     def copy(self, comp: Component) -> None:
@@ -122,7 +142,7 @@ class Int8Writer:
             expert_layout = this_layout
             where = {n: (trunk_file, trunk_layout[n]) for n in trunk_names} | {n: (data_file, this_layout[n]) for n in expert_names}
             _save_graph(q, where, self.dir / comp.file)
-            self.components[name] = self._entry(comp, [comp.file, trunk_file, data_file], "int8", self._stats(q))
+            self.components[name] = self._entry(comp, [comp.file, trunk_file, data_file], "int8", self._stats(q), q)
             self.report[name] = self._stats(q)
             experts[e] = q
         q0 = experts[0]
@@ -150,10 +170,11 @@ class Int8Writer:
 
 def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype: str, keep_lm_head: bool,
               block_size: int, model_config: dict[str, Any] | None = None,
-              stack: bool = True) -> tuple[Quantizer, dict[str, Any]]:
+              stack: bool = True, attention: bool = True) -> tuple[Quantizer, dict[str, Any]]:
     """The per-graph rewrite of ``scheme`` and the manifest's description of it. The weight-only graphs are
     ORT-only anyway, so they also get the ORT rotary fusion (needs ``model_config``); ``stack`` (weight-only) merges
-    the products that read one activation into one ``MatMulNBits``."""
+    the products that read one activation into one ``MatMulNBits``; ``attention`` (weight-only) makes each decoder
+    layer's attention one ``GroupQueryAttention`` over a shared KV buffer."""
     keep = keep_fp32_predicate(keep_lm_head)
     lm_head = "fp32" if keep_lm_head else "int8"
     if scheme == "qdq":
@@ -166,7 +187,7 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
     if scheme == "weight-only":
         from rsvlm_edge.calibration.weight_only import quantize_weight_only
         from rsvlm_edge.config import ModelConfig
-        from rsvlm_edge.engines.ort_fusions import fuse_rotary
+        from rsvlm_edge.engines.ort_fusions import fuse_attention, fuse_rotary
 
         cfg = ModelConfig.from_dict(model_config) if model_config else None
 
@@ -175,6 +196,9 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
             q = quantize_weight_only(model, arrays, keep, block_size, fuse=stack, file_of=file_of)
             if cfg is not None:
                 q.fused["rotary"] = fuse_rotary(q.model, cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+                if attention and name.startswith("decoder"):
+                    q.fused["attention"] = fuse_attention(q.model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                          cfg.num_layers, cfg.rope_theta, cfg.max_position_embeddings)
             return q
 
         return (weight_only,
@@ -182,7 +206,8 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
                            f"activations quantized per block at run time", "weight_block_size": block_size,
                  "activation_dtype": "dynamic", "lm_head": lm_head, "runtime": "onnxruntime",
                  "fusions": (["stacked MatMulNBits (shared-input products, bias folded)"] if stack else [])
-                            + (["RotaryEmbedding"] if cfg is not None else [])})
+                            + (["RotaryEmbedding"] if cfg is not None else [])
+                            + (["GroupQueryAttention (shared KV buffer)"] if cfg is not None and attention else [])})
     raise Int8WriteError(f"INT8 scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
 
 
@@ -190,7 +215,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
                       act_dtype: str = "int8", keep_lm_head: bool = False, overwrite: bool = False,
                       extra_files: dict[str, bytes] | None = None, info: dict[str, Any] | None = None,
                       progress: Callable[[str], None] | None = None, scheme: str = "qdq",
-                      block_size: int = 128, stack: bool = True) -> Manifest:
+                      block_size: int = 128, stack: bool = True, attention: bool = True) -> Manifest:
     """Quantize ``src_dir`` (an FP32 ONNX engine dir) into ``out_dir``; ``extra_files`` (name -> bytes) are
     written beside (the calibration table, TensorRT caches). ``scheme`` "qdq" needs ``table`` (activation ranges);
     "weight-only" ignores it. Returns the new, saved manifest."""
@@ -199,7 +224,8 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
     src = Manifest.load(src_dir, verify=True)
     if src.engine_kind != "onnx":
         raise Int8WriteError(f"{src_dir} holds {src.engine_kind} engines; INT8 quantization needs the exported ONNX")
-    quantize, description = quantizer(scheme, table, act_dtype, keep_lm_head, block_size, src.model_config, stack)
+    quantize, description = quantizer(scheme, table, act_dtype, keep_lm_head, block_size, src.model_config, stack,
+                                      attention)
     bad = [c.name for c in src.components.values() if c.precision != "fp32"]
     if bad:
         raise Int8WriteError(f"{src_dir} is not an FP32 export ({', '.join(bad)} are {src.components[bad[0]].precision}); "

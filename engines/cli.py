@@ -45,12 +45,16 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
 @click.option("--stack/--no-stack", default=True, show_default=True,
               help="ort int8 weight-only: stack the products that read one activation (q/k/v with their biases, "
                    "gate/up) into one MatMulNBits + Split; --no-stack keeps one node per weight (a baseline to bench).")
+@click.option("--fuse-attention/--no-fuse-attention", "attention", default=True, show_default=True,
+              help="ort int8 weight-only: one GroupQueryAttention per decoder layer over a shared (batch, kv_heads, "
+                   "capacity, head_dim) KV buffer in place of the rotary/concat/transpose/softmax chain; "
+                   "--no-fuse-attention keeps the exported attention and KV layout (a baseline to bench).")
 @click.option("--keep-lm-head", is_flag=True, help="ort int8: keep the lm_head (logits) in FP32.")
 @click.option("--preset", type=click.Choice(TRT_PRESETS), default="datacenter", show_default=True, help="trt only.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="trt only: TensorRT timing cache file (reused).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
-def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, scheme, block_size, stack, keep_lm_head,
-                  preset, timing_cache, overwrite) -> None:
+def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, scheme, block_size, stack, attention,
+                  keep_lm_head, preset, timing_cache, overwrite) -> None:
     """Build engines from the exported ONNX engine dir ONNX_DIR into OUT_DIR.
 
     \b
@@ -83,7 +87,8 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
 
     try:
         build_ort(onnx_dir, out_dir, precision, calibration, overwrite=overwrite, act_dtype=act_dtype,
-                  keep_lm_head=keep_lm_head, scheme=scheme, block_size=int(block_size), stack=stack)
+                  keep_lm_head=keep_lm_head, scheme=scheme, block_size=int(block_size), stack=stack,
+                  attention=attention)
     except (Int8WriteError, CalibrationTableError, ManifestError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     what = f"{precision} ({scheme})" if precision == "int8" else precision

@@ -67,10 +67,10 @@ def build_ort_fp32(onnx_dir: str | Path, out_dir: str | Path, overwrite: bool = 
 
 def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32", calibration: str | Path | None = None,
               overwrite: bool = False, act_dtype: str = "uint8", keep_lm_head: bool = False, scheme: str = "qdq",
-              block_size: int = 128, stack: bool = True) -> Manifest:
+              block_size: int = 128, stack: bool = True, attention: bool = True) -> Manifest:
     """An ORT engine dir: ``fp32`` (optimized graphs) or ``int8`` (``scheme`` "qdq": Q/DQ from the calibration
     table; "weight-only": blockwise INT8 weights for ``MatMulNBits``, no table, shared-input products stacked
-    unless ``stack`` is False)."""
+    unless ``stack`` is False, attention fused into ``GroupQueryAttention`` unless ``attention`` is False)."""
     if precision not in PRECISIONS:
         raise ValueError(f"ORT precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
@@ -81,9 +81,11 @@ def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32"
         if calibration is not None:
             raise ValueError("--scheme weight-only needs no --calibration (it quantizes weights only)")
         return write_int8_engine(onnx_dir, out_dir, None, keep_lm_head=keep_lm_head, overwrite=overwrite,
-                                 scheme=scheme, block_size=block_size, stack=stack)
+                                 scheme=scheme, block_size=block_size, stack=stack, attention=attention)
     if not stack:
         raise ValueError("--no-stack applies to --scheme weight-only (the Q/DQ scheme stacks nothing)")
+    if not attention:
+        raise ValueError("--no-fuse-attention applies to --scheme weight-only (Q/DQ graphs stay portable to TensorRT)")
     if calibration is None:
         raise ValueError("--precision int8 needs --calibration TABLE (run `rsvlm-edge calibrate` first, "
                          "or use it directly: it writes the INT8 engine dir), or use --scheme weight-only")

@@ -111,3 +111,162 @@ def fuse_rotary(model: onnx.ModelProto, head_dim: int, theta: float, max_positio
     _prune_dead(graph)
     use_contrib_domain(model)
     return len(matches)
+
+
+# --------------------------------------------------------------------------- attention
+#: KV cache layout of a decoder whose attention is one ``GroupQueryAttention`` per layer: per layer K and V buffers of
+#: (batch, kv_heads, capacity, head_dim), bound as both the past input and the present output (ORT's shared buffer:
+#: the kernel writes this step's K/V at the current length and reads the prefix; nothing is concatenated or copied).
+KV_LAYOUT_SHARED = "bnsh-shared"
+#: The layout of the exported graphs: past (P, B, kv_heads, head_dim) in, this step's (S, B, kv_heads, head_dim) out.
+KV_LAYOUT_SEQUENCE_MAJOR = "sequence-major"
+SEQLENS_K, TOTAL_LENGTH = "attention/seqlens_k", "attention/total_sequence_length"
+
+
+def _tensor_producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def _attention_region(graph: onnx.GraphProto, producer: dict[str, onnx.NodeProto], layer: int):
+    """(q, k, v, attention bias, output, nodes to remove) of layer ``layer``'s attention, or None when it does not
+    have the exported shape: three projections (bias added or not), one Softmax, and the layer's past/new K/V."""
+    prefix = f"/layers.{layer}/self_attn/"
+    qkv = []
+    for p in ("q", "k", "v"):
+        name = next((t for t in (f"{prefix}{p}_proj/Add_output_0", f"{prefix}{p}_proj/MatMul_output_0") if t in producer),
+                    None)
+        if name is None:
+            return None
+        qkv.append(name)
+    o_proj = [n for n in graph.node if n.name.startswith(f"{prefix}o_proj/") and n.op_type in ("MatMul", "MatMulNBits")]
+    if len(o_proj) != 1:
+        return None
+    out = o_proj[0].input[0]
+    softmax = [n for n in graph.node if n.name.startswith(prefix) and n.op_type == "Softmax"]
+    if len(softmax) != 1:
+        return None
+    node = producer.get(softmax[0].input[0])
+    while node is not None and node.op_type == "Cast":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Add":
+        return None
+    # the score Add's other input is the shared (B, 1, S, P+S) additive mask, made outside the layer
+    bias = next((i for i in node.input if not (i in producer and producer[i].name.startswith(prefix))), None)
+    if bias is None:
+        return None
+    past_k, past_v = f"past_key_{layer}", f"past_value_{layer}"
+    stop = set(qkv) | {bias, past_k, past_v, POSITIONS_INT64}
+    region: dict[int, onnx.NodeProto] = {}
+    todo = [out]
+    while todo:
+        t = todo.pop()
+        n = producer.get(t)
+        if t in stop or n is None or id(n) in region:
+            continue
+        region[id(n)] = n
+        todo.extend(i for i in n.input if i)
+    touched = {i for n in region.values() for i in n.input}
+    if not {past_k, past_v} <= touched:
+        return None
+    made = {o for n in region.values() for o in n.output}
+    if not {f"new_key_{layer}", f"new_value_{layer}"} <= made:
+        return None
+    return (*qkv, bias, out, list(region.values()))
+
+
+def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int, head_dim: int, num_layers: int,
+                   theta: float, max_positions: int) -> int:
+    """Replace every layer's attention (rotary, KV concat, transposes, the two matmuls and softmax) by rotary on the
+    projections plus one ``com.microsoft.GroupQueryAttention`` over a shared KV buffer (:data:`KV_LAYOUT_SHARED`).
+
+    All layers or none: returns the number fused (0 leaves ``model`` as it was). The graph's past inputs become the
+    (B, kv_heads, capacity, head_dim) buffers and its ``new_key_i``/``new_value_i`` outputs become
+    ``present_key_i``/``present_value_i`` on the same buffers; rotary still reads ``position_ids`` (left-padded rows
+    start at 0 after their padding, which GQA's own rotary cannot express) and padding stays in the additive mask.
+    """
+    graph = model.graph
+    producer = _tensor_producers(graph)
+    regions = [_attention_region(graph, producer, i) for i in range(num_layers)]
+    if not num_layers or any(r is None for r in regions):
+        return 0
+    removed: set[int] = set()
+    for r in regions:
+        assert r is not None
+        removed |= {id(n) for n in r[5]}
+    new_kv = {f"new_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")}
+    remade = {r[4] for r in regions if r is not None}  # each layer's attention output, produced again by its GQA
+    read_outside = {i for n in graph.node if id(n) not in removed for i in n.input} | {o.name for o in graph.output}
+    for t in read_outside - remade - new_kv:  # nothing else a region makes may be read outside the regions
+        if t in producer and id(producer[t]) in removed:
+            return 0
+    if not any(i.name == POSITIONS for i in graph.input) or not any(i.name == "attention_mask" for i in graph.input):
+        return 0
+
+    i64 = lambda name, values: numpy_helper.from_array(np.asarray(values, np.int64), name)  # noqa: E731
+    consts = [i64("attention/idx0", 0), i64("attention/idx1", 1), i64("attention/one", 1), i64("attention/axes0", [0])]
+    shared = [
+        helper.make_node("Shape", ["attention_mask"], ["attention/mask_shape"], name="attention/Shape"),
+        helper.make_node("Gather", ["attention/mask_shape", "attention/idx1"], ["attention/total64"], name="attention/Total",
+                         axis=0),
+        helper.make_node("Cast", ["attention/total64"], [TOTAL_LENGTH], name="attention/TotalCast", to=TensorProto.INT32),
+        helper.make_node("Sub", ["attention/total64", "attention/one"], ["attention/last64"], name="attention/Last"),
+        helper.make_node("Cast", ["attention/last64"], ["attention/last"], name="attention/LastCast", to=TensorProto.INT32),
+        helper.make_node("Gather", ["attention/mask_shape", "attention/idx0"], ["attention/batch"], name="attention/Batch",
+                         axis=0),
+        helper.make_node("Unsqueeze", ["attention/batch", "attention/axes0"], ["attention/batch_1d"],
+                         name="attention/BatchShape"),
+        helper.make_node("Expand", ["attention/last", "attention/batch_1d"], [SEQLENS_K], name="attention/SeqlensK"),
+    ]
+    if not any(n.output and n.output[0] == POSITIONS_INT64 for n in graph.node):
+        shared.insert(0, helper.make_node("Cast", [POSITIONS], [POSITIONS_INT64], name="position_ids/Cast",
+                                          to=TensorProto.INT64))
+    fused: dict[int, list[onnx.NodeProto]] = {}
+    for layer, r in enumerate(regions):
+        assert r is not None
+        q, k, v, bias, out, region = r
+        prefix = f"/layers.{layer}/self_attn/"
+        rot = [helper.make_node("RotaryEmbedding", [x, POSITIONS_INT64, COS_CACHE, SIN_CACHE], [f"{x}/rotary"],
+                                name=f"{prefix}{p}_rotary/RotaryEmbedding", domain=CONTRIB, interleaved=0,
+                                num_heads=h)
+               for x, p, h in ((q, "q", num_heads), (k, "k", kv_heads))]
+        gqa = helper.make_node(
+            "GroupQueryAttention",
+            [f"{q}/rotary", f"{k}/rotary", v, f"past_key_{layer}", f"past_value_{layer}", SEQLENS_K, TOTAL_LENGTH,
+             "", "", "", bias],
+            [out, f"present_key_{layer}", f"present_value_{layer}"],
+            name=f"{prefix}GroupQueryAttention", domain=CONTRIB, num_heads=num_heads, kv_num_heads=kv_heads,
+            scale=float(1.0 / np.sqrt(head_dim)))
+        fused[id(region[0])] = rot + [gqa]
+    # emit each layer's fused nodes where its region's last node stood (all of its inputs exist by then)
+    order = {id(n): pos for pos, n in enumerate(graph.node)}
+    place = {max(order[id(n)] for n in r[5]): fused[id(r[5][0])] for r in regions if r is not None}
+    nodes = list(shared)
+    for pos, n in enumerate(graph.node):
+        if id(n) not in removed:
+            nodes.append(n)
+        if pos in place:
+            nodes.extend(place[pos])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(consts)
+    if not any(i.name == COS_CACHE for i in graph.initializer):
+        cos, sin = rope_tables(head_dim, theta, max_positions)
+        graph.initializer.extend([numpy_helper.from_array(cos, COS_CACHE), numpy_helper.from_array(sin, SIN_CACHE)])
+    cache_shape = ["batch", kv_heads, "capacity", head_dim]
+    for inp in graph.input:
+        if inp.name.startswith(("past_key_", "past_value_")):
+            inp.CopyFrom(helper.make_tensor_value_info(inp.name, inp.type.tensor_type.elem_type, cache_shape))
+    outputs = []
+    for o in graph.output:
+        if o.name in new_kv:
+            kind, layer_s = o.name[len("new_"):].rsplit("_", 1)
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{layer_s}", o.type.tensor_type.elem_type,
+                                                         cache_shape))
+        else:
+            outputs.append(o)
+    del graph.output[:]
+    graph.output.extend(outputs)
+    del graph.value_info[:]
+    _prune_dead(graph)
+    use_contrib_domain(model)
+    return num_layers

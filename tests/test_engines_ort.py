@@ -200,7 +200,8 @@ def test_build_ort_int8_weight_only(fp32_dir, tmp_path):
     # ORT-only graphs also get the rotary fusion: one RotaryEmbedding for q and one for k per layer
     assert ops.count("RotaryEmbedding") == 2 * layers and "Neg" not in ops
     assert man.extra["quantization"]["components"]["decoder_expert0"]["fused"] == {"stacked_matmuls": 2 * layers,
-                                                                                   "rotary": 2 * layers}
+                                                                                   "rotary": 2 * layers,
+                                                                                   "attention": layers}
     # trunk shared, experts swapped: same split as the FP32 export, weights about a quarter of the FP32 bytes
     for f in ("decoder_trunk.bin", "decoder_expert1.bin"):
         assert (out / f).stat().st_size < 0.35 * (fp32_dir / f).stat().st_size

@@ -16,6 +16,9 @@
   :meth:`forward` binds ``buffer[:length]`` (a contiguous, zero-copy view: the layout is sequence-major) as the
   past inputs and binds ``buffer[length:length+S]`` as the ``new_key_i``/``new_value_i`` outputs, so ONNX Runtime
   writes this step's K/V straight into the cache: no per-step copy of the cache in Python.
+  Decoders built with one ``GroupQueryAttention`` per layer (the weight-only INT8 build; the decoder component's
+  ``kv_layout`` is ``bnsh-shared``) keep (B, kv_heads, capacity, head_dim) buffers instead, bound whole as both
+  ``past_key_i`` and ``present_key_i``: the kernel writes the new rows at the current length and reads the prefix.
 """
 
 from __future__ import annotations
@@ -152,12 +155,17 @@ class ExpertLoader:
         return loaded, int(data.nbytes)
 
 
+KV_LAYOUTS = ("sequence-major", "bnsh-shared")  # rsvlm_edge.engines.ort_fusions names them; the runtime reads them
+
+
 @dataclass
 class KVState:
-    """Per-layer preallocated K and V buffers, (capacity, B, kv_heads, head_dim) each."""
+    """Per-layer preallocated K and V buffers: (capacity, B, kv_heads, head_dim) each, or (B, kv_heads, capacity,
+    head_dim) for the ``bnsh-shared`` layout."""
 
     keys: list[np.ndarray]
     values: list[np.ndarray]
+    layout: str = "sequence-major"
 
 
 class OrtBackend(Backend):
@@ -203,7 +211,10 @@ class OrtBackend(Backend):
         self.expert_cache = ExpertCache(self.experts.load, budget_bytes=budget, pinned=tuple(pinned_experts),
                                         size_of=self.experts.size_of)
         cfg = self.config
-        self._kv_names = [(f"past_key_{i}", f"past_value_{i}", f"new_key_{i}", f"new_value_{i}") for i in range(cfg.num_layers)]
+        self.kv_layout = self._kv_layout()
+        new = "present" if self.kv_layout == "bnsh-shared" else "new"
+        self._kv_names = [(f"past_key_{i}", f"past_value_{i}", f"{new}_key_{i}", f"{new}_value_{i}")
+                          for i in range(cfg.num_layers)]
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, threads: int | None = None, providers: Sequence[str] | str | None = None,
@@ -227,6 +238,18 @@ class OrtBackend(Backend):
         return cls(manifest, threads=threads, providers=providers, expert_budget_experts=expert_budget_experts,
                    expert_budget_bytes=expert_budget_bytes, prepack_weights=prepack_weights,
                    pinned_experts=pinned_experts, profile_prefix=profile_prefix)
+
+    def _kv_layout(self) -> str:
+        """The decoders' KV cache layout (one for all experts; the manifest's ``kv_layout``, default sequence-major)."""
+        names = (self.manifest.experts or {}).get("components") or []
+        layouts = {self.manifest.component(n).extra.get("kv_layout", "sequence-major") for n in names}
+        if len(layouts) > 1:
+            raise BackendError(f"{self.manifest.directory}: decoder experts disagree on the KV layout ({sorted(layouts)})")
+        layout = layouts.pop() if layouts else "sequence-major"
+        if layout not in KV_LAYOUTS:
+            raise BackendError(f"{self.manifest.directory}: decoder KV layout {layout!r} is unknown to this runtime "
+                               f"(it knows {', '.join(KV_LAYOUTS)}); upgrade rsvlm-edge or rebuild the engine")
+        return layout
 
     def _decoder_precision(self) -> str:
         names = (self.manifest.experts or {}).get("components") or []
@@ -289,31 +312,48 @@ class OrtBackend(Backend):
     def new_cache(self, batch: int, capacity: int, expert: int) -> CacheHandle:
         self.experts.component(expert)  # validates the index
         cfg = self.config
-        shape = (capacity, batch, cfg.num_kv_heads, cfg.head_dim)
+        if self.kv_layout == "bnsh-shared":
+            shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        else:
+            shape = (capacity, batch, cfg.num_kv_heads, cfg.head_dim)
         state = KVState(keys=[np.empty(shape, np.float32) for _ in range(cfg.num_layers)],
-                        values=[np.empty(shape, np.float32) for _ in range(cfg.num_layers)])
+                        values=[np.empty(shape, np.float32) for _ in range(cfg.num_layers)], layout=self.kv_layout)
         return CacheHandle(batch=batch, capacity=capacity, expert=expert, state=state)
 
     def forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         b, s, start = cache.check_step(embeds, attention_mask)
         session = self.expert_cache.get(cache.expert).session
         state: KVState = cache.state
-        binding = session.io_binding()
-        feeds = {"inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),  # kept alive until the run ends
-                 "position_ids": np.ascontiguousarray(position_ids, dtype=np.int32),
-                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.float32)}
-        for name, array in feeds.items():
-            binding.bind_cpu_input(name, array)
-        for (pk, pv, nk, nv), kbuf, vbuf in zip(self._kv_names, state.keys, state.values):
-            for name, view in ((pk, kbuf[:start]), (pv, vbuf[:start])):
-                binding.bind_input(name, "cpu", 0, np.float32, list(view.shape), view.ctypes.data)
-            for name, view in ((nk, kbuf[start:start + s]), (nv, vbuf[start:start + s])):
-                binding.bind_output(name, "cpu", 0, np.float32, list(view.shape), view.ctypes.data)
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        position_ids = np.ascontiguousarray(position_ids, dtype=np.int32)
+        attention_mask = np.ascontiguousarray(attention_mask, dtype=np.float32)
         logits = np.empty((b, self.config.vocab_size), dtype=np.float32)
-        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        session.run_with_iobinding(binding)
+        if state.layout == "bnsh-shared" and b > 1 and s > 1 and start > 0:
+            # ORT's GroupQueryAttention takes a multi-token chunk after a past only at batch 1: run row by row
+            # (each row's buffer slice is contiguous in the batch-major layout)
+            for row in range(b):
+                rows = slice(row, row + 1)
+                self._run(session, embeds[rows], position_ids[rows], attention_mask[rows],
+                          [k[rows] for k in state.keys], [v[rows] for v in state.values], start, s, logits[rows])
+        else:
+            self._run(session, embeds, position_ids, attention_mask, state.keys, state.values, start, s, logits)
         cache.length += s
         return logits
+
+    def _run(self, session, embeds, position_ids, attention_mask, keys, values, start: int, s: int,
+             logits: np.ndarray) -> None:
+        """One decoder run over the given cache buffers, writing the last position's logits into ``logits``."""
+        binding = session.io_binding()
+        for name, array in (("inputs_embeds", embeds), ("position_ids", position_ids), ("attention_mask", attention_mask)):
+            binding.bind_cpu_input(name, array)
+        shared = self.kv_layout == "bnsh-shared"
+        for (pk, pv, nk, nv), kbuf, vbuf in zip(self._kv_names, keys, values):
+            for past, new, buf in ((pk, nk, kbuf), (pv, nv, vbuf)):
+                past_view, new_view = (buf, buf) if shared else (buf[:start], buf[start:start + s])
+                binding.bind_input(past, "cpu", 0, np.float32, list(past_view.shape), past_view.ctypes.data)
+                binding.bind_output(new, "cpu", 0, np.float32, list(new_view.shape), new_view.ctypes.data)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        session.run_with_iobinding(binding)
 
     def prefetch_expert(self, expert: int) -> None:
         self.experts.component(expert)
