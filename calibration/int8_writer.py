@@ -20,9 +20,9 @@ from onnx import TensorProto
 
 from rsvlm_edge.calibration.collect import external_arrays
 from rsvlm_edge.calibration.qdq import QuantizedGraph, quantize_graph
+from rsvlm_edge.engines.ort_fusions import KV_LAYOUT_SHARED
 from rsvlm_edge.export.weights import DataFileWriter
 from rsvlm_edge.fileio import staged_dir
-from rsvlm_edge.engines.ort_fusions import KV_LAYOUT_SHARED
 from rsvlm_edge.manifest import Component, Manifest, TensorSpec, sha256_file
 
 LM_HEAD = re.compile(r"lm_head")

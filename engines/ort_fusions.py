@@ -252,7 +252,7 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int, head_d
     if not any(i.name == COS_CACHE for i in graph.initializer):
         cos, sin = rope_tables(head_dim, theta, max_positions)
         graph.initializer.extend([numpy_helper.from_array(cos, COS_CACHE), numpy_helper.from_array(sin, SIN_CACHE)])
-    cache_shape = ["batch", kv_heads, "capacity", head_dim]
+    cache_shape: list[str | int] = ["batch", kv_heads, "capacity", head_dim]
     for inp in graph.input:
         if inp.name.startswith(("past_key_", "past_value_")):
             inp.CopyFrom(helper.make_tensor_value_info(inp.name, inp.type.tensor_type.elem_type, cache_shape))
