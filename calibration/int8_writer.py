@@ -199,6 +199,8 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
                 if attention and name.startswith("decoder"):
                     q.fused["attention"] = fuse_attention(q.model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                                           cfg.num_layers, cfg.rope_theta, cfg.max_position_embeddings)
+                    if q.fused["attention"]:
+                        del q.fused["rotary"]  # the rotary nodes went into GroupQueryAttention
             return q
 
         return (weight_only,
@@ -206,8 +208,8 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
                            f"activations quantized per block at run time", "weight_block_size": block_size,
                  "activation_dtype": "dynamic", "lm_head": lm_head, "runtime": "onnxruntime",
                  "fusions": (["stacked MatMulNBits (shared-input products, bias folded)"] if stack else [])
-                            + (["RotaryEmbedding"] if cfg is not None else [])
-                            + (["GroupQueryAttention (shared KV buffer)"] if cfg is not None and attention else [])})
+                            + ((["GroupQueryAttention (rotary inside, shared KV buffer)"] if attention
+                                else ["RotaryEmbedding"]) if cfg is not None else [])})
     raise Int8WriteError(f"INT8 scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
 
 

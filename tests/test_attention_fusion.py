@@ -46,7 +46,8 @@ def test_graph_and_manifest(builds):
     comp = man.component("decoder_expert1")
     assert comp.extra["kv_layout"] == "bnsh-shared" and comp.extra["fused"]["attention"] == layers
     ops = Counter(n.op_type for n in onnx.load(str(gqa / comp.file), load_external_data=False).graph.node)
-    assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == 2 * layers
+    # rotary inside GQA, q/k/v packed straight from the stacked projection: no Split left before attention
+    assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == 0 and ops["Split"] == layers
     assert ops["Softmax"] == 0 and ops["Transpose"] == 0 and ops["Concat"] == 0
     hd = man.config().head_dim
     assert comp.input("past_key_0").shape == ["batch", kv, "capacity", hd]

@@ -194,14 +194,16 @@ def test_build_ort_int8_weight_only(fp32_dir, tmp_path):
     g = onnx.load(str(out / "decoder_expert0.onnx"), load_external_data=False)
     ops = [n.op_type for n in g.graph.node]
     layers = man.model_config["num_layers"]
-    # q/k/v (bias folded) and gate/up are stacked: qkv, o, gate-up, down per layer, plus the lm_head
-    assert ops.count("MatMulNBits") == 4 * layers + 1 and ops.count("Split") == 2 * layers
+    # q/k/v (bias folded) and gate/up are stacked: qkv, o, gate-up, down per layer, plus the lm_head; only gate/up
+    # is split again (attention reads the packed q/k/v)
+    assert ops.count("MatMulNBits") == 4 * layers + 1 and ops.count("Split") == layers
     assert "DequantizeLinear" not in ops and "QuantizeLinear" not in ops
-    # ORT-only graphs also get the rotary fusion: one RotaryEmbedding for q and one for k per layer
-    assert ops.count("RotaryEmbedding") == 2 * layers and "Neg" not in ops
+    # ORT-only graphs also get the attention fusion: one GroupQueryAttention (rotary inside) per layer
+    assert ops.count("GroupQueryAttention") == layers and "Neg" not in ops and "Softmax" not in ops
     assert man.extra["quantization"]["components"]["decoder_expert0"]["fused"] == {"stacked_matmuls": 2 * layers,
-                                                                                   "rotary": 2 * layers,
                                                                                    "attention": layers}
+    # the embedding and other graphs have no attention: they keep what they had
+    assert "attention" not in man.extra["quantization"]["components"]["embedding"].get("fused", {})
     # trunk shared, experts swapped: same split as the FP32 export, weights about a quarter of the FP32 bytes
     for f in ("decoder_trunk.bin", "decoder_expert1.bin"):
         assert (out / f).stat().st_size < 0.35 * (fp32_dir / f).stat().st_size
