@@ -222,3 +222,19 @@ def test_profile_cli_on_an_engine(engine_dir, sample_png, tmp_path):
     assert matmul["weight_mb_per_step"] > 1.0  # the decoder's external weights, from the graph file
     bad = CliRunner().invoke(main, ["profile", str(tmp_path), "--image", str(sample_png)])
     assert bad.exit_code == 2 and "cannot use" in bad.output
+
+
+def test_decode_steps_interleaves_engines(engine_dir, tmp_path, capsys):
+    from rsvlm_edge.bench.decode_steps import main as decode_steps
+
+    out = tmp_path / "steps.json"
+    assert decode_steps([str(engine_dir), str(engine_dir), "--rounds", "2", "--steps", "3", "--prompt", "6",
+                         "--threads", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["rounds"]) == 2 and all(r["bandwidth_gbs"] > 0 for r in data["rounds"])
+    summary = data["summary"][str(engine_dir)]
+    assert summary["step_ms"] > 0 and summary["tok_s"] == pytest.approx(1e3 / summary["step_ms"])
+    assert summary["weight_mb_per_token"] == pytest.approx(engine_active_bytes(engine_dir) / 1e6)
+    lo, hi = summary["of_bandwidth_range"]
+    assert lo <= summary["of_bandwidth"] <= hi
+    assert "round 2/2" in capsys.readouterr().out
