@@ -52,13 +52,20 @@ def _cell(value: Any, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _samples(mach: dict[str, Any]) -> str:
+    samples = (mach.get("detail") or {}).get("bandwidth_samples_gbs") or []
+    if len(samples) < 2:
+        return ""
+    return f" (best of {len(samples)} samples, {min(samples):.1f}-{max(samples):.1f})"
+
+
 def format_table(result: dict[str, Any]) -> str:
     rows, s, mach = result["engines"], result["settings"], result["machine"]
     head = [
         f"model {result['model']['name']}: {s['tiles']} tiles, {s['new_tokens']} new tokens ({s['sampling']}), "
         f"batch {s['batch']}, {s['threads']} threads; prompt {rows[0]['metrics']['prompt_tokens'] if rows else '?'} tokens",
         f"machine: {mach['cpu_count']} CPUs, load avg {mach['load_avg'][0]:.2f}; copy bandwidth "
-        f"{mach['bandwidth_gbs']:.1f} GB/s, GEMM fp32 {mach['gemm_fp32_gflops']:.0f} GFLOP/s"
+        f"{mach['bandwidth_gbs']:.1f} GB/s{_samples(mach)}, GEMM fp32 {mach['gemm_fp32_gflops']:.0f} GFLOP/s"
         + (f", int8 {mach['gemm_int8_gops']:.0f} GOP/s" if mach.get("gemm_int8_gops") else ""),
     ]
     table = [["metric"] + [r["name"] for r in rows]]

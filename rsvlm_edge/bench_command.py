@@ -41,8 +41,9 @@ def bench_command(engines, torch_dir, tiles, new_tokens, batch, threads, images,
 
     Per engine, each in a fresh process: vision-encoder latency, time to first token, decode tokens/s,
     end-to-end seconds per tile, tiles/s with batching, peak RSS, expert load/switch time and cache hit rate.
-    Memory bandwidth and GEMM peak are measured in the same run; decode is shown as a fraction of the bandwidth
-    limit (active weight bytes per token x tokens/s), prefill and the encoder as a fraction of GEMM peak.
+    Memory bandwidth and GEMM peak are measured in the same run (the copy bandwidth before and after every engine;
+    the limit is the best sample, since a shared machine's bandwidth drifts); decode is shown as a fraction of the
+    bandwidth limit (active weight bytes per token x tokens/s), prefill and the encoder as a fraction of GEMM peak.
 
     \b
     Examples:

@@ -62,6 +62,9 @@ def test_fractions_of_limits_are_sane(bench_run):
     _, data, _ = bench_run
     mach = data["machine"]
     assert mach["bandwidth_gbs"] > 0 and mach["gemm_fp32_gflops"] > 0
+    # sampled before and after each engine (fp32, torch); the limit is the best sample
+    samples = mach["detail"]["bandwidth_samples_gbs"]
+    assert len(samples) == 1 + len(data["engines"]) and mach["bandwidth_gbs"] == max(samples)
     for row in data["engines"]:
         for key in FRACTIONS:
             assert 0 < row["fractions"][key] <= FRACTION_BOUND, (row["name"], key, row["fractions"][key])
@@ -69,6 +72,7 @@ def test_fractions_of_limits_are_sane(bench_run):
 
 def test_table_and_plot(bench_run):
     output, data, out = bench_run
+    assert "best of 3 samples" in output
     for label in ["decode (tok/s, batch 1)", "of bandwidth limit", "end-to-end (s/tile)", "peak RSS (MB)",
                   "expert cache hit rate", "ort-fp32", "torch-eager", "target e2e_vs_torch"]:
         assert label in output
