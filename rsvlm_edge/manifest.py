@@ -16,6 +16,7 @@ Layout (``format_version`` 1)::
           "external_data": ["<data>.bin", ...],        # files the graph's initializers live in
           "bytes": {"<name>.onnx": 1234, ...},         # file sizes (for the fast verify="size" mode)
           ...                                          # extra fields (kind, sensor, expert, opset, ...)
+          "kv_layout": "bnsh-shared",                  # decoders only, absent = "sequence-major" (see below)
         }
       },
       "experts": {                                     # decoder layout, so a runtime maps tensors without parsing graphs
@@ -32,6 +33,11 @@ TensorRT engine dirs (``rsvlm_edge.engines.trt_build``) have one ``<name>.plan``
 and add per component ``profiles`` (``[{"name", "shapes": {input: [min, opt, max]}}]``, what the backend may run),
 ``builder_flags``, ``strongly_typed``, ``dla_core`` and ``source_sha256`` (the ONNX graph it was built from); the
 plans only load where :func:`check_engine_compat` passes.
+
+Decoder KV caches: exported decoders take ``past_key_i`` (P, B, kv_heads, head_dim) and return this step's
+``new_key_i`` (S, B, kv_heads, head_dim); weight-only INT8 decoders with ``GroupQueryAttention`` (``kv_layout``
+``bnsh-shared``) take and return the whole (B, kv_heads, capacity, head_dim) buffer as ``past_key_i`` /
+``present_key_i``, bound to the same memory. A runtime that does not know a decoder's ``kv_layout`` must refuse it.
 
 Every file named anywhere in ``components[*].sha256`` and ``tokenizer`` is verified by :meth:`Manifest.load`
 (streamed sha256, or only sizes with ``verify="size"``); a missing or altered file raises :class:`ManifestError`
