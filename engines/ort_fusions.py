@@ -207,11 +207,12 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int, head_d
     for t in read_outside - remade - new_kv:  # nothing else a region makes may be read outside the regions
         if t in producer and id(producer[t]) in removed:
             return 0
-    if not any(i.name == POSITIONS for i in graph.input) or not any(i.name == "attention_mask" for i in graph.input):
+    if not any(i.name == "attention_mask" for i in graph.input):
         return 0
 
     i64 = lambda name, values: numpy_helper.from_array(np.asarray(values, np.int64), name)  # noqa: E731
     consts = [i64("attention/idx0", 0), i64("attention/idx1", 1), i64("attention/one", 1), i64("attention/axes0", [0])]
+    # once per step: total_sequence_length = the mask's width, seqlens_k = that minus one for every row
     shared = [
         helper.make_node("Shape", ["attention_mask"], ["attention/mask_shape"], name="attention/Shape"),
         helper.make_node("Gather", ["attention/mask_shape", "attention/idx1"], ["attention/total64"], name="attention/Total",
@@ -225,36 +226,28 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int, head_d
                          name="attention/BatchShape"),
         helper.make_node("Expand", ["attention/last", "attention/batch_1d"], [SEQLENS_K], name="attention/SeqlensK"),
     ]
-    if not any(n.output and n.output[0] == POSITIONS_INT64 for n in graph.node):
-        shared.insert(0, helper.make_node("Cast", [POSITIONS], [POSITIONS_INT64], name="position_ids/Cast",
-                                          to=TensorProto.INT64))
-    fused: dict[int, list[onnx.NodeProto]] = {}
+    order = {id(n): pos for pos, n in enumerate(graph.node)}
+    place: dict[int, onnx.NodeProto] = {}  # each GQA goes where its region's last node stood (its inputs exist by then)
     for layer, r in enumerate(regions):
         assert r is not None
         q, k, v, bias, out, region = r
-        prefix = f"/layers.{layer}/self_attn/"
         split = producer.get(q)
         if split is not None and split.op_type == "Split" and list(split.output) == [q, k, v]:
             qkv = [split.input[0], "", ""]  # the stacked projection, packed (B, S, (heads + 2 kv_heads) * head_dim)
         else:
             qkv = [q, k, v]
-        gqa = helper.make_node(
+        place[max(order[id(n)] for n in region)] = helper.make_node(
             "GroupQueryAttention",
             [*qkv, f"past_key_{layer}", f"past_value_{layer}", SEQLENS_K, TOTAL_LENGTH, COS_CACHE, SIN_CACHE, "", bias],
             [out, f"present_key_{layer}", f"present_value_{layer}"],
-            name=f"{prefix}GroupQueryAttention", domain=CONTRIB, num_heads=num_heads, kv_num_heads=kv_heads,
-            scale=float(1.0 / np.sqrt(head_dim)), do_rotary=1, rotary_interleaved=0)
-        rot: list[onnx.NodeProto] = []
-        fused[id(region[0])] = rot + [gqa]
-    # emit each layer's fused nodes where its region's last node stood (all of its inputs exist by then)
-    order = {id(n): pos for pos, n in enumerate(graph.node)}
-    place = {max(order[id(n)] for n in r[5]): fused[id(r[5][0])] for r in regions if r is not None}
+            name=f"/layers.{layer}/self_attn/GroupQueryAttention", domain=CONTRIB, num_heads=num_heads,
+            kv_num_heads=kv_heads, scale=float(1.0 / np.sqrt(head_dim)), do_rotary=1, rotary_interleaved=0)
     nodes = list(shared)
     for pos, n in enumerate(graph.node):
         if id(n) not in removed:
             nodes.append(n)
         if pos in place:
-            nodes.extend(place[pos])
+            nodes.append(place[pos])
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(consts)
