@@ -187,7 +187,7 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
     if scheme == "weight-only":
         from rsvlm_edge.calibration.weight_only import quantize_weight_only
         from rsvlm_edge.config import ModelConfig
-        from rsvlm_edge.engines.ort_fusions import fuse_attention, fuse_rotary
+        from rsvlm_edge.engines.ort_fusions import fuse_attention, fuse_rotary, fuse_skip_rms_norm
 
         cfg = ModelConfig.from_dict(model_config) if model_config else None
 
@@ -201,6 +201,8 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
                                                           cfg.num_layers, cfg.rope_theta, cfg.max_position_embeddings)
                     if q.fused["attention"]:
                         del q.fused["rotary"]  # the rotary nodes went into GroupQueryAttention
+                if name.startswith("decoder"):
+                    q.fused["skip_rms_norm"] = fuse_skip_rms_norm(q.model)
             return q
 
         return (weight_only,
@@ -209,7 +211,8 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
                  "activation_dtype": "dynamic", "lm_head": lm_head, "runtime": "onnxruntime",
                  "fusions": (["stacked MatMulNBits (shared-input products, bias folded)"] if stack else [])
                             + ((["GroupQueryAttention (rotary inside, shared KV buffer)"] if attention
-                                else ["RotaryEmbedding"]) if cfg is not None else [])})
+                                else ["RotaryEmbedding"]) if cfg is not None else [])
+                            + (["SkipSimplifiedLayerNormalization (residual add + RMSNorm)"] if cfg is not None else [])})
     raise Int8WriteError(f"INT8 scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
 
 

@@ -123,3 +123,32 @@ def test_unknown_kv_layout_is_refused(builds, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BackendError, match="KV layout 'paged' is unknown"):
         OrtBackend.from_dir(copy, verify=False)
+
+
+def test_skip_rms_norm_fusion_keeps_the_logits(tmp_path):
+    """Residual Add + RMSNorm -> SkipSimplifiedLayerNormalization on an FP32 decoder: same logits and new K/V."""
+    import onnxruntime as ort
+
+    from rsvlm_edge.engines.ort_fusions import fuse_skip_rms_norm
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    fp32 = export_checkpoint(ckpt, tmp_path / "fp32")
+    man = Manifest.load(fp32)
+    cfg = man.config()
+    model = onnx.load(str(fp32 / "decoder_expert0.onnx"))  # with its weights, so the copy can sit anywhere
+    fused = onnx.ModelProto.FromString(model.SerializeToString())
+    assert fuse_skip_rms_norm(fused) == 2 * cfg.num_layers - 1
+    assert fuse_skip_rms_norm(onnx.load(str(fp32 / "embedding.onnx"))) == 0  # no RMSNorm there
+    rng = np.random.default_rng(0)
+    b, s = 2, 5
+    feeds = {"inputs_embeds": rng.normal(size=(b, s, cfg.hidden_size)).astype(np.float32),
+             "position_ids": np.tile(np.arange(s, dtype=np.int32), (b, 1)),
+             "attention_mask": np.ones((b, s), np.float32)}
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}_{i}"] = np.zeros((0, b, cfg.num_kv_heads, cfg.head_dim), np.float32)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ref, got = (ort.InferenceSession(m.SerializeToString(), so).run(None, feeds) for m in (model, fused))
+    for a, c in zip(ref, got):
+        np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-5)

@@ -200,8 +200,11 @@ def test_build_ort_int8_weight_only(fp32_dir, tmp_path):
     assert "DequantizeLinear" not in ops and "QuantizeLinear" not in ops
     # ORT-only graphs also get the attention fusion: one GroupQueryAttention (rotary inside) per layer
     assert ops.count("GroupQueryAttention") == layers and "Neg" not in ops and "Softmax" not in ops
-    assert man.extra["quantization"]["components"]["decoder_expert0"]["fused"] == {"stacked_matmuls": 2 * layers,
-                                                                                   "attention": layers}
+    # and each residual add + the RMSNorm after it become one node (all but the first layer's input norm and the
+    # final norm, which reads only the last position)
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers - 1 and ops.count("Pow") == 2
+    assert man.extra["quantization"]["components"]["decoder_expert0"]["fused"] == {
+        "stacked_matmuls": 2 * layers, "attention": layers, "skip_rms_norm": 2 * layers - 1}
     # the embedding and other graphs have no attention: they keep what they had
     assert "attention" not in man.extra["quantization"]["components"]["embedding"].get("fused", {})
     # trunk shared, experts swapped: same split as the FP32 export, weights about a quarter of the FP32 bytes
