@@ -9,6 +9,9 @@ Variants (flags combine):
                the patch holding the object's centre (a training-only bilinear head); prints its accuracy
   --numinit S  initialise the lm_head rows of the number tokens from a 1-D sincos code of the value, aligned with
                the position embedding's code of the patch column / row
+  --box W      (with --ptr) a training-only box head on the visual tokens' hidden states: at the patch holding the
+               object's centre it regresses the box edges minus the patch centre (L1, weight W). At the end it
+               scores the pointer-then-box design on held-out scenes: the box read at the patch the pointer picks
 
     python scripts/grounding_probe.py /tmp/probe-pos --pos
     python scripts/grounding_probe.py /tmp/probe-ptr --pos --ptr 1.0 --lr 1e-3 --tasks "[VG]"
@@ -57,8 +60,8 @@ def number_code(cfg: ModelConfig) -> torch.Tensor:
 
 
 def pointer_targets(batch, tok: Tokenizer, hidden: torch.Tensor, grid: int):
-    """(query states, visual states, centre patch) of the rows whose answer is a box."""
-    qs, ks, ts = [], [], []
+    """(query states, visual states, centre patch, box in 0-1 units) of the rows whose answer is a box."""
+    qs, ks, ts, boxes = [], [], [], []
     for r in range(batch.ids.shape[0]):
         pos = np.nonzero(batch.labels[r] != IGNORE)[0]
         text = tok.decode([int(x) for x in batch.labels[r][pos]])
@@ -70,10 +73,51 @@ def pointer_targets(batch, tok: Tokenizer, hidden: torch.Tensor, grid: int):
             continue
         cx, cy = (box[0] + box[2]) / 200, (box[1] + box[3]) / 200
         ts.append(min(grid - 1, int(cy * grid)) * grid + min(grid - 1, int(cx * grid)))
+        boxes.append([v / 100 for v in box])
         vis = np.nonzero(batch.ids[r] == tok.image_id)[0][:grid * grid]
         qs.append(hidden[r, pos[0] - 1])
         ks.append(hidden[r, vis])
-    return qs, ks, ts
+    return qs, ks, ts, boxes
+
+
+def patch_centres(patches: torch.Tensor, grid: int) -> torch.Tensor:
+    """(N, 4) centre (x, y, x, y) of each patch index, in 0-1 units."""
+    px, py = (patches % grid + 0.5) / grid, (patches // grid + 0.5) / grid
+    return torch.stack([px, py, px, py], 1)
+
+
+def pointer_box_eval(model, tok: Tokenizer, cfg: ModelConfig, heads, batches: int, batch_size: int) -> None:
+    """Held-out scenes (their own seed): Acc@0.5 of the box the head reads at the pointer's patch and at the
+    true centre patch, and the pointer's accuracy."""
+    wq, wk, box_head = heads
+    source = SyntheticSource(tok, cfg, seed=12_345, untagged=0.0, tasks=("[VG]",))
+    stream = Mixture({"grounding": (1.0, source)}, seed=1).batches(batch_size, tok.pad_id)
+    picked, right, hits = [], [], []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(batches):
+            b = next(stream)
+            slots = encode_by_sensor(b.pixels_by_sensor, b.num_images,
+                                     lambda s, _, px: model.encode_images(torch.from_numpy(px), s))
+            hidden = model.hidden_states(torch.from_numpy(b.ids), torch.from_numpy(b.mask), torch.stack(slots),
+                                         tok.image_id, torch.from_numpy(b.experts))
+            qs, ks, ts, boxes = pointer_targets(b, tok, hidden, cfg.grid_size)
+            if not qs:
+                continue
+            keys = torch.stack(ks).float()
+            choice = torch.einsum("bd,bnd->bn", wq(torch.stack(qs).float()), wk(keys)).argmax(-1)
+            truth = torch.tensor(ts)
+            rows = torch.arange(len(ts))
+            offsets = box_head(keys).float()  # (B, N, 4)
+            for patches, out in ((choice, picked), (truth, right)):
+                pred = (offsets[rows, patches] + patch_centres(patches, cfg.grid_size)).clamp(0, 1) * 100
+                out += [metrics.box_iou([round(float(v)) for v in p], [100 * v for v in t])
+                        for p, t in zip(pred, boxes)]
+            hits += (choice == truth).tolist()
+    for name, ious in (("pointer's patch", picked), ("true centre patch", right)):
+        ious_a = np.asarray(ious)
+        print(f"box head at the {name}: n {len(ious_a)} Acc@0.5 {np.mean(ious_a >= 0.5):.3f} "
+              f"mean IoU {ious_a.mean():.3f}")
+    print(f"held-out pointer accuracy {np.mean(hits):.3f}")
 
 
 def finetune(args) -> None:
@@ -90,7 +134,10 @@ def finetune(args) -> None:
     source = SyntheticSource(tok, cfg, seed=3, untagged=0.2, tasks=tuple(args.tasks.split(",")))
     stream = Mixture({"grounding": (1.0, source)}, seed=0).batches(args.batch_size, tok.pad_id)
     wq, wk = torch.nn.Linear(cfg.hidden_size, 128), torch.nn.Linear(cfg.hidden_size, 128)
-    params = list(model.parameters()) + list(wq.parameters()) + list(wk.parameters())
+    box_head = torch.nn.Sequential(torch.nn.Linear(cfg.hidden_size, cfg.hidden_size), torch.nn.GELU(),
+                                   torch.nn.Linear(cfg.hidden_size, 4))
+    params = (list(model.parameters()) + list(wq.parameters()) + list(wk.parameters())
+              + list(box_head.parameters()))
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     t0 = time.time()
     for step in range(args.steps):
@@ -108,7 +155,7 @@ def finetune(args) -> None:
             logits = model.lm_head(hidden[:, :-1][where]).float()
             t = targets[where]
             lm = F.cross_entropy(logits, t)
-            loss, num_l, ptr_l, ptr_acc = lm, 0.0, 0.0, 0.0
+            loss, num_l, ptr_l, ptr_acc, box_l = lm, 0.0, 0.0, 0.0, 0.0
             values = value_of[t]
             is_num = values >= 0
             if args.num_loss and is_num.any():
@@ -116,7 +163,7 @@ def finetune(args) -> None:
                 nl = (expected - values[is_num]).abs().mean() / 10
                 loss, num_l = loss + args.num_loss * nl, float(nl.detach())
             if args.ptr:
-                qs, ks, ts = pointer_targets(b, tok, hidden, cfg.grid_size)
+                qs, ks, ts, boxes = pointer_targets(b, tok, hidden, cfg.grid_size)
                 if qs:
                     scores = torch.einsum("bd,bnd->bn", wq(torch.stack(qs).float()), wk(torch.stack(ks).float()))
                     scores = scores / 128 ** 0.5
@@ -124,15 +171,22 @@ def finetune(args) -> None:
                     pl = F.cross_entropy(scores, tt)
                     loss, ptr_l = loss + args.ptr * pl, float(pl.detach())
                     ptr_acc = float((scores.argmax(-1) == tt).float().mean())
+                    if args.box:
+                        at = torch.stack([k[t] for k, t in zip(ks, ts)]).float()
+                        target = torch.tensor(boxes) - patch_centres(tt, cfg.grid_size)
+                        bl = F.l1_loss(box_head(at).float(), target) * 10
+                        loss, box_l = loss + args.box * bl, float(bl.detach())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 25 == 0:
-            print(f"{step} lm {float(lm):.3f} num {num_l:.3f} ptr {ptr_l:.3f} ptr_acc {ptr_acc:.2f} "
+            print(f"{step} lm {float(lm.detach()):.3f} num {num_l:.3f} ptr {ptr_l:.3f} ptr_acc {ptr_acc:.2f} box {box_l:.3f} "
                   f"{time.time() - t0:.0f}s", flush=True)
     save_model(model.eval(), args.out)
     tok.save(f"{args.out}/tokenizer.json")
+    if args.ptr and args.box:
+        pointer_box_eval(model, tok, cfg, (wq, wk, box_head), args.eval_batches, args.batch_size)
 
 
 def expression_kind(expr: str) -> str:
@@ -175,6 +229,8 @@ def main() -> None:
     ap.add_argument("--num-loss", type=float, default=0.0)
     ap.add_argument("--ptr", type=float, default=0.0)
     ap.add_argument("--numinit", type=float, default=0.0)
+    ap.add_argument("--box", type=float, default=0.0)
+    ap.add_argument("--eval-batches", type=int, default=10, help="held-out batches for the pointer-then-box score")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--score", type=int, default=240, help="held-out [VG] samples to score (0: skip)")
     args = ap.parse_args()
