@@ -31,6 +31,7 @@ class Example:
     expert: int
     instruction_ids: np.ndarray  # the prompt without its tag, for the router loss
     tagged: bool
+    box: np.ndarray | None = None  # (4,) float32 in image sizes (0-1) when the answer is one box ([VG]): pointer target
 
 
 def render_prompt(sample: Sample, keep_tag: bool) -> str:
@@ -59,7 +60,18 @@ def encode(sample: Sample, tokenizer: Tokenizer, cfg: ModelConfig, keep_tag: boo
         expert=sample.expert,
         instruction_ids=np.asarray(tokenizer.encode(sample.instruction) or [tokenizer.pad_id], dtype=np.int64),
         tagged=keep_tag,
+        box=answer_box(sample),
     )
+
+
+def answer_box(sample: Sample) -> np.ndarray | None:
+    """The [VG] answer's box in image sizes (0-1), or None for every other answer."""
+    if sample.tag != "[VG]" or len(sample.images) != 1:
+        return None
+    boxes = sample.target.get("boxes") if isinstance(sample.target, dict) else None
+    if not boxes or len(boxes) != 1:
+        return None
+    return np.asarray(boxes[0], dtype=np.float32) / 100.0
 
 
 @dataclass
@@ -72,6 +84,7 @@ class Batch:
     experts: np.ndarray  # (B,)
     instruction_ids: np.ndarray  # (B, L)
     instruction_mask: np.ndarray
+    boxes: np.ndarray | None = None  # (B, 4) float32 pointer targets (0-1), rows without one are NaN
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:
@@ -92,8 +105,11 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     for row, e in enumerate(examples):
         inst[row, : len(e.instruction_ids)] = e.instruction_ids
         inst_mask[row, : len(e.instruction_ids)] = 1
+    boxes = None
+    if any(e.box is not None for e in examples):
+        boxes = np.stack([e.box if e.box is not None else np.full(4, np.nan, np.float32) for e in examples])
     return Batch(ids, labels, mask, group_by_sensor(images), len(images),
-                 np.asarray([e.expert for e in examples], dtype=np.int64), inst, inst_mask)
+                 np.asarray([e.expert for e in examples], dtype=np.int64), inst, inst_mask, boxes)
 
 
 def group_by_sensor(images: Sequence[tuple[str, np.ndarray]]) -> dict[str, tuple[list[int], np.ndarray]]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.fileio import atomic_path, atomic_write_text
 from rsvlm_edge.modeling import RSVLM, build_model, save_model
+from rsvlm_edge.modeling.model import patch_centres
 from rsvlm_edge.tokenizer import Tokenizer
 from rsvlm_edge.training.data import IGNORE, Batch, Mixture, encode_by_sensor
 from rsvlm_edge.training.vision_pretrain import VisionHeads, num_semantic_classes, vision_loss
@@ -46,6 +47,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     router_weight: float = 0.2
+    pointer_weight: float = 1.0  # models with box_pointer: pointer cross-entropy + box L1 on [VG] answers
     untagged_share: float = 0.2
     save_every: int = 100
     log_every: int = 10
@@ -107,9 +109,43 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def pointer_loss(model: RSVLM, batch: Batch, hidden: torch.Tensor, image_token_id: int
+                 ) -> tuple[torch.Tensor, dict[str, float]] | None:
+    """For the rows whose answer is one box: cross-entropy of the pointer over the image's patch tokens (target:
+    the patch holding the box centre) plus 10x the L1 of the box read at that patch. None without such rows."""
+    pointer = model.box_pointer
+    if pointer is None or batch.boxes is None:
+        return None
+    grid = model.cfg.grid_size
+    queries, patches, targets, boxes = [], [], [], []
+    for row in np.nonzero(~np.isnan(batch.boxes[:, 0]))[0]:
+        answer = np.nonzero(batch.labels[row] != IGNORE)[0]
+        image = np.nonzero(batch.ids[row] == image_token_id)[0][: grid * grid]
+        if not len(answer) or len(image) < grid * grid:
+            continue
+        box = batch.boxes[row]
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        targets.append(min(grid - 1, int(cy * grid)) * grid + min(grid - 1, int(cx * grid)))
+        queries.append(hidden[row, answer[0] - 1])  # the state that predicts the answer's first token
+        patches.append(hidden[row, torch.from_numpy(image)])
+        boxes.append(box)
+    if not targets:
+        return None
+    keys = torch.stack(patches).float()
+    scores = pointer.scores(torch.stack(queries).float(), keys)
+    target = torch.tensor(targets)
+    ce = F.cross_entropy(scores, target)
+    rows = torch.arange(len(targets))
+    read = pointer.boxes(keys[rows, target]).float() + patch_centres(target, grid)
+    l1 = F.l1_loss(read, torch.from_numpy(np.stack(boxes)))
+    stats = {"pointer_loss": float(ce.detach()), "pointer_acc": float((scores.argmax(-1) == target).float().mean()),
+             "box_l1": float(l1.detach())}
+    return ce + 10 * l1, stats
+
+
 def batch_loss(model: RSVLM, batch: Batch, image_token_id: int, router_weight: float,
-               force_expert: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Answer-token cross-entropy (+ router cross-entropy) for one batch."""
+               force_expert: int | None = None, pointer_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Answer-token cross-entropy (+ router cross-entropy, + the box pointer's loss) for one batch."""
     slots = encode_by_sensor(batch.pixels_by_sensor, batch.num_images,
                              lambda sensor, _, pixels: model.encode_images(torch.from_numpy(pixels), sensor))
     image_embeds = torch.stack(slots) if slots else None
@@ -129,6 +165,11 @@ def batch_loss(model: RSVLM, batch: Batch, image_token_id: int, router_weight: f
         loss = loss + router_weight * rl
         stats["router_loss"] = float(rl.detach())
         stats["router_acc"] = float((router_logits.argmax(-1) == experts).float().mean())
+    if pointer_weight > 0:
+        found = pointer_loss(model, batch, hidden, image_token_id)
+        if found is not None:
+            loss = loss + pointer_weight * found[0]
+            stats.update(found[1])
     stats["loss"] = float(loss.detach())
     return loss, stats
 
@@ -234,7 +275,8 @@ class Trainer:
                     else:
                         loss, stats = batch_loss(self.model, batch, self.tokenizer.image_id,
                                                  router_weight=tc.router_weight if stage == "instruct" else 0.0,
-                                                 force_expert=0 if stage == "align" else None)
+                                                 force_expert=0 if stage == "align" else None,
+                                                 pointer_weight=tc.pointer_weight if stage == "instruct" else 0.0)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.trainable, tc.grad_clip)

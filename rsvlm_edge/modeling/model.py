@@ -255,6 +255,35 @@ class InstructionRouter(nn.Module):
         return self.fc2(F.gelu(self.fc1(pooled)))
 
 
+class BoxPointer(nn.Module):
+    """Grounding by pointing: which image patch a box answer is about, and that patch's box.
+
+    ``scores``: the hidden state that predicts a box answer's first token, against every patch token's hidden state
+    (scaled bilinear). ``boxes``: per patch token, the box edges (x1, y1, x2, y2) minus the patch centre, in image
+    sizes (0-1). Both read the decoder's final-norm hidden states, so the image tokens have seen the instruction.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.query = nn.Linear(cfg.hidden_size, cfg.pointer_dim)
+        self.key = nn.Linear(cfg.hidden_size, cfg.pointer_dim)
+        self.box = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.GELU(), nn.Linear(cfg.hidden_size, 4))
+
+    def scores(self, query: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """query (B, D), patches (B, N, D) -> (B, N) logits."""
+        return torch.einsum("bd,bnd->bn", self.query(query), self.key(patches)) / self.query.out_features ** 0.5
+
+    def boxes(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches (B, N, D) -> (B, N, 4) box edges minus each patch's centre."""
+        return self.box(patches)
+
+
+def patch_centres(patches: torch.Tensor, grid: int) -> torch.Tensor:
+    """(..., 4) centre (x, y, x, y) in image sizes of each patch index of a ``grid`` x ``grid`` layout."""
+    px, py = (patches % grid + 0.5) / grid, (patches // grid + 0.5) / grid
+    return torch.stack([px, py, px, py], -1)
+
+
 def attention_bias(attention_mask: torch.Tensor, query_len: int) -> torch.Tensor:
     """(B, P+S) 1/0 key mask -> additive (B,1,S,P+S) bias that is causal over the last S keys."""
     total = attention_mask.shape[1]
@@ -277,6 +306,7 @@ class RSVLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.router = InstructionRouter(cfg)
+        self.box_pointer = BoxPointer(cfg) if cfg.box_pointer else None
         self.apply(self._init_weights)
 
     @staticmethod
