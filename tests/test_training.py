@@ -56,8 +56,8 @@ def test_train_cli_runs_and_resumes(tmp_path, precision):
     empty.mkdir()
     args = ["train", str(out), "--align-steps", "2", "--instruct-steps", "2", "--batch-size", "4",
             "--data", str(empty), "--precision", precision, "--save-every", "2", "--threads", "1"]
-    if precision == "bf16":  # one of the two runs also turns the visual-token position embedding on
-        args += ["--token-pos-embed"]
+    if precision == "bf16":  # one of the two runs also turns the visual-token position embedding and the pointer on
+        args += ["--token-pos-embed", "--box-pointer"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -65,7 +65,8 @@ def test_train_cli_runs_and_resumes(tmp_path, precision):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json"):
         assert (out / "model" / name).is_file()
     assert json.loads((out / "model" / "train_config.json").read_text())["precision"] == precision
-    assert json.loads((out / "model" / "config.json").read_text())["token_pos_embed"] is (precision == "bf16")
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["token_pos_embed"] is (precision == "bf16") and config["box_pointer"] is (precision == "bf16")
     # re-running with more instruct steps resumes at step 4 instead of starting over
     result = CliRunner().invoke(main, args[:5] + ["4"] + args[6:])
     assert result.exit_code == 0, result.output

@@ -34,10 +34,14 @@ def _data_root(value: str | None) -> Path | None:
               "or AMX; auto picks it where the CPU has it.")
 @click.option("--token-pos-embed/--no-token-pos-embed", default=None,
               help="Add a learned 2-D position embedding to the visual tokens (default: as the preset says; tiny: off).")
+@click.option("--box-pointer/--no-box-pointer", default=None,
+              help="Train a pointer from a box answer's first state to the image patches, plus a per-patch box head "
+              "(ModelConfig.box_pointer; training side only so far: export and the runtime do not use it yet).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=100, show_default=True, help="Checkpoint every N steps (resume by re-running).")
 def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_steps, instruct_steps, batch_size, lr,
-                  untagged_share, data_root, real_limit, threads, precision, token_pos_embed, seed, save_every) -> None:
+                  untagged_share, data_root, real_limit, threads, precision, token_pos_embed, box_pointer, seed,
+                  save_every) -> None:
     """Train the MoE VLM (optional vision stage, then two stages) and write OUT_DIR/model (config, fp16 safetensors, tokenizer).
 
     Re-running the same command resumes from OUT_DIR/checkpoint.pt. The loss log is OUT_DIR/train_log.jsonl.
@@ -51,6 +55,8 @@ def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_s
     cfg = preset(config_name)
     if token_pos_embed is not None:
         cfg = dataclasses.replace(cfg, token_pos_embed=token_pos_embed).validate()
+    if box_pointer is not None:
+        cfg = dataclasses.replace(cfg, box_pointer=box_pointer).validate()
     out = Path(out_dir)
     tc = TrainConfig(vision_steps=vision_steps, vision_batch_size=vision_batch_size, align_steps=align_steps,
                      instruct_steps=instruct_steps, batch_size=batch_size, lr=lr, untagged_share=untagged_share,
