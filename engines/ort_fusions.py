@@ -124,9 +124,9 @@ def fuse_rotary(model: onnx.ModelProto, head_dim: int, theta: float, max_positio
 #: KV cache layout of a decoder whose attention is one ``GroupQueryAttention`` per layer: per layer K and V buffers of
 #: (batch, kv_heads, capacity, head_dim), bound as both the past input and the present output (ORT's shared buffer:
 #: the kernel writes this step's K/V at the current length and reads the prefix; nothing is concatenated or copied).
+#: (The exported graphs' layout, "sequence-major", is the manifest's default: past (P, B, kv_heads, head_dim) in, this
+#: step's (S, B, kv_heads, head_dim) out.)
 KV_LAYOUT_SHARED = "bnsh-shared"
-#: The layout of the exported graphs: past (P, B, kv_heads, head_dim) in, this step's (S, B, kv_heads, head_dim) out.
-KV_LAYOUT_SEQUENCE_MAJOR = "sequence-major"
 SEQLENS_K, TOTAL_LENGTH = "attention/seqlens_k", "attention/total_sequence_length"
 
 
