@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rsvlm_edge.bench.limits import memory_bandwidth
+from rsvlm_edge.bench.limits import bandwidth_sample
 
 
 def time_steps(engine_dir: str, threads: int, prompt: int, steps: int, warmup: int = 5) -> list[float]:
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(exc))
     rounds = []
     for r in range(args.rounds):
-        bandwidth = memory_bandwidth(512 << 20, args.threads, 5)
+        bandwidth = bandwidth_sample(args.threads)
         step_ms = {d: 1e3 * statistics.median(_in_subprocess(d, args.threads, args.prompt, args.steps))
                    for d in args.engines}
         rounds.append({"bandwidth_gbs": bandwidth, "step_ms": step_ms})

@@ -94,11 +94,18 @@ def ort_gemm_gops(op: str, n: int = 2048, threads: int = 1, reps: int = 3) -> fl
     return 2.0 * n**3 / _best(lambda: session.run(None, feeds), reps) / 1e9
 
 
+def bandwidth_sample(threads: int | None = None, quick: bool = False) -> float:
+    """One copy-bandwidth figure (GB/s) as :func:`measure_limits` takes it: best of 5 copies of 512 MB, or of 2 of
+    64 MB with ``quick``."""
+    nbytes, reps = (64 << 20, 2) if quick else (512 << 20, 5)  # best of 5: robust to a busy machine
+    return memory_bandwidth(nbytes, threads or os.cpu_count() or 1, reps)
+
+
 def measure_limits(threads: int | None = None, quick: bool = False) -> Limits:
     """``quick`` shrinks the buffers (tests); figures then come out optimistic (caches help)."""
     threads = threads or os.cpu_count() or 1
-    nbytes, n, reps = (64 << 20, 768, 2) if quick else (512 << 20, 2048, 5)  # best of 5: robust to a busy machine
-    bandwidth = memory_bandwidth(nbytes, threads, reps)
+    nbytes, n, reps = (64 << 20, 768, 2) if quick else (512 << 20, 2048, 5)
+    bandwidth = bandwidth_sample(threads, quick)
     fp32 = {"numpy": numpy_gemm_gflops(n, reps), "ort": ort_gemm_gops("MatMul", n, threads, reps)}
     int8 = ort_gemm_gops("MatMulInteger", n, threads, reps)
     detail = {"copy_bytes": nbytes, "gemm_n": n, "gemm_fp32_gflops_by_library": fp32}

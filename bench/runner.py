@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rsvlm_edge.bench import model_cost
-from rsvlm_edge.bench.limits import Limits, measure_limits, memory_bandwidth
+from rsvlm_edge.bench.limits import Limits, bandwidth_sample, measure_limits
 from rsvlm_edge.bench.weights import (
     EngineDirError,
     engine_active_bytes,
@@ -134,12 +134,6 @@ def run_worker(spec: WorkerSpec, on_step, timeout_s: float | None = None) -> dic
     return result
 
 
-def resample_bandwidth(threads: int | None, quick: bool) -> float:
-    """The copy bandwidth again, measured as :func:`measure_limits` does."""
-    nbytes, reps = (64 << 20, 2) if quick else (512 << 20, 5)
-    return memory_bandwidth(nbytes, threads or os.cpu_count() or 1, reps)
-
-
 def derive(result: dict[str, Any], cfg, limits: Limits, precision: str, active_bytes: int) -> dict[str, Any]:
     """Fractions of the machine's limits. Decode: weight bytes per token x tokens/s / copy bandwidth.
     Prefill and encoder: FLOPs / time / GEMM peak (INT8 engines against the INT8 peak when it was measured)."""
@@ -215,10 +209,9 @@ def run_bench(engines: list[EngineSpec], settings: BenchSettings, progress: bool
                 bar.update()
 
             result = run_worker(spec, step, settings.timeout_s)
-            precision, active = checked["weights"][engine.name]
-            result["precision"] = precision
-            rows.append((result, precision, active))
-            samples.append(resample_bandwidth(settings.threads, settings.quick_limits))
+            result["precision"] = checked["weights"][engine.name][0]
+            rows.append(result)
+            samples.append(bandwidth_sample(settings.threads, settings.quick_limits))
     finally:
         bar.close()
     # A shared VM's copy bandwidth swings between phases (34 to 77 GB/s within minutes on the 2-core machine of
@@ -226,9 +219,9 @@ def run_bench(engines: list[EngineSpec], settings: BenchSettings, progress: bool
     # the run (before and after every engine), so fractions are never flattered by a slow sample.
     limits.bandwidth_gbs = max(samples)
     limits.detail["bandwidth_samples_gbs"] = samples
-    for result, precision, active in rows:
+    for result in rows:
+        precision, active = checked["weights"][result["name"]]
         result["fractions"] = derive(result, cfg, limits, precision, active)
-    rows = [r for r, _, _ in rows]
     speedups(rows)
     return {
         "model": {"name": cfg.name, "num_visual_tokens": cfg.num_visual_tokens, "image_size": cfg.image_size,

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 
 from rsvlm_edge.calibration.qdq import activation_tensors
 from rsvlm_edge.calibration.ranges import RangeObserver
-from rsvlm_edge.manifest import Manifest
+from rsvlm_edge.manifest import KV_LAYOUT_SHARED, Manifest
 
 Feeds = dict[str, np.ndarray]
 
@@ -62,7 +62,7 @@ class RecordingBackend:
             feeds: Feeds = {"inputs_embeds": np.array(embeds, np.float32), "position_ids": np.array(position_ids, np.int32),
                             "attention_mask": np.array(attention_mask, np.float32)}
             for i, (k, v) in enumerate(zip(cache.state.keys, cache.state.values)):
-                if cache.state.layout == "bnsh-shared":  # (B, kv, capacity, hd) -> the exported (P, B, kv, hd)
+                if cache.state.layout == KV_LAYOUT_SHARED:  # (B, kv, capacity, hd) -> the exported (P, B, kv, hd)
                     k, v = k[:, :, :start].transpose(2, 0, 1, 3), v[:, :, :start].transpose(2, 0, 1, 3)
                 feeds[f"past_key_{i}"] = np.array(k[:start])
                 feeds[f"past_value_{i}"] = np.array(v[:start])

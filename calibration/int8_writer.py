@@ -20,10 +20,9 @@ from onnx import TensorProto
 
 from rsvlm_edge.calibration.collect import external_arrays
 from rsvlm_edge.calibration.qdq import QuantizedGraph, quantize_graph
-from rsvlm_edge.engines.ort_fusions import KV_LAYOUT_SHARED
 from rsvlm_edge.export.weights import DataFileWriter
 from rsvlm_edge.fileio import staged_dir
-from rsvlm_edge.manifest import Component, Manifest, TensorSpec, sha256_file
+from rsvlm_edge.manifest import KV_LAYOUT_SHARED, Component, Manifest, TensorSpec, sha256_file
 
 LM_HEAD = re.compile(r"lm_head")
 COPIED_KINDS = ("stem", "router")
@@ -196,12 +195,13 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
             q = quantize_weight_only(model, arrays, keep, block_size, fuse=stack, file_of=file_of)
             if cfg is not None:
                 q.fused["rotary"] = fuse_rotary(q.model, cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
-                if attention and name.startswith("decoder"):
-                    q.fused["attention"] = fuse_attention(q.model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                                          cfg.num_layers, cfg.rope_theta, cfg.max_position_embeddings)
-                    if q.fused["attention"]:
-                        del q.fused["rotary"]  # the rotary nodes went into GroupQueryAttention
                 if name.startswith("decoder"):
+                    if attention:
+                        q.fused["attention"] = fuse_attention(q.model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                                              cfg.num_layers, cfg.rope_theta,
+                                                              cfg.max_position_embeddings)
+                        if q.fused["attention"]:
+                            del q.fused["rotary"]  # the rotary nodes went into GroupQueryAttention
                     q.fused["skip_rms_norm"] = fuse_skip_rms_norm(q.model)
             return q
 

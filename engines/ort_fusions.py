@@ -8,7 +8,7 @@ executor overhead. ORT's own optimizer fuses norms and some matmuls but not our 
   same convention as :func:`rsvlm_edge.modeling.model.apply_rope`);
 * :func:`fuse_attention`: the whole attention of a layer (rotary, KV concat, transposes, QK, softmax, PV) becomes one
   ``com.microsoft.GroupQueryAttention`` that writes K/V into a preallocated cache in place (the decoder's KV layout
-  changes; the manifest says so, see :data:`KV_LAYOUT_SHARED`). The rsunivlm-1b weight-only decoder graph goes from
+  changes; the manifest says so, see :data:`rsvlm_edge.manifest.KV_LAYOUT_SHARED`). The rsunivlm-1b weight-only decoder graph goes from
   1356 to 739 nodes;
 * :func:`fuse_skip_rms_norm`: each residual Add and the RMSNorm it feeds become one
   ``com.microsoft.SkipSimplifiedLayerNormalization``.
@@ -37,6 +37,10 @@ def rope_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.nda
     inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))))
     freqs = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def _tensor_producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output if o}
 
 
 def _rotary_match(add: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> tuple[str, list[onnx.NodeProto]] | None:
@@ -84,7 +88,7 @@ def _prune_dead(graph: onnx.GraphProto) -> None:
 def fuse_rotary(model: onnx.ModelProto, head_dim: int, theta: float, max_positions: int) -> int:
     """Fuse every rotary pattern of ``model`` in place; returns how many were fused (0 leaves the graph as it was)."""
     graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output if o}
+    producer = _tensor_producers(graph)
     consumers: dict[str, int] = {}
     for n in graph.node:
         for i in n.input:
@@ -125,13 +129,8 @@ def fuse_rotary(model: onnx.ModelProto, head_dim: int, theta: float, max_positio
 #: (batch, kv_heads, capacity, head_dim), bound as both the past input and the present output (ORT's shared buffer:
 #: the kernel writes this step's K/V at the current length and reads the prefix; nothing is concatenated or copied).
 #: (The exported graphs' layout, "sequence-major", is the manifest's default: past (P, B, kv_heads, head_dim) in, this
-#: step's (S, B, kv_heads, head_dim) out.)
-KV_LAYOUT_SHARED = "bnsh-shared"
+#: step's (S, B, kv_heads, head_dim) out.) Both names live in :mod:`rsvlm_edge.manifest`, which owns the format.
 SEQLENS_K, TOTAL_LENGTH = "attention/seqlens_k", "attention/total_sequence_length"
-
-
-def _tensor_producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {o: n for n in graph.node for o in n.output if o}
 
 
 def _attention_region(graph: onnx.GraphProto, producer: dict[str, onnx.NodeProto], layer: int):
@@ -184,7 +183,7 @@ def _attention_region(graph: onnx.GraphProto, producer: dict[str, onnx.NodeProto
 def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int, head_dim: int, num_layers: int,
                    theta: float, max_positions: int) -> int:
     """Replace every layer's attention (rotary, KV concat, transposes, the two matmuls and softmax) by one
-    ``com.microsoft.GroupQueryAttention`` over a shared KV buffer (:data:`KV_LAYOUT_SHARED`), fed the packed q/k/v
+    ``com.microsoft.GroupQueryAttention`` over a shared KV buffer (:data:`rsvlm_edge.manifest.KV_LAYOUT_SHARED`), fed the packed q/k/v
     of the stacked projection when there is one.
 
     All layers or none: returns the number fused (0 leaves ``model`` as it was). The graph's past inputs become the
@@ -327,14 +326,15 @@ def fuse_skip_rms_norm(model: onnx.ModelProto) -> int:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in graph.output}
+    inputs = {i.name for i in graph.input}
     replace: dict[int, onnx.NodeProto | None] = {}
     for cast in graph.node:
         if cast.op_type != "Cast" or cast.input[0] in outputs:
             continue
         residual = producer.get(cast.input[0])
+        # a residual sum: an Add of two activations (node outputs or graph inputs), read only by the norm's Cast
         if (residual is None or residual.op_type != "Add" or len(consumers.get(cast.input[0], [])) != 1
-                or any(i in inits or i not in producer and i not in {g.name for g in graph.input}
-                       for i in residual.input)):
+                or any(i in inits or i not in producer and i not in inputs for i in residual.input)):
             continue
         found = _rms_norm_chain(cast, consumers, inits)
         if found is None or id(residual) in replace:

@@ -59,6 +59,9 @@ MANIFEST_FILE = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE_KINDS = ("onnx", "tensorrt")
 DTYPES = ("float32", "float16", "int32", "int64", "int8", "uint8", "bool")
+#: Decoder KV cache layouts (a decoder component's ``kv_layout``; absent means the exported sequence-major one).
+KV_LAYOUT_SEQUENCE_MAJOR, KV_LAYOUT_SHARED = "sequence-major", "bnsh-shared"
+KV_LAYOUTS = (KV_LAYOUT_SEQUENCE_MAJOR, KV_LAYOUT_SHARED)
 
 Verify = bool | Literal["size", "sha256"]
 

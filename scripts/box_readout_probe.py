@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from rsvlm_edge.modeling import load_model
+from rsvlm_edge.modeling.model import centre_patch
 from rsvlm_edge.preprocess import prepare_image
 from rsvlm_edge.training import metrics
 from rsvlm_edge.training.synthetic import LANDCOVER_CLASSES, OBJECT_CLASSES, generate
@@ -119,7 +120,7 @@ def main() -> None:
         with torch.no_grad():
             _, sem, centre, boxes = heads(tokens(sample.sensor, pixels))
         cx, cy = (ref[0] + ref[2]) / 200, (ref[1] + ref[3]) / 200
-        k = min(grid - 1, int(cy * grid)) * grid + min(grid - 1, int(cx * grid))
+        k = centre_patch(cx, cy, grid)
 
         right.append(metrics.box_iou(box_at(boxes[0], k, grid), ref))
         cls = semantic_of.get(str(sample.target.get("label", "")))

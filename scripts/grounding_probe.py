@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.formats import BoxFormatError, parse_box
 from rsvlm_edge.modeling import build_model, save_model
+from rsvlm_edge.modeling.model import centre_patch, patch_centres
 from rsvlm_edge.tokenizer import Tokenizer
 from rsvlm_edge.training import metrics
 from rsvlm_edge.training.data import IGNORE, Mixture, SyntheticSource, encode_by_sensor
@@ -72,18 +73,12 @@ def pointer_targets(batch, tok: Tokenizer, hidden: torch.Tensor, grid: int):
         except BoxFormatError:
             continue
         cx, cy = (box[0] + box[2]) / 200, (box[1] + box[3]) / 200
-        ts.append(min(grid - 1, int(cy * grid)) * grid + min(grid - 1, int(cx * grid)))
+        ts.append(centre_patch(cx, cy, grid))
         boxes.append([v / 100 for v in box])
         vis = np.nonzero(batch.ids[r] == tok.image_id)[0][:grid * grid]
         qs.append(hidden[r, pos[0] - 1])
         ks.append(hidden[r, vis])
     return qs, ks, ts, boxes
-
-
-def patch_centres(patches: torch.Tensor, grid: int) -> torch.Tensor:
-    """(N, 4) centre (x, y, x, y) of each patch index, in 0-1 units."""
-    px, py = (patches % grid + 0.5) / grid, (patches // grid + 0.5) / grid
-    return torch.stack([px, py, px, py], 1)
 
 
 def pointer_box_eval(model, tok: Tokenizer, cfg: ModelConfig, heads, batches: int, batch_size: int) -> None:

@@ -2,7 +2,7 @@
 
 Both builds quantize the same weights the same way, so everything but attention's arithmetic order is equal:
 logits must agree to float rounding and greedy tokens exactly, through left-padded batches, decode steps,
-multi-token chunks after a past (chat turns; batch > 1 takes the backend's row-by-row path) and expert switches.
+multi-token chunks after a past (chat turns; batch > 1 takes the backend's row-by-row path).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.fileio import atomic_path, atomic_write_text
 from rsvlm_edge.modeling import RSVLM, build_model, save_model
-from rsvlm_edge.modeling.model import patch_centres
+from rsvlm_edge.modeling.model import centre_patch, patch_centres
 from rsvlm_edge.tokenizer import Tokenizer
 from rsvlm_edge.training.data import IGNORE, Batch, Mixture, encode_by_sensor
 from rsvlm_edge.training.vision_pretrain import VisionHeads, num_semantic_classes, vision_loss
@@ -125,7 +125,7 @@ def pointer_loss(model: RSVLM, batch: Batch, hidden: torch.Tensor, image_token_i
             continue
         box = batch.boxes[row]
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        targets.append(min(grid - 1, int(cy * grid)) * grid + min(grid - 1, int(cx * grid)))
+        targets.append(centre_patch(cx, cy, grid))
         queries.append(hidden[row, answer[0] - 1])  # the state that predicts the answer's first token
         patches.append(hidden[row, torch.from_numpy(image)])
         boxes.append(box)

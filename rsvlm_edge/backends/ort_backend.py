@@ -32,7 +32,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from rsvlm_edge.backends.base import Backend, BackendError, CacheHandle
-from rsvlm_edge.manifest import Component, Manifest, ManifestError, Verify
+from rsvlm_edge.manifest import (
+    KV_LAYOUT_SEQUENCE_MAJOR,
+    KV_LAYOUT_SHARED,
+    KV_LAYOUTS,
+    Component,
+    Manifest,
+    ManifestError,
+    Verify,
+)
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
@@ -155,9 +163,6 @@ class ExpertLoader:
         return loaded, int(data.nbytes)
 
 
-KV_LAYOUTS = ("sequence-major", "bnsh-shared")  # rsvlm_edge.engines.ort_fusions names them; the runtime reads them
-
-
 @dataclass
 class KVState:
     """Per-layer preallocated K and V buffers: (capacity, B, kv_heads, head_dim) each, or (B, kv_heads, capacity,
@@ -165,7 +170,7 @@ class KVState:
 
     keys: list[np.ndarray]
     values: list[np.ndarray]
-    layout: str = "sequence-major"
+    layout: str = KV_LAYOUT_SEQUENCE_MAJOR
 
 
 class OrtBackend(Backend):
@@ -212,7 +217,7 @@ class OrtBackend(Backend):
                                         size_of=self.experts.size_of)
         cfg = self.config
         self.kv_layout = self._kv_layout()
-        new = "present" if self.kv_layout == "bnsh-shared" else "new"
+        new = "present" if self.kv_layout == KV_LAYOUT_SHARED else "new"
         self._kv_names = [(f"past_key_{i}", f"past_value_{i}", f"{new}_key_{i}", f"{new}_value_{i}")
                           for i in range(cfg.num_layers)]
 
@@ -242,10 +247,10 @@ class OrtBackend(Backend):
     def _kv_layout(self) -> str:
         """The decoders' KV cache layout (one for all experts; the manifest's ``kv_layout``, default sequence-major)."""
         names = (self.manifest.experts or {}).get("components") or []
-        layouts = {self.manifest.component(n).extra.get("kv_layout", "sequence-major") for n in names}
+        layouts = {self.manifest.component(n).extra.get("kv_layout", KV_LAYOUT_SEQUENCE_MAJOR) for n in names}
         if len(layouts) > 1:
             raise BackendError(f"{self.manifest.directory}: decoder experts disagree on the KV layout ({sorted(layouts)})")
-        layout = layouts.pop() if layouts else "sequence-major"
+        layout = layouts.pop() if layouts else KV_LAYOUT_SEQUENCE_MAJOR
         if layout not in KV_LAYOUTS:
             raise BackendError(f"{self.manifest.directory}: decoder KV layout {layout!r} is unknown to this runtime "
                                f"(it knows {', '.join(KV_LAYOUTS)}); upgrade rsvlm-edge or rebuild the engine")
@@ -312,7 +317,7 @@ class OrtBackend(Backend):
     def new_cache(self, batch: int, capacity: int, expert: int) -> CacheHandle:
         self.experts.component(expert)  # validates the index
         cfg = self.config
-        if self.kv_layout == "bnsh-shared":
+        if self.kv_layout == KV_LAYOUT_SHARED:
             shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
         else:
             shape = (capacity, batch, cfg.num_kv_heads, cfg.head_dim)
@@ -328,7 +333,7 @@ class OrtBackend(Backend):
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int32)
         attention_mask = np.ascontiguousarray(attention_mask, dtype=np.float32)
         logits = np.empty((b, self.config.vocab_size), dtype=np.float32)
-        if state.layout == "bnsh-shared" and b > 1 and s > 1 and start > 0:
+        if self.kv_layout == KV_LAYOUT_SHARED and b > 1 and s > 1 and start > 0:
             # ORT's GroupQueryAttention takes a multi-token chunk after a past only at batch 1: run row by row
             # (each row's buffer slice is contiguous in the batch-major layout)
             for row in range(b):
@@ -346,7 +351,7 @@ class OrtBackend(Backend):
         binding = session.io_binding()
         for name, array in (("inputs_embeds", embeds), ("position_ids", position_ids), ("attention_mask", attention_mask)):
             binding.bind_cpu_input(name, array)
-        shared = self.kv_layout == "bnsh-shared"
+        shared = self.kv_layout == KV_LAYOUT_SHARED
         for (pk, pv, nk, nv), kbuf, vbuf in zip(self._kv_names, keys, values):
             for past, new, buf in ((pk, nk, kbuf), (pv, nv, vbuf)):
                 past_view, new_view = (buf, buf) if shared else (buf[:start], buf[start:start + s])

@@ -278,6 +278,11 @@ class BoxPointer(nn.Module):
         return self.box(patches)
 
 
+def centre_patch(cx: float, cy: float, grid: int) -> int:
+    """Index of the patch of a ``grid`` x ``grid`` layout holding the point (cx, cy), in image sizes (0-1)."""
+    return min(grid - 1, int(cy * grid)) * grid + min(grid - 1, int(cx * grid))
+
+
 def patch_centres(patches: torch.Tensor, grid: int) -> torch.Tensor:
     """(..., 4) centre (x, y, x, y) in image sizes of each patch index of a ``grid`` x ``grid`` layout."""
     px, py = (patches % grid + 0.5) / grid, (patches // grid + 0.5) / grid
