@@ -25,7 +25,7 @@ from rsvlm_edge.fileio import staged_dir
 from rsvlm_edge.manifest import KV_LAYOUT_SHARED, Component, Manifest, TensorSpec, sha256_file
 
 LM_HEAD = re.compile(r"lm_head")
-COPIED_KINDS = ("stem", "router")
+COPIED_KINDS = ("stem", "router", "box_pointer")  # the pointer is tiny and its boxes need FP32 precision
 SCHEMES = ("qdq", "weight-only")
 # (graph, its external weights, component name, weight name -> its file) -> the rewritten graph and its tensors.
 # The file of each weight lets a rewrite stack weights without mixing the decoder's trunk and expert files.

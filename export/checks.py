@@ -77,7 +77,8 @@ def parity_decoder(path: Path, model, expert: int, steps: int = 3, batch: int = 
                    threads: int | None = None) -> dict[str, float]:
     """Prefill (empty past, left padding on row 0) then ``steps`` decode steps, each fed its own KV cache.
 
-    Returns the max abs diff of logits and of new K/V over all steps, against ``RSVLM.decode`` with ``expert``.
+    Returns the max abs diff of logits and of new K/V over all steps, against ``RSVLM.decode`` with ``expert``
+    (and, for models with a box pointer, of ``hidden_states`` against ``RSVLM.decode_hidden``).
     """
     import torch
 
@@ -105,6 +106,11 @@ def parity_decoder(path: Path, model, expert: int, steps: int = 3, batch: int = 
             logits, new = model.decode(embeds[:, sl], positions[:, sl].long(), mask[:, : start + length], ref_past, expert)
         out["logits"] = max(out["logits"], _max_diff(got[0], logits[:, -1].numpy()))
         out["ref_logits_max_abs"] = max(out["ref_logits_max_abs"], float(logits.abs().max()))
+        if cfg.box_pointer:  # the extra output the box pointer reads
+            with torch.inference_mode():
+                hidden, _ = model.decode_hidden(embeds[:, sl], positions[:, sl].long(), mask[:, : start + length],
+                                                ref_past, expert)
+            out["hidden"] = max(out.get("hidden", 0.0), _max_diff(got[-1], hidden.numpy()))
         for i, (nk, nv) in enumerate(new):
             out["kv"] = max(out["kv"], _max_diff(got[1 + 2 * i], nk.numpy()), _max_diff(got[2 + 2 * i], nv.numpy()))
             ort_past[2 * i] = np.concatenate([ort_past[2 * i], got[1 + 2 * i]])

@@ -12,7 +12,10 @@ Split (see also DESIGN.md "Engines and manifest"):
   is the only cut that keeps all encoder weights in one graph.
 * ``embedding``: input_ids (B, S) int32 -> (B, S, hidden).
 * ``router``: embeds (B, S, hidden) + mask (B, S) -> logits (B, num_experts).
-* ``decoder_expert<e>``: one step (prefill or decode) with expert e; last-position logits and this call's K/V.
+* ``decoder_expert<e>``: one step (prefill or decode) with expert e; last-position logits and this call's K/V
+  (models with a box pointer: also ``hidden_states``, the final-norm states of this call's positions).
+* ``box_pointer`` (models with one): answer query state (B, hidden) + patch states (B, grid^2, hidden) -> pointer
+  scores (B, grid^2) and each patch's box (B, grid^2, 4), in image sizes (the patch centres are added in the graph).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from rsvlm_edge.config import ModelConfig
+from rsvlm_edge.export.names import HIDDEN_STATES, POINTER_COMPONENT
 
 #: Parameters of the decoder that belong to one expert (everything else in the decoder is the shared trunk).
 EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.experts\.(\d+)\.")
@@ -92,9 +96,27 @@ class DecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, attention_mask, *past):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
+        if self.core.cfg.box_pointer:  # one extra output; the graph of models without a pointer is unchanged
+            hidden, new = self.core.decode_hidden(inputs_embeds, position_ids, attention_mask, pairs, 0)
+            logits = self.core.lm_head(hidden[:, -1]).float()
+            return (logits, *[t for kv in new for t in kv], hidden)
         logits, new = self.core.decode(inputs_embeds, position_ids, attention_mask, pairs, 0)
         flat = [t for kv in new for t in kv]
         return (logits[:, -1], *flat)
+
+
+class PointerGraph(nn.Module):
+    """``BoxPointer`` scores and absolute boxes: each patch's box head output plus that patch's centre."""
+
+    def __init__(self, pointer: nn.Module, grid: int):
+        super().__init__()
+        from rsvlm_edge.modeling.model import patch_centres
+
+        self.pointer = pointer
+        self.centres = patch_centres(torch.arange(grid * grid), grid).float()  # a plain attribute: traced as a constant
+
+    def forward(self, query, patches):
+        return self.pointer.scores(query, patches), self.pointer.boxes(patches) + self.centres
 
 
 # ----------------------------------------------------------------------------------------------- specs
@@ -137,6 +159,8 @@ def decoder_io(cfg: ModelConfig) -> tuple[list[dict], list[dict]]:
     for i in range(cfg.num_layers):
         inputs += [T(f"past_{kv_name}_{i}", "float32", "past_seq", "batch", kv, hd) for kv_name in ("key", "value")]
         outputs += [T(f"new_{kv_name}_{i}", "float32", "seq", "batch", kv, hd) for kv_name in ("key", "value")]
+    if cfg.box_pointer:
+        outputs.append(T(HIDDEN_STATES, "float32", "batch", "seq", cfg.hidden_size))
     return inputs, outputs
 
 
@@ -187,6 +211,14 @@ def component_specs(model: Any, names: list[str] | None = None, batch: int = 2, 
               *[torch.randn(past, batch, kv, hd, generator=gen) for _ in range(2 * cfg.num_layers)])
     specs.append(ComponentSpec("decoder_expert0", "decoder", DecoderGraph(model, 0), sample, inputs, outputs,
                                decoder_weight_name, {"expert": 0}))
+    if cfg.box_pointer:
+        n = cfg.grid_size ** 2
+        specs.append(ComponentSpec(
+            POINTER_COMPONENT, "box_pointer", PointerGraph(model.box_pointer, cfg.grid_size),
+            (torch.randn(batch, cfg.hidden_size, generator=gen), torch.randn(batch, n, cfg.hidden_size, generator=gen)),
+            [T("query", "float32", "batch", cfg.hidden_size), T("patches", "float32", "batch", n, cfg.hidden_size)],
+            [T("scores", "float32", "batch", n), T("boxes", "float32", "batch", n, 4)], _strip("pointer."),
+            {"grid": cfg.grid_size}))
     if names is not None:
         specs = [s for s in specs if s.name in names]
     return specs

@@ -259,8 +259,10 @@ class _Writer:
         path = self.dir / comp.file
         if spec.kind == "decoder":
             res = parity_decoder(path, self.model, comp.extra["expert"], threads=self.options.threads)
-            diff, scale = max(res["logits"], res["kv"]), res["ref_logits_max_abs"]
+            diff, scale = max(res["logits"], res["kv"], res.get("hidden", 0.0)), res["ref_logits_max_abs"]
             out = {"parity": {"logits_max_abs_diff": res["logits"], "kv_max_abs_diff": res["kv"]}}
+            if "hidden" in res:
+                out["parity"]["hidden_max_abs_diff"] = res["hidden"]
         else:
             res = parity_simple(path, spec.module, spec.sample, [t["name"] for t in spec.inputs], self.options.threads)
             diff, scale = res["max_abs_diff"], res["ref_max_abs"]

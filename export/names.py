@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rsvlm_edge.manifest import HIDDEN_STATES, POINTER_COMPONENT  # noqa: F401 - HIDDEN_STATES re-exported
+
 #: ``--components`` groups -> prefixes of the component names they select.
 GROUPS: dict[str, tuple[str, ...]] = {
     "vision": ("vision_stem_", "vision_encoder"),
@@ -10,6 +12,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "embedding": ("embedding",),
     "router": ("router",),
     "decoder": ("decoder_expert",),
+    "pointer": (POINTER_COMPONENT,),  # only in models with a box pointer
 }
 COMPONENT_CHOICES = tuple(GROUPS)
 TRUNK_FILE = "decoder_trunk.bin"

@@ -3,6 +3,10 @@
 Works on any :class:`~rsvlm_edge.backends.base.Backend`. Requests in one call are batched by expert (a decoder
 step runs one expert) with left padding; each request keeps its own seeded sampler, so a request gives the same
 tokens alone or in a batch.
+
+Grounding by pointing: on a backend whose model has a box pointer, a ``[VG]`` answer is not sampled. The prefill's
+last hidden state points at one image patch, that patch's box is written as the answer text (``[x1, y1, x2, y2]``)
+and its tokens are fed through the decoder like sampled ones, so a chat continues from them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from rsvlm_edge.backends.base import Backend, CacheHandle
+from rsvlm_edge.formats import format_box
 from rsvlm_edge.sampling import SamplingConfig, TokenSampler
 from rsvlm_edge.tasks import ASSISTANT, Turn, build_prompt, expert_for_tag, split_tag, user_block
 from rsvlm_edge.tokenizer import StreamDecoder, Tokenizer
@@ -45,6 +50,20 @@ class Generation:
     prompt_tokens: int
     finish_reason: str  # "stop" or "length"
     timings: dict[str, float] = field(default_factory=dict)
+    pointer: "Pointing | None" = None  # set when the box pointer wrote the answer
+
+
+@dataclass
+class Pointing:
+    """Where the box pointer pointed: the patch index (row-major over the grid) and its softmax probability."""
+
+    patch: int
+    probability: float
+    box: list[float]  # x1, y1, x2, y2 in 0-100 units, before rounding
+
+
+#: Tasks whose answer the box pointer writes (one box about one image).
+POINTER_TAGS = ("[VG]",)
 
 
 TokenCallback = Callable[[int, str], None]
@@ -118,6 +137,29 @@ class Generator:
             out[r].append(encoded[k])
         return [np.concatenate(parts, axis=0) for parts in out]
 
+    # ------------------------------------------------------------------ box pointer
+    def uses_pointer(self, prompt: str, num_images: int) -> bool:
+        return self.backend.has_box_pointer and num_images == 1 and split_tag(prompt)[0] in POINTER_TAGS
+
+    def patch_states(self, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        """The hidden states of the image's patch tokens (grid^2, D; the newline token is left out) of one row."""
+        n = self.config.grid_size ** 2
+        slots = np.nonzero(ids == self.tokenizer.image_id)[0][:n]
+        if len(slots) < n:
+            raise ValueError(f"the box pointer needs {n} image patch tokens, the prompt has {len(slots)}")
+        return hidden[slots]
+
+    def point(self, queries: np.ndarray, patches: np.ndarray) -> list[tuple[list[int], Pointing]]:
+        """(R, D) answer states + (R, grid^2, D) patch states -> per row the answer's token ids and where it pointed."""
+        scores, boxes = self.backend.point(queries, patches)
+        out = []
+        for row in range(len(scores)):
+            best = int(np.argmax(scores[row]))
+            box = [float(v) * 100.0 for v in boxes[row, best]]
+            probability = float(softmax(scores[row].astype(np.float64))[best])
+            out.append((self.tokenizer.encode(format_box(box)), Pointing(best, probability, box)))
+        return out
+
     # ------------------------------------------------------------------ generation
     def generate(self, requests: list[Request], sampling: SamplingConfig | None = None,
                  on_token: TokenCallback | None = None) -> list[Generation]:
@@ -167,10 +209,19 @@ class Generator:
             sampler.observe([t for t in seq if t != tok.image_id])
         full_mask = np.ones((len(requests), capacity), dtype=np.float32)  # grows by a view per step, never copied
         full_mask[:, : mask.shape[1]] = mask
-        logits = backend.forward(cache, embeds, positions, mask)
+        pointed = [row for row, req in enumerate(requests) if self.uses_pointer(req.prompt, len(req.pixels))]
+        forced: dict[int, list[int]] = {}
+        pointings: dict[int, Pointing] = {}
+        if pointed:
+            logits, hidden = backend.forward_hidden(cache, embeds, positions, mask)
+            answers = self.point(hidden[pointed, -1], np.stack([self.patch_states(ids[r], hidden[r]) for r in pointed]))
+            for row, (answer_ids, pointing) in zip(pointed, answers):
+                forced[row], pointings[row] = answer_ids, pointing
+        else:
+            logits = backend.forward(cache, embeds, positions, mask)
         t_first = time.perf_counter()
         generated, reasons, steps = self.decode(cache, logits, full_mask, positions[:, -1] + 1, samplers, sampling,
-                                                on_token, indices)
+                                                on_token, indices, forced)
         t_end = time.perf_counter()
         results = []
         for row in range(len(requests)):
@@ -183,13 +234,17 @@ class Generator:
                 "decode_tok_s": steps * len(requests) / (t_end - t_first) if steps else 0.0,
             }
             results.append(Generation(text=tok.decode(generated[row]), token_ids=generated[row], routing=None,  # type: ignore[arg-type]
-                                      prompt_tokens=len(seqs[row]), finish_reason=reasons[row], timings=timings))
+                                      prompt_tokens=len(seqs[row]), finish_reason=reasons[row], timings=timings,
+                                      pointer=pointings.get(row)))
         return results
 
     def decode(self, cache: CacheHandle, logits: np.ndarray, full_mask: np.ndarray, next_pos: np.ndarray,
                samplers: list[TokenSampler], sampling: SamplingConfig, on_token: TokenCallback | None,
-               indices: list[int]) -> tuple[list[list[int]], list[str], int]:
-        """Sample from ``logits`` and feed tokens back until every row stops. The stop token is not fed."""
+               indices: list[int], forced: dict[int, list[int]] | None = None) -> tuple[list[list[int]], list[str], int]:
+        """Sample from ``logits`` and feed tokens back until every row stops. The stop token is not fed.
+
+        ``forced``: rows whose answer is given (the box pointer's): their tokens are fed in order instead of sampled,
+        then the row stops (with ``ignore_stop``, sampling goes on after them)."""
         tok, backend = self.tokenizer, self.backend
         rows = len(samplers)
         stop = set() if sampling.ignore_stop else set(sampling.stop_ids) | {tok.end_id}
@@ -203,7 +258,15 @@ class Generator:
             for row in range(rows):
                 if finished[row]:
                     continue
-                token = samplers[row](logits[row])
+                script = forced.get(row) if forced else None
+                if script is not None and len(generated[row]) < len(script):
+                    token = script[len(generated[row])]
+                    samplers[row].observe([token])
+                elif script is not None and stop:
+                    finished[row], reasons[row] = True, "stop"
+                    continue
+                else:
+                    token = samplers[row](logits[row])
                 if token in stop:
                     finished[row], reasons[row] = True, "stop"
                     continue
@@ -239,6 +302,7 @@ class ChatSession:
         self.cache: CacheHandle | None = None
         self.position = 0  # next position id
         self.pending: list[int] = []  # a generated token not yet in the cache (answer cut by max_new_tokens)
+        self.patches: np.ndarray | None = None  # the image's patch states for the box pointer (from the prefill)
         self.counters = {"turns": 0, "reprefills": 0, "reused_tokens": 0}
 
     def ask(self, text: str, sampling: SamplingConfig | None = None,
@@ -248,7 +312,9 @@ class ChatSession:
         routing = gen.route([text])[0]
         t0 = time.perf_counter()
         capacity = gen.config.max_position_embeddings
-        if self.cache is not None and self.cache.expert == routing.expert:
+        prefill = not (self.cache is not None and self.cache.expert == routing.expert)
+        if not prefill:
+            assert self.cache is not None
             tok = gen.tokenizer
             new_text = "\n" + user_block(text, 0) + ASSISTANT + "\n"
             ids = self.pending + [tok.end_id] + tok.encode(new_text)  # close the last answer, open the new turn
@@ -272,12 +338,25 @@ class ChatSession:
             self.position = 0
         positions = np.arange(self.position, self.position + len(ids), dtype=np.int32)[None]
         full_mask = np.ones((1, capacity), dtype=np.float32)
-        logits = gen.backend.forward(self.cache, embeds, positions, full_mask[:, : self.cache.length + len(ids)])
+        step_mask = full_mask[:, : self.cache.length + len(ids)]
+        pointing: Pointing | None = None
+        forced: dict[int, list[int]] = {}
+        pointed = gen.uses_pointer(text, len(self.pixels))
+        if gen.backend.has_box_pointer and (prefill or pointed):
+            # a prefill keeps the patch states: the image precedes every instruction, so later turns can point too
+            logits, hidden = gen.backend.forward_hidden(self.cache, embeds, positions, step_mask)
+            if prefill:
+                self.patches = gen.patch_states(np.asarray(ids), hidden[0])
+            if pointed and self.patches is not None:
+                (answer_ids, pointing), = gen.point(hidden[:, -1], self.patches[None])
+                forced[0] = answer_ids
+        else:
+            logits = gen.backend.forward(self.cache, embeds, positions, step_mask)
         t_first = time.perf_counter()
         sampler = TokenSampler(sampling, gen.config.vocab_size)
         sampler.observe([t for t in ids if t != gen.tokenizer.image_id])
         generated, reasons, steps = gen.decode(self.cache, logits, full_mask, positions[:, -1] + 1, [sampler],
-                                               sampling, on_token, [0])
+                                               sampling, on_token, [0], forced)
         self.position = int(positions[0, -1]) + 1 + steps
         self.pending = generated[0][-1:] if reasons[0] == "length" else []
         answer = gen.tokenizer.decode(generated[0])
@@ -285,6 +364,6 @@ class ChatSession:
         self.counters["turns"] += 1
         t_end = time.perf_counter()
         return Generation(text=answer, token_ids=generated[0], routing=routing, prompt_tokens=len(ids),
-                          finish_reason=reasons[0],
+                          finish_reason=reasons[0], pointer=pointing,
                           timings={"ttft_ms": (t_first - t0) * 1e3, "decode_ms": (t_end - t_first) * 1e3,
                                    "decode_steps": float(steps)})

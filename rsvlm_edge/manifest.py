@@ -62,6 +62,9 @@ DTYPES = ("float32", "float16", "int32", "int64", "int8", "uint8", "bool")
 #: Decoder KV cache layouts (a decoder component's ``kv_layout``; absent means the exported sequence-major one).
 KV_LAYOUT_SEQUENCE_MAJOR, KV_LAYOUT_SHARED = "sequence-major", "bnsh-shared"
 KV_LAYOUTS = (KV_LAYOUT_SEQUENCE_MAJOR, KV_LAYOUT_SHARED)
+#: Models with a box pointer (``ModelConfig.box_pointer``): its component, and the decoder output it reads.
+POINTER_COMPONENT = "box_pointer"
+HIDDEN_STATES = "hidden_states"
 
 Verify = bool | Literal["size", "sha256"]
 

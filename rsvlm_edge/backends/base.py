@@ -77,6 +77,21 @@ class Backend(abc.ABC):
         ``attention_mask`` covers the cache plus the new positions: (B, cache.length + S), 1 = attend, 0 = padding.
         """
 
+    @property
+    def has_box_pointer(self) -> bool:
+        """Whether :meth:`forward_hidden` and :meth:`point` work: the model has a box pointer and this backend runs it."""
+        return False
+
+    def forward_hidden(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray,
+                       attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`forward` that also returns the final-norm hidden states of the S new positions (B, S, hidden)."""
+        raise BackendError(f"the {self.name} backend does not return hidden states for this model (no box pointer)")
+
+    def point(self, query: np.ndarray, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Box pointer: answer query states (B, hidden) + image patch states (B, grid^2, hidden) -> pointer scores
+        (B, grid^2) and every patch's box (B, grid^2, 4) as x1, y1, x2, y2 in image sizes (0-1)."""
+        raise BackendError(f"the {self.name} backend has no box pointer for this model")
+
     def prefetch_expert(self, expert: int) -> None:
         """Start making ``expert`` resident (backends with an expert cache load it while the vision encoder runs)."""
 

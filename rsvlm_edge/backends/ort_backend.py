@@ -33,9 +33,11 @@ import numpy as np
 
 from rsvlm_edge.backends.base import Backend, BackendError, CacheHandle
 from rsvlm_edge.manifest import (
+    HIDDEN_STATES,
     KV_LAYOUT_SEQUENCE_MAJOR,
     KV_LAYOUT_SHARED,
     KV_LAYOUTS,
+    POINTER_COMPONENT,
     Component,
     Manifest,
     ManifestError,
@@ -220,6 +222,7 @@ class OrtBackend(Backend):
         new = "present" if self.kv_layout == KV_LAYOUT_SHARED else "new"
         self._kv_names = [(f"past_key_{i}", f"past_value_{i}", f"{new}_key_{i}", f"{new}_value_{i}")
                           for i in range(cfg.num_layers)]
+        self._pointer = self._has_pointer()
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, threads: int | None = None, providers: Sequence[str] | str | None = None,
@@ -325,7 +328,39 @@ class OrtBackend(Backend):
                         values=[np.empty(shape, np.float32) for _ in range(cfg.num_layers)], layout=self.kv_layout)
         return CacheHandle(batch=batch, capacity=capacity, expert=expert, state=state)
 
+    @property
+    def has_box_pointer(self) -> bool:
+        return self._pointer
+
+    def _has_pointer(self) -> bool:
+        """A ``box_pointer`` component, and decoders that output the hidden states it reads."""
+        if POINTER_COMPONENT not in self.manifest.components:
+            return False
+        names = (self.manifest.experts or {}).get("components") or []
+        return bool(names) and all(any(t.name == HIDDEN_STATES for t in self.manifest.component(n).outputs)
+                                   for n in names)
+
+    def point(self, query: np.ndarray, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self._pointer:
+            return super().point(query, patches)
+        scores, boxes = self._session(POINTER_COMPONENT).run(
+            None, {"query": np.ascontiguousarray(query, dtype=np.float32),
+                   "patches": np.ascontiguousarray(patches, dtype=np.float32)})
+        return scores, boxes
+
     def forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self._forward(cache, embeds, position_ids, attention_mask, hidden=False)[0]
+
+    def forward_hidden(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray,
+                       attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self._pointer:
+            return super().forward_hidden(cache, embeds, position_ids, attention_mask)
+        logits, hidden = self._forward(cache, embeds, position_ids, attention_mask, hidden=True)
+        assert hidden is not None
+        return logits, hidden
+
+    def _forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                 hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
         b, s, start = cache.check_step(embeds, attention_mask)
         session = self.expert_cache.get(cache.expert).session
         state: KVState = cache.state
@@ -333,21 +368,24 @@ class OrtBackend(Backend):
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int32)
         attention_mask = np.ascontiguousarray(attention_mask, dtype=np.float32)
         logits = np.empty((b, self.config.vocab_size), dtype=np.float32)
+        states = np.empty((b, s, self.config.hidden_size), dtype=np.float32) if hidden else None
         if self.kv_layout == KV_LAYOUT_SHARED and b > 1 and s > 1 and start > 0:
             # ORT's GroupQueryAttention takes a multi-token chunk after a past only at batch 1: run row by row
             # (each row's buffer slice is contiguous in the batch-major layout)
             for row in range(b):
                 rows = slice(row, row + 1)
                 self._run(session, embeds[rows], position_ids[rows], attention_mask[rows],
-                          [k[rows] for k in state.keys], [v[rows] for v in state.values], start, s, logits[rows])
+                          [k[rows] for k in state.keys], [v[rows] for v in state.values], start, s, logits[rows],
+                          None if states is None else states[rows])
         else:
-            self._run(session, embeds, position_ids, attention_mask, state.keys, state.values, start, s, logits)
+            self._run(session, embeds, position_ids, attention_mask, state.keys, state.values, start, s, logits, states)
         cache.length += s
-        return logits
+        return logits, states
 
     def _run(self, session, embeds, position_ids, attention_mask, keys, values, start: int, s: int,
-             logits: np.ndarray) -> None:
-        """One decoder run over the given cache buffers, writing the last position's logits into ``logits``."""
+             logits: np.ndarray, states: np.ndarray | None = None) -> None:
+        """One decoder run over the given cache buffers, writing the last position's logits into ``logits`` (and,
+        when ``states`` is given, the hidden states of the new positions into it)."""
         binding = session.io_binding()
         for name, array in (("inputs_embeds", embeds), ("position_ids", position_ids), ("attention_mask", attention_mask)):
             binding.bind_cpu_input(name, array)
@@ -358,6 +396,8 @@ class OrtBackend(Backend):
                 binding.bind_input(past, "cpu", 0, np.float32, list(past_view.shape), past_view.ctypes.data)
                 binding.bind_output(new, "cpu", 0, np.float32, list(new_view.shape), new_view.ctypes.data)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        if states is not None:
+            binding.bind_output(HIDDEN_STATES, "cpu", 0, np.float32, list(states.shape), states.ctypes.data)
         session.run_with_iobinding(binding)
 
     def prefetch_expert(self, expert: int) -> None:

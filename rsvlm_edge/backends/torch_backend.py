@@ -55,14 +55,44 @@ class TorchBackend(Backend):
         return CacheHandle(batch=batch, capacity=capacity, expert=expert, state=self.model.empty_cache(batch))
 
     def forward(self, cache: CacheHandle, embeds, position_ids, attention_mask) -> np.ndarray:
+        return self._step(cache, embeds, position_ids, attention_mask, hidden=False)[0]
+
+    @property
+    def has_box_pointer(self) -> bool:
+        return self.model.box_pointer is not None
+
+    def forward_hidden(self, cache: CacheHandle, embeds, position_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+        if not self.has_box_pointer:
+            return super().forward_hidden(cache, embeds, position_ids, attention_mask)
+        logits, hidden = self._step(cache, embeds, position_ids, attention_mask, hidden=True)
+        assert hidden is not None
+        return logits, hidden
+
+    def point(self, query: np.ndarray, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.model.box_pointer is None:
+            return super().point(query, patches)
+        from rsvlm_edge.modeling.model import patch_centres
+
+        torch, pointer = self.torch, self.model.box_pointer
+        with torch.inference_mode():
+            keys = self._t(patches, torch.float32)
+            centres = patch_centres(torch.arange(keys.shape[1]), self.config.grid_size).float()
+            return (pointer.scores(self._t(query, torch.float32), keys).numpy(),
+                    (pointer.boxes(keys) + centres).numpy())
+
+    def _step(self, cache: CacheHandle, embeds, position_ids, attention_mask, hidden: bool
+              ) -> tuple[np.ndarray, np.ndarray | None]:
         cache.check(cache.expert, embeds.shape[1])
         torch = self.torch
+        args = (self._t(embeds, torch.float32), self._t(position_ids, torch.long), self._t(attention_mask, torch.float32),
+                cache.state, cache.expert)
         with torch.inference_mode():
-            logits, new = self.model.decode(
-                self._t(embeds, torch.float32), self._t(position_ids, torch.long), self._t(attention_mask, torch.float32),
-                cache.state, cache.expert,
-            )
+            if hidden:
+                states, new = self.model.decode_hidden(*args)
+                logits = self.model.lm_head(states[:, -1:]).float()
+            else:
+                states, (logits, new) = None, self.model.decode(*args)
             # Eager style: grow the cache by concatenation (what a plain PyTorch loop does).
             cache.state = [(torch.cat([pk, nk]), torch.cat([pv, nv])) for (pk, pv), (nk, nv) in zip(cache.state, new)]
         cache.length += embeds.shape[1]
-        return logits[:, -1].numpy()
+        return logits[:, -1].numpy(), None if states is None else states.numpy()

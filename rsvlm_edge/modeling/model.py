@@ -260,7 +260,9 @@ class BoxPointer(nn.Module):
 
     ``scores``: the hidden state that predicts a box answer's first token, against every patch token's hidden state
     (scaled bilinear). ``boxes``: per patch token, the box edges (x1, y1, x2, y2) minus the patch centre, in image
-    sizes (0-1). Both read the decoder's final-norm hidden states, so the image tokens have seen the instruction.
+    sizes (0-1). Both read the decoder's final-norm hidden states. The image comes before the instruction, so under
+    causal attention the patch states depend on the image only and the query carries the instruction: a chat can
+    keep the patch states of its first prefill.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -343,14 +345,25 @@ class RSVLM(nn.Module):
         all_logits: bool = False,
     ) -> tuple[torch.Tensor, KVCache]:
         """One prefill or decode step. Returns logits (last position only unless ``all_logits``) and new k/v."""
+        x, new = self._layers(inputs_embeds, position_ids, attention_mask, past, expert)
+        x = self.norm(x if all_logits else x[:, -1:])
+        return self.lm_head(x).float(), new
+
+    def decode_hidden(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      past: KVCache, expert: int | torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """:meth:`decode` returning the final-norm hidden states of every new position (B, S, D) instead of logits:
+        what the box pointer reads (``lm_head`` of the last one gives :meth:`decode`'s logits)."""
+        x, new = self._layers(inputs_embeds, position_ids, attention_mask, past, expert)
+        return self.norm(x), new
+
+    def _layers(self, inputs_embeds, position_ids, attention_mask, past: KVCache, expert) -> tuple[torch.Tensor, KVCache]:
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         bias = attention_bias(attention_mask, inputs_embeds.shape[1])
         x, new = inputs_embeds, []
         for layer, (pk, pv) in zip(self.layers, past):
             x, nk, nv = layer(x, cos, sin, bias, pk, pv, expert)
             new.append((nk, nv))
-        x = self.norm(x if all_logits else x[:, -1:])
-        return self.lm_head(x).float(), new
+        return x, new
 
     def splice_images(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, image_token_id: int) -> torch.Tensor:
         """Embed ids and put visual tokens, in order, where the ids hold the (expanded) image placeholder."""
