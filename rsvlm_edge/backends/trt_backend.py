@@ -29,7 +29,16 @@ from rsvlm_edge.backends.cuda_mem import ALIGNMENT, DeviceBuffer, Stream, copy_o
 from rsvlm_edge.backends.trt_engine import TrtEngine
 from rsvlm_edge.backends.trt_env import LazyModule, cuda_check, device_compute_capability, load_cudart, load_tensorrt
 from rsvlm_edge.backends.trt_shapes import ShapeError, batch_chunks, decoder_steps
-from rsvlm_edge.manifest import Component, EngineCompatError, Manifest, ManifestError, Verify, check_engine_compat
+from rsvlm_edge.manifest import (
+    HIDDEN_STATES,
+    POINTER_COMPONENT,
+    Component,
+    EngineCompatError,
+    Manifest,
+    ManifestError,
+    Verify,
+    check_engine_compat,
+)
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -189,7 +198,37 @@ class TrtBackend(Backend):
                          values=[DeviceBuffer(capacity * row) for _ in range(cfg.num_layers)], row_bytes=row)
         return CacheHandle(batch=batch, capacity=capacity, expert=expert, state=state)
 
+    @property
+    def has_box_pointer(self) -> bool:
+        """A ``box_pointer`` plan, and decoder plans that output the hidden states it reads."""
+        return POINTER_COMPONENT in self.manifest.components and all(
+            any(t.name == HIDDEN_STATES for t in self._component(n).outputs) for n in self.decoders)
+
+    def point(self, query: np.ndarray, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self.has_box_pointer:
+            return super().point(query, patches)
+        engine = self._engine(POINTER_COMPONENT)
+        try:
+            pieces = batch_chunks(engine.component, engine.profiles, query.shape[0], {})
+        except ShapeError as exc:
+            raise BackendError(str(exc)) from None
+        outs = [engine.run_host(p, {"query": query[a:b], "patches": patches[a:b]}) for a, b, p in pieces]
+        return tuple(np.concatenate([o[name] for o in outs]).astype(np.float32, copy=False)  # type: ignore[return-value]
+                     for name in ("scores", "boxes"))
+
     def forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self._forward(cache, embeds, position_ids, attention_mask, hidden=False)[0]
+
+    def forward_hidden(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray,
+                       attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self.has_box_pointer:
+            return super().forward_hidden(cache, embeds, position_ids, attention_mask)
+        logits, hidden = self._forward(cache, embeds, position_ids, attention_mask, hidden=True)
+        assert hidden is not None
+        return logits, hidden
+
+    def _forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                 hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
         b, s, start = cache.check_step(embeds, attention_mask)
         engine: TrtEngine = self.expert_cache.get(cache.expert)
         cfg = self.config
@@ -204,7 +243,8 @@ class TrtBackend(Backend):
                  "position_ids": np.ascontiguousarray(position_ids, dtype=engine.dtypes["position_ids"]),
                  "attention_mask": np.ascontiguousarray(attention_mask, dtype=engine.dtypes["attention_mask"])}
         logits = np.empty((b, self.config.vocab_size), dtype=engine.dtypes["logits"])
-        keep = []  # host chunks stay alive until the stream is synchronized
+        keep: list[dict[str, np.ndarray]] = []  # host chunks stay alive until the stream is synchronized
+        states: list[np.ndarray] = []  # per chunk, its positions' hidden states (when asked for)
         for offset, length, profile in steps:
             past = start + offset
             chunk = {"inputs_embeds": np.ascontiguousarray(feeds["inputs_embeds"][:, offset:offset + length]),
@@ -212,10 +252,14 @@ class TrtBackend(Backend):
                      "attention_mask": np.ascontiguousarray(feeds["attention_mask"][:, :past + length])}
             keep.append(chunk)
             self._step(engine, profile, cache.state, chunk, past, length, b)
+            if hidden:  # the next chunk reuses the device buffer: the stream orders this copy before it
+                states.append(np.empty((b, length, cfg.hidden_size), dtype=engine.dtypes[HIDDEN_STATES]))
+                copy_to_host(states[-1], engine.buffer(HIDDEN_STATES, states[-1].nbytes), self.stream)
         copy_to_host(logits, engine.buffer("logits", logits.nbytes), self.stream)
         self.stream.synchronize()
         cache.length += s
-        return logits.astype(np.float32, copy=False)
+        joined = np.concatenate(states, axis=1).astype(np.float32, copy=False) if hidden else None
+        return logits.astype(np.float32, copy=False), joined
 
     def _step(self, engine: TrtEngine, profile: int, kv: DeviceKV, chunk: dict[str, np.ndarray], past: int,
               length: int, batch: int) -> None:
@@ -228,6 +272,9 @@ class TrtBackend(Backend):
             inputs[name] = (ptr, tuple(array.shape))
         kv_shape = (cfg.num_kv_heads, cfg.head_dim)
         outputs = {"logits": engine.buffer("logits", batch * cfg.vocab_size * engine.dtypes["logits"].itemsize)}
+        if HIDDEN_STATES in engine.dtypes:  # pointer models: TensorRT needs every output bound, wanted or not
+            outputs[HIDDEN_STATES] = engine.buffer(
+                HIDDEN_STATES, batch * length * cfg.hidden_size * engine.dtypes[HIDDEN_STATES].itemsize)
         copies = []
         offset_bytes, new_bytes = past * kv.row_bytes, length * kv.row_bytes
         for i in range(cfg.num_layers):
