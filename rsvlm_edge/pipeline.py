@@ -87,6 +87,9 @@ class InferenceResult:
         }
         if self.generation.routing.probs is not None:
             out["router_probs"] = dict(zip(EXPERT_NAMES, (round(p, 4) for p in self.generation.routing.probs)))
+        if self.generation.pointer is not None:  # the box came from the box pointer, not from sampled text
+            pointing = self.generation.pointer
+            out["pointer"] = {"patch": pointing.patch, "probability": round(pointing.probability, 4)}
         if parsed.error:
             out["parse_error"] = parsed.error
         if parsed.boxes is not None:

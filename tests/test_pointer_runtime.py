@@ -165,3 +165,18 @@ def test_trt_backend_points_like_ort(onnx_dir, tok, tmp_path, monkeypatch):
     assert [g.text for g in got] == [w.text for w in want]
     assert all(g.pointer is not None for g in got)
     trt_backend.close()
+
+
+def test_cli_infer_reports_the_pointed_box(onnx_dir, sample_png):
+    import json
+
+    from click.testing import CliRunner
+
+    from rsvlm_edge.cli import main
+
+    res = CliRunner().invoke(main, ["infer", str(onnx_dir), str(sample_png), "--task", "vg", "--prompt", "the plane",
+                                    "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["task"] == "[VG]" and "parse_error" not in out and len(out["boxes_px"]) == 1
+    assert 0 <= out["pointer"]["patch"] < 64 and 0 < out["pointer"]["probability"] <= 1

@@ -33,6 +33,7 @@ class Prediction:
     expert: int
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
+    pointed: bool = False  # the box pointer wrote the answer
 
 
 def predict(generator: Generator, samples: list[Sample], batch_size: int = 8, max_new_tokens: int = 320,
@@ -47,7 +48,7 @@ def predict(generator: Generator, samples: list[Sample], batch_size: int = 8, ma
                             sensor=samples[i].sensor, prompt=samples[i].prompt) for i in idx]
         for i, gen in zip(idx, generator.generate(requests, sampling)):
             results[i] = Prediction(samples[i], gen.text, formats.parse_answer(samples[i].tag, gen.text), gen.routing.expert,
-                                    list(gen.token_ids), gen.finish_reason)
+                                    list(gen.token_ids), gen.finish_reason, gen.pointer is not None)
         if progress:
             progress(len(idx))
     return [results[i] for i in range(len(samples))]
@@ -87,6 +88,7 @@ def score(predictions: Iterable[Prediction]) -> dict[str, Any]:
         elif tag == "[VG]":
             boxes, refs = [p.parsed.boxes or [] for p in preds], [p.sample.target["boxes"] for p in preds]
             res[f"{name}/acc@0.5"] = metrics.acc_at_iou(boxes, refs, 0.5)
+            res[f"{name}/pointer_share"] = float(np.mean([p.pointed for p in preds]))  # else the LM wrote the box
             dist = metrics.centre_distances(boxes, refs)
             # 0..100 units; a missing box counts as the image diagonal, so the report stays finite (strict JSON)
             res[f"{name}/centre_error_median"] = float(np.median(np.minimum(dist, np.hypot(100.0, 100.0))))

@@ -68,6 +68,16 @@ def render(model_dir: Path, report: dict[str, Any], command: str, train_config: 
         "It is a demonstration model: it learns the task formats and the sensors, not world knowledge. Captions of real "
         "images come only from templates over labels (no real caption set was available).",
         "",
+    ]
+    if cfg.box_pointer:
+        lines += [
+            f"Grounding ([VG]) answers come from its box pointer, not from sampled text: the state that starts the "
+            f"answer points at one of the {cfg.grid_size}x{cfg.grid_size} image patches, and that patch's box head "
+            f"gives the box, which the runtime writes as `[x1, y1, x2, y2]` and feeds back through the decoder. "
+            f"`vg/pointer_share` in the report is the share of [VG] answers written this way.",
+            "",
+        ]
+    lines += [
         "## Measured metrics",
         "",
         f"Produced by: `{command}`",
