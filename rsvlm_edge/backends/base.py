@@ -85,7 +85,17 @@ class Backend(abc.ABC):
     def forward_hidden(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray,
                        attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`forward` that also returns the final-norm hidden states of the S new positions (B, S, hidden)."""
-        raise BackendError(f"the {self.name} backend does not return hidden states for this model (no box pointer)")
+        if not self.has_box_pointer:
+            raise BackendError(f"the {self.name} backend does not return hidden states for this model (no box pointer)")
+        logits, hidden = self._forward(cache, embeds, position_ids, attention_mask, hidden=True)
+        assert hidden is not None
+        return logits, hidden
+
+    def _forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                 hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """One :meth:`forward` step, with the hidden states too when ``hidden``: what backends that serve a box
+        pointer implement (their ``forward`` is ``_forward(..., hidden=False)[0]``)."""
+        raise BackendError(f"the {self.name} backend does not return hidden states")
 
     def point(self, query: np.ndarray, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Box pointer: answer query states (B, hidden) + image patch states (B, grid^2, hidden) -> pointer scores

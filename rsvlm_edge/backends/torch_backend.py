@@ -55,18 +55,11 @@ class TorchBackend(Backend):
         return CacheHandle(batch=batch, capacity=capacity, expert=expert, state=self.model.empty_cache(batch))
 
     def forward(self, cache: CacheHandle, embeds, position_ids, attention_mask) -> np.ndarray:
-        return self._step(cache, embeds, position_ids, attention_mask, hidden=False)[0]
+        return self._forward(cache, embeds, position_ids, attention_mask, hidden=False)[0]
 
     @property
     def has_box_pointer(self) -> bool:
         return self.model.box_pointer is not None
-
-    def forward_hidden(self, cache: CacheHandle, embeds, position_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
-        if not self.has_box_pointer:
-            return super().forward_hidden(cache, embeds, position_ids, attention_mask)
-        logits, hidden = self._step(cache, embeds, position_ids, attention_mask, hidden=True)
-        assert hidden is not None
-        return logits, hidden
 
     def point(self, query: np.ndarray, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.model.box_pointer is None:
@@ -80,8 +73,8 @@ class TorchBackend(Backend):
             return (pointer.scores(self._t(query, torch.float32), keys).numpy(),
                     (pointer.boxes(keys) + centres).numpy())
 
-    def _step(self, cache: CacheHandle, embeds, position_ids, attention_mask, hidden: bool
-              ) -> tuple[np.ndarray, np.ndarray | None]:
+    def _forward(self, cache: CacheHandle, embeds, position_ids, attention_mask, hidden: bool
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
         cache.check(cache.expert, embeds.shape[1])
         torch = self.torch
         args = (self._t(embeds, torch.float32), self._t(position_ids, torch.long), self._t(attention_mask, torch.float32),

@@ -219,14 +219,6 @@ class TrtBackend(Backend):
     def forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self._forward(cache, embeds, position_ids, attention_mask, hidden=False)[0]
 
-    def forward_hidden(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray,
-                       attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if not self.has_box_pointer:
-            return super().forward_hidden(cache, embeds, position_ids, attention_mask)
-        logits, hidden = self._forward(cache, embeds, position_ids, attention_mask, hidden=True)
-        assert hidden is not None
-        return logits, hidden
-
     def _forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                  hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
         b, s, start = cache.check_step(embeds, attention_mask)
