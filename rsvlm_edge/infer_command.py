@@ -52,6 +52,9 @@ def _describe(result: InferenceResult, verbose: bool) -> str:
         routing = result.generation.routing
         probs = f" probs={d['router_probs']}" if "router_probs" in d else ""
         lines.append(f"  expert: {result.expert_name} (from {routing.source}){probs}")
+        if "pointer" in d:
+            lines.append(f"  box from the box pointer: patch {d['pointer']['patch']}, "
+                         f"probability {d['pointer']['probability']:.3f}")
         t = d["timings_ms"]
         lines.append(f"  vision {t['vision_ms']:.1f} ms, first token {t['ttft_ms']:.1f} ms, "
                      f"decode {t['decode_tok_s']:.1f} tok/s, {d['generated_tokens']} tokens ({d['finish_reason']})")

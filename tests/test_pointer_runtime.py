@@ -180,3 +180,6 @@ def test_cli_infer_reports_the_pointed_box(onnx_dir, sample_png):
     out = json.loads(res.output.strip().splitlines()[-1])
     assert out["task"] == "[VG]" and "parse_error" not in out and len(out["boxes_px"]) == 1
     assert 0 <= out["pointer"]["patch"] < 64 and 0 < out["pointer"]["probability"] <= 1
+    res = CliRunner().invoke(main, ["infer", str(onnx_dir), str(sample_png), "--task", "vg", "--verbose"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0 and "box from the box pointer: patch" in res.output, res.output
