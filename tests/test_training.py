@@ -86,6 +86,9 @@ def test_model_card_summarises_the_train_log():
     assert lines[1].startswith("- instruct: 30 steps, 1.00 s per step") and "final loss 1.000" in lines[1]
     rows[-1]["wall_s"] = 5400.0
     assert train_log_summary(rows, log_every=10)[-1].endswith("summed over resumes): 90 min")
+    rows[-2].update(pointer_acc=0.5, box_l1=0.02)
+    rows[-1].update(pointer_acc=1.0, box_l1=0.04)
+    assert "patch accuracy 0.750, box L1 0.0300" in train_log_summary(rows, log_every=10)[2]
 
 
 def test_native_bf16_comes_from_the_cpu_flags(tmp_path):

@@ -40,6 +40,12 @@ def train_log_summary(rows: list[dict[str, Any]], log_every: int) -> list[str]:
         lines.append(f"- {stage}: {steps} steps, {sum(secs) / len(secs):.2f} s per step (mean of {len(secs)} logged), "
                      f"about {steps * sum(secs) / len(secs) / 60:.0f} min; final loss "
                      f"{sum(float(r[key]) for r in tail) / len(tail):.3f} (mean of the last {len(tail)} logged)")
+        pointed = [r for r in stage_rows if "pointer_acc" in r][-10:]
+        if pointed:  # training batches, not held out: the eval report has the held-out figure
+            lines.append(f"- {stage}: box pointer on its training batches' [VG] rows: patch accuracy "
+                         f"{sum(float(r['pointer_acc']) for r in pointed) / len(pointed):.3f}, box L1 "
+                         f"{sum(float(r['box_l1']) for r in pointed) / len(pointed):.4f} (image sizes; mean of the last "
+                         f"{len(pointed)} logged)")
     walls = [float(r["wall_s"]) for r in rows if "wall_s" in r]
     if walls:
         lines.append(f"- wall time of the whole run (every stage, data drawing and checkpoints included, summed over "
