@@ -84,8 +84,10 @@ def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_s
               "metrics of both, B - A deltas and teacher-forced greedy token agreement of B with A's answers.")
 @click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
 @click.option("--suite", "suites", multiple=True,
-              type=click.Choice(["synthetic", "router", "aid", "rsvqa_lr", "levir_cd", "sirst", "dota", "bigearthnet"]),
-              help="Held-out sets to score (repeatable; default: synthetic, router, aid, rsvqa_lr, levir_cd).")
+              type=click.Choice(["synthetic", "router", "grounding", "aid", "rsvqa_lr", "levir_cd", "sirst", "dota",
+                                 "bigearthnet"]),
+              help="Held-out sets to score (repeatable; default: synthetic, router, aid, rsvqa_lr, levir_cd). "
+                   "grounding: synthetic [VG] samples only.")
 @click.option("--limit", type=int, default=200, show_default=True, help="Samples per suite (seeded subset).")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores).")

@@ -22,7 +22,7 @@ from rsvlm_edge.training.sample import Sample
 #: Held-out synthetic scenes use seeds far from the training streams.
 SYNTHETIC_EVAL_SEED = 10_007
 
-SUITES = ("synthetic", "router", "aid", "rsvqa_lr", "levir_cd", "sirst", "dota", "bigearthnet")
+SUITES = ("synthetic", "router", "grounding", "aid", "rsvqa_lr", "levir_cd", "sirst", "dota", "bigearthnet")
 
 
 @dataclass
@@ -144,9 +144,11 @@ def router_accuracy(generator: Generator, samples: list[Sample]) -> dict[str, fl
 
 
 def suite_samples(name: str, limit: int | None, data_root: Path | None, seed: int = SYNTHETIC_EVAL_SEED) -> list[Sample]:
-    if name in ("synthetic", "router"):
+    if name in ("synthetic", "router", "grounding"):
         from rsvlm_edge.training.synthetic import generate
 
+        if name == "grounding":  # [VG] only: the synthetic mix holds ~70 of them in 600 samples
+            return generate(limit or 200, seed=seed + 2, tasks=("[VG]",))
         return generate(limit or 200, seed=seed + (1 if name == "router" else 0))
     from rsvlm_edge.training import real_data
 

@@ -20,7 +20,8 @@ HEADLINE = [
     ("rsvqa_lr/vqa/accuracy_count", "RSVQA-LR count accuracy", None),
     ("rsvqa_lr/vqa/accuracy_rural_urban", "RSVQA-LR rural/urban accuracy", None),
     ("levir_cd/seg/change_f1", "LEVIR-CD change F1 (pixel level, real)", None),
-    ("synthetic/vg/acc@0.5", "Synthetic grounding Acc@0.5", 0.50),
+    ("grounding/vg/acc@0.5", "Synthetic grounding Acc@0.5 (held-out [VG] samples)", 0.50),
+    ("synthetic/vg/acc@0.5", "Synthetic grounding Acc@0.5 (the [VG] share of the synthetic mix)", None),
     ("router/accuracy", "Router picks the tag's expert for untagged prompts", 0.95),
 ]
 
