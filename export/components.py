@@ -106,17 +106,14 @@ class DecoderGraph(nn.Module):
 
 
 class PointerGraph(nn.Module):
-    """``BoxPointer`` scores and absolute boxes: each patch's box head output plus that patch's centre."""
+    """``BoxPointer`` scores and absolute boxes (each patch's box head output plus that patch's centre)."""
 
-    def __init__(self, pointer: nn.Module, grid: int):
+    def __init__(self, pointer: nn.Module):
         super().__init__()
-        from rsvlm_edge.modeling.model import patch_centres
-
         self.pointer = pointer
-        self.centres = patch_centres(torch.arange(grid * grid), grid).float()  # a plain attribute: traced as a constant
 
     def forward(self, query, patches):
-        return self.pointer.scores(query, patches), self.pointer.boxes(patches) + self.centres
+        return self.pointer.scores(query, patches), self.pointer.absolute_boxes(patches)
 
 
 # ----------------------------------------------------------------------------------------------- specs
@@ -214,7 +211,7 @@ def component_specs(model: Any, names: list[str] | None = None, batch: int = 2, 
     if cfg.box_pointer:
         n = cfg.grid_size ** 2
         specs.append(ComponentSpec(
-            POINTER_COMPONENT, "box_pointer", PointerGraph(model.box_pointer, cfg.grid_size),
+            POINTER_COMPONENT, "box_pointer", PointerGraph(model.box_pointer),
             (torch.randn(batch, cfg.hidden_size, generator=gen), torch.randn(batch, n, cfg.hidden_size, generator=gen)),
             [T("query", "float32", "batch", cfg.hidden_size), T("patches", "float32", "batch", n, cfg.hidden_size)],
             [T("scores", "float32", "batch", n), T("boxes", "float32", "batch", n, 4)], _strip("pointer."),

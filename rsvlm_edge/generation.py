@@ -66,6 +66,12 @@ class Pointing:
 POINTER_TAGS = ("[VG]",)
 
 
+def patch_positions(ids: np.ndarray, image_id: int, grid: int) -> np.ndarray:
+    """Positions of the first image's ``grid`` x ``grid`` patch tokens in one row of ids (its newline token, which
+    follows them, left out): where the box pointer reads, in training and at run time. Fewer when the row has none."""
+    return np.nonzero(ids == image_id)[0][: grid * grid]
+
+
 TokenCallback = Callable[[int, str], None]
 
 
@@ -144,7 +150,7 @@ class Generator:
     def patch_states(self, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
         """The hidden states of the image's patch tokens (grid^2, D; the newline token is left out) of one row."""
         n = self.config.grid_size ** 2
-        slots = np.nonzero(ids == self.tokenizer.image_id)[0][:n]
+        slots = patch_positions(ids, self.tokenizer.image_id, self.config.grid_size)
         if len(slots) < n:
             raise ValueError(f"the box pointer needs {n} image patch tokens, the prompt has {len(slots)}")
         return hidden[slots]

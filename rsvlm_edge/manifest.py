@@ -214,6 +214,12 @@ class Manifest:
             raise ManifestError(f"no component {name!r}{where}; it has {', '.join(sorted(self.components)) or 'none'} "
                                 f"(re-export with the missing component)") from None
 
+    def has_box_pointer(self) -> bool:
+        """A ``box_pointer`` component, and decoders that all output the ``hidden_states`` it reads."""
+        names = (self.experts or {}).get("components") or []
+        return POINTER_COMPONENT in self.components and bool(names) and all(
+            any(t.name == HIDDEN_STATES for t in self.component(n).outputs) for n in names)
+
     def path(self, name: str) -> Path:
         if self.directory is None:
             raise ManifestError("manifest has no directory (not loaded from disk)")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.fileio import atomic_path, atomic_write_text
+from rsvlm_edge.generation import patch_positions
 from rsvlm_edge.modeling import RSVLM, build_model, save_model
 from rsvlm_edge.modeling.model import centre_patch, patch_centres
 from rsvlm_edge.tokenizer import Tokenizer
@@ -120,7 +121,7 @@ def pointer_loss(model: RSVLM, batch: Batch, hidden: torch.Tensor, image_token_i
     queries, patches, targets, boxes = [], [], [], []
     for row in np.nonzero(~np.isnan(batch.boxes[:, 0]))[0]:
         answer = np.nonzero(batch.labels[row] != IGNORE)[0]
-        image = np.nonzero(batch.ids[row] == image_token_id)[0][: grid * grid]
+        image = patch_positions(batch.ids[row], image_token_id, grid)
         if not len(answer) or len(image) < grid * grid:
             continue
         box = batch.boxes[row]

@@ -223,7 +223,7 @@ class OrtBackend(Backend):
         new = "present" if self.kv_layout == KV_LAYOUT_SHARED else "new"
         self._kv_names = [(f"past_key_{i}", f"past_value_{i}", f"{new}_key_{i}", f"{new}_value_{i}")
                           for i in range(cfg.num_layers)]
-        self._pointer = self._has_pointer()
+        self._pointer = manifest.has_box_pointer()
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, threads: int | None = None, providers: Sequence[str] | str | None = None,
@@ -332,14 +332,6 @@ class OrtBackend(Backend):
     @property
     def has_box_pointer(self) -> bool:
         return self._pointer
-
-    def _has_pointer(self) -> bool:
-        """A ``box_pointer`` component, and decoders that output the hidden states it reads."""
-        if POINTER_COMPONENT not in self.manifest.components:
-            return False
-        names = (self.manifest.experts or {}).get("components") or []
-        return bool(names) and all(any(t.name == HIDDEN_STATES for t in self.manifest.component(n).outputs)
-                                   for n in names)
 
     def point(self, query: np.ndarray, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self._pointer:

@@ -64,14 +64,10 @@ class TorchBackend(Backend):
     def point(self, query: np.ndarray, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.model.box_pointer is None:
             return super().point(query, patches)
-        from rsvlm_edge.modeling.model import patch_centres
-
         torch, pointer = self.torch, self.model.box_pointer
         with torch.inference_mode():
             keys = self._t(patches, torch.float32)
-            centres = patch_centres(torch.arange(keys.shape[1]), self.config.grid_size).float()
-            return (pointer.scores(self._t(query, torch.float32), keys).numpy(),
-                    (pointer.boxes(keys) + centres).numpy())
+            return pointer.scores(self._t(query, torch.float32), keys).numpy(), pointer.absolute_boxes(keys).numpy()
 
     def _forward(self, cache: CacheHandle, embeds, position_ids, attention_mask, hidden: bool
                  ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -115,6 +115,7 @@ class TrtBackend(Backend):
         self.expert_cache = ExpertCache(self._load_expert, budget_bytes=budget, pinned=tuple(pinned_experts),
                                         on_evict=lambda _e, engine: engine.close(), size_of=self._plan_bytes)
         self._scratch: dict[str, DeviceBuffer] = {}
+        self._pointer = manifest.has_box_pointer()
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, verify: Verify = "size", device: int = 0,
@@ -200,9 +201,7 @@ class TrtBackend(Backend):
 
     @property
     def has_box_pointer(self) -> bool:
-        """A ``box_pointer`` plan, and decoder plans that output the hidden states it reads."""
-        return POINTER_COMPONENT in self.manifest.components and all(
-            any(t.name == HIDDEN_STATES for t in self._component(n).outputs) for n in self.decoders)
+        return self._pointer
 
     def point(self, query: np.ndarray, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self.has_box_pointer:

@@ -270,6 +270,7 @@ class BoxPointer(nn.Module):
         self.query = nn.Linear(cfg.hidden_size, cfg.pointer_dim)
         self.key = nn.Linear(cfg.hidden_size, cfg.pointer_dim)
         self.box = nn.Sequential(nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.GELU(), nn.Linear(cfg.hidden_size, 4))
+        self.grid = cfg.grid_size
 
     def scores(self, query: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
         """query (B, D), patches (B, N, D) -> (B, N) logits."""
@@ -278,6 +279,10 @@ class BoxPointer(nn.Module):
     def boxes(self, patches: torch.Tensor) -> torch.Tensor:
         """patches (B, N, D) -> (B, N, 4) box edges minus each patch's centre."""
         return self.box(patches)
+
+    def absolute_boxes(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches (B, grid^2, D), all of an image's patches in order -> (B, grid^2, 4) box edges in image sizes."""
+        return self.boxes(patches) + patch_centres(torch.arange(self.grid ** 2, device=patches.device), self.grid)
 
 
 def centre_patch(cx: float, cy: float, grid: int) -> int:
