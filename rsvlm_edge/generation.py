@@ -20,7 +20,7 @@ import numpy as np
 from rsvlm_edge.backends.base import Backend, CacheHandle
 from rsvlm_edge.formats import format_box
 from rsvlm_edge.sampling import SamplingConfig, TokenSampler
-from rsvlm_edge.tasks import ASSISTANT, Turn, build_prompt, expert_for_tag, split_tag, user_block
+from rsvlm_edge.tasks import ASSISTANT, END, Turn, expert_for_tag, prompt_segments, split_tag, user_segments
 from rsvlm_edge.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -101,7 +101,7 @@ class Generator:
             else:
                 routings.append(Routing(expert_for_tag(tag), "tag"))
         if untagged:
-            ids = [self.tokenizer.encode(split_tag(prompts[i])[1]) or [self.tokenizer.pad_id] for i in untagged]
+            ids = [self.tokenizer.encode_text(split_tag(prompts[i])[1]) or [self.tokenizer.pad_id] for i in untagged]
             batch, mask = self._pad(ids, left=False)
             probs = softmax(self.backend.route(self.backend.embed(batch), mask).astype(np.float64))
             for row, i in enumerate(untagged):
@@ -110,11 +110,12 @@ class Generator:
 
     # ------------------------------------------------------------------ inputs
     def prompt_ids(self, request: Request) -> list[int]:
-        """Chat-template token ids with each ``<image>`` expanded to the model's visual-token count."""
-        text = build_prompt(request.history + [Turn(request.prompt)], num_images=len(request.pixels))
+        """Chat-template token ids with each ``<image>`` expanded to the model's visual-token count; user text is
+        encoded as text only, so it cannot add turns or image slots."""
+        segments = prompt_segments(request.history + [Turn(request.prompt)], num_images=len(request.pixels))
         ids: list[int] = []
         image_id, nv = self.tokenizer.image_id, self.config.num_visual_tokens
-        for tok in self.tokenizer.encode(text):
+        for tok in self.tokenizer.encode_segments(segments):
             ids.extend([image_id] * nv if tok == image_id else [tok])
         return ids
 
@@ -322,8 +323,9 @@ class ChatSession:
         if not prefill:
             assert self.cache is not None
             tok = gen.tokenizer
-            new_text = "\n" + user_block(text, 0) + ASSISTANT + "\n"
-            ids = self.pending + [tok.end_id] + tok.encode(new_text)  # close the last answer, open the new turn
+            # close the last answer, open the new turn (its text is encoded as text only)
+            segments = [(END, True), ("\n", False)] + user_segments(text, 0) + [(ASSISTANT, True), ("\n", False)]
+            ids = self.pending + tok.encode_segments(segments)
             if self.cache.length + len(ids) + sampling.max_new_tokens > capacity:
                 raise ValueError(f"conversation exceeds the model's context of {capacity} tokens; start a new chat")
             embeds = gen.backend.embed(np.asarray([ids], dtype=np.int32))

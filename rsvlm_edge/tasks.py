@@ -115,25 +115,52 @@ class Turn:
     assistant: str | None = None  # None for the turn being generated
 
 
-def user_block(text: str, num_images: int) -> str:
+#: A piece of a rendered prompt: (text, is_control). Control pieces are template tokens (turn markers, image slots,
+#: the leading task tag) and encode as their special token; every other piece is user or answer text and encodes as
+#: plain text, so ``<|end|>`` or ``<image>`` typed by a user can never open a turn or an image slot.
+Segment = tuple[str, bool]
+
+
+def _text_segments(text: str) -> list[Segment]:
+    """An instruction: its leading task tag (if any) is a control token; the rest, later tags included, is text."""
+    stripped = text.strip()
+    for tag in TAGS:
+        if stripped.startswith(tag):
+            rest = stripped[len(tag):]
+            return [(tag, True)] + ([(rest, False)] if rest else [])
+    return [(stripped, False)] if stripped else []
+
+
+def user_segments(text: str, num_images: int) -> list[Segment]:
     """One user turn; images (only in the first turn) come before the instruction, one placeholder each."""
-    images = "".join(f"{IMAGE}\n" for _ in range(num_images))
-    return f"{USER}\n{images}{text.strip()}{END}\n"
+    segments: list[Segment] = [(USER, True), ("\n", False)]
+    for _ in range(num_images):
+        segments += [(IMAGE, True), ("\n", False)]
+    return segments + _text_segments(text) + [(END, True), ("\n", False)]
 
 
-def build_prompt(turns: list[Turn], num_images: int) -> str:
+def prompt_segments(turns: list[Turn], num_images: int) -> list[Segment]:
     """Render a conversation; the last turn has no answer yet and the prompt ends ready for the assistant."""
     if not turns:
         raise TaskError("a prompt needs at least one turn")
     if num_images not in (1, 2):
         raise TaskError(f"a request takes 1 image (2 for change tasks), got {num_images}")
-    parts = []
-    for i, turn in enumerate(turns):
-        parts.append(user_block(turn.user, num_images if i == 0 else 0))
-        parts.append(f"{ASSISTANT}\n")
-        if turn.assistant is not None:
-            parts.append(f"{turn.assistant.strip()}{END}\n")
     if turns[-1].assistant is not None:
         raise TaskError("the last turn must be the one to answer (assistant=None)")
-    return "".join(parts)
+    segments: list[Segment] = []
+    for i, turn in enumerate(turns):
+        segments += user_segments(turn.user, num_images if i == 0 else 0)
+        segments += [(ASSISTANT, True), ("\n", False)]
+        if turn.assistant is not None:
+            segments += [(turn.assistant.strip(), False), (END, True), ("\n", False)]
+    return segments
 
+
+def user_block(text: str, num_images: int) -> str:
+    """:func:`user_segments` as one string (for display and for training on trusted text)."""
+    return "".join(piece for piece, _ in user_segments(text, num_images))
+
+
+def build_prompt(turns: list[Turn], num_images: int) -> str:
+    """:func:`prompt_segments` as one string (for display and for training on trusted text)."""
+    return "".join(piece for piece, _ in prompt_segments(turns, num_images))

@@ -103,6 +103,10 @@ class Tokenizer:
         self._image_id = self.token_id(IMAGE)
         self._size = backend.get_vocab_size(with_added_tokens=True)
         self._bytes_cache: dict[int, bytes] = {}
+        # A second copy that reads special-token strings as plain text: user text goes through it (prompt injection).
+        # A copy, not a flag toggled per call, so one Tokenizer is safe to share between threads.
+        self._text_tk = _HFTokenizer.from_str(backend.to_str())
+        self._text_tk.encode_special_tokens = True
 
     # ------------------------------------------------------------------ construction
 
@@ -229,6 +233,20 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special tokens in it are recognised; no BOS/EOS is added."""
         return self._tk.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of untrusted ``text``: ``<|end|>``, ``<image>`` or ``[SEG]`` in it are plain characters, never
+        control tokens (the number tokens still apply). Same ids as :meth:`encode` for text without special tokens."""
+        return self._text_tk.encode(text, add_special_tokens=False).ids
+
+    def encode_segments(self, segments: Iterable[tuple[str, bool]]) -> list[int]:
+        """Ids of a rendered prompt (:func:`rsvlm_edge.tasks.prompt_segments`): control pieces become their special
+        token, the rest is encoded by :meth:`encode_text`. Equals :meth:`encode` of the joined string when no text
+        piece holds a special token, because the tokenizer cuts a text at special tokens before anything else."""
+        ids: list[int] = []
+        for piece, control in segments:
+            ids.extend([self.token_id(piece)] if control else self.encode_text(piece))
+        return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
