@@ -1,5 +1,5 @@
 """The box pointer's training side (``ModelConfig.box_pointer``): targets from [VG] answers, its loss, and weights
-that survive save/load. Export and runtime do not use it yet."""
+that survive save/load."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from rsvlm_edge.config import tiny_config
 from rsvlm_edge.modeling import build_model, load_model, save_model
 from rsvlm_edge.modeling.model import patch_centres
 from rsvlm_edge.tokenizer import Tokenizer
-from rsvlm_edge.training.data import answer_box, collate, encode
+from rsvlm_edge.training.data import answer_box, collate, encode, encode_by_sensor
 from rsvlm_edge.training.synthetic import generate
-from rsvlm_edge.training.train import batch_loss
+from rsvlm_edge.training.train import batch_loss, pointer_loss
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,14 @@ def test_patch_centres():
     np.testing.assert_allclose(got.numpy(), [[1 / 16] * 4, [3 / 16] * 4, [15 / 16] * 4])
 
 
+def frozen_states(model, batch, image_token_id: int) -> torch.Tensor:
+    """The decoder's final-norm states of ``batch`` (what ``batch_loss`` feeds the pointer)."""
+    slots = encode_by_sensor(batch.pixels_by_sensor, batch.num_images,
+                             lambda sensor, _, pixels: model.encode_images(torch.from_numpy(pixels), sensor))
+    return model.hidden_states(torch.from_numpy(batch.ids), torch.from_numpy(batch.mask), torch.stack(slots),
+                               image_token_id, torch.from_numpy(batch.experts))
+
+
 def test_pointer_loss_trains_the_pointer(setup):
     cfg, tok, _, batch = setup
     torch.manual_seed(0)
@@ -50,15 +58,21 @@ def test_pointer_loss_trains_the_pointer(setup):
     assert {"pointer_loss", "pointer_acc", "box_l1"} <= set(stats)
     loss.backward()
     assert model.box_pointer.query.weight.grad.abs().sum() > 0 and model.box_pointer.box[0].weight.grad.abs().sum() > 0
-    # on one fixed batch, a few steps must drive the pointer's loss down
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = stats["pointer_loss"] + 10 * stats["box_l1"]
+    # On one fixed batch, a few steps on the pointer heads alone must drive the pointer's loss down. The decoder's
+    # states are computed once and frozen: a whole-model AdamW run at this lr is chaotic (its trajectory follows the
+    # float summation order of the CPU's kernels), while the heads on fixed features are a small, smooth problem whose
+    # 40 steps land the same on every ISA (4.89 -> 0.13 under ATen's AVX512, AVX2 and default kernels alike; the
+    # bound asks for half, so it tests the property, not these floats).
+    with torch.no_grad():
+        hidden = frozen_states(model, batch, tok.image_id)
+        first = float(pointer_loss(model, batch, hidden, tok.image_id)[0])
+    opt = torch.optim.AdamW(model.box_pointer.parameters(), lr=3e-3)
     for _ in range(40):
         opt.zero_grad()
-        loss, stats = batch_loss(model, batch, tok.image_id, router_weight=0.0)
-        loss.backward()
+        pointer_loss(model, batch, hidden, tok.image_id)[0].backward()
         opt.step()
-    assert stats["pointer_loss"] + 10 * stats["box_l1"] < 0.5 * first
+    with torch.no_grad():
+        assert float(pointer_loss(model, batch, hidden, tok.image_id)[0]) < 0.5 * first
     # without VG rows (or with the weight at 0) nothing is added
     none = collate([encode(s, tok, cfg) for s in generate(2, seed=4, tasks=("[CLS]",))], tok.pad_id)
     assert "pointer_loss" not in batch_loss(model, none, tok.image_id, router_weight=0.0)[1]
