@@ -170,6 +170,11 @@ class Generator:
     # ------------------------------------------------------------------ generation
     def generate(self, requests: list[Request], sampling: SamplingConfig | None = None,
                  on_token: TokenCallback | None = None) -> list[Generation]:
+        with self.backend.lock:  # threads sharing a backend take turns per call (see rsvlm_edge.backends.base)
+            return self._generate(requests, sampling, on_token)
+
+    def _generate(self, requests: list[Request], sampling: SamplingConfig | None = None,
+                  on_token: TokenCallback | None = None) -> list[Generation]:
         sampling = (sampling or SamplingConfig()).validate()
         if not requests:
             return []
@@ -314,6 +319,11 @@ class ChatSession:
 
     def ask(self, text: str, sampling: SamplingConfig | None = None,
             on_token: TokenCallback | None = None) -> Generation:
+        with self.generator.backend.lock:  # a turn runs like one request (see rsvlm_edge.backends.base)
+            return self._ask(text, sampling, on_token)
+
+    def _ask(self, text: str, sampling: SamplingConfig | None = None,
+             on_token: TokenCallback | None = None) -> Generation:
         gen = self.generator
         sampling = (sampling or SamplingConfig()).validate()
         routing = gen.route([text])[0]

@@ -42,6 +42,13 @@ Decoder KV caches: exported decoders take ``past_key_i`` (P, B, kv_heads, head_d
 Every file named anywhere in ``components[*].sha256`` and ``tokenizer`` is verified by :meth:`Manifest.load`
 (streamed sha256, or only sizes with ``verify="size"``); a missing or altered file raises :class:`ManifestError`
 naming it, so a backend never crashes deep inside a runtime on a truncated download.
+
+An engine directory is untrusted input. Every file name the manifest holds must be relative and stay inside the
+directory, also after symlinks are resolved (:meth:`Manifest.path`); the ``experts`` section may only name files
+that the decoder components' ``sha256`` tables vouch for (the trunk in every decoder's, an expert's file in its own
+decoder's), so they are verified like the graphs. :meth:`Manifest.load` also checks that the component shapes agree
+with ``model_config`` (hidden size, vocabulary, layers, KV heads, image size, experts): a directory whose config does
+not match its graphs is refused with the file and the shape, before a runtime sees it.
 """
 
 from __future__ import annotations
@@ -175,10 +182,86 @@ class Component:
                    sha256={str(k): str(v) for k, v in sha.items()}, external_data=external, extra=extra)
 
 
-def _check_relative(name: str, where: str) -> None:
+def _check_relative(name: Any, where: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise ManifestError(f"{where}: file names must be non-empty strings, got {name!r}")
     p = Path(name)
-    if p.is_absolute() or ".." in p.parts or not p.parts:
+    if p.is_absolute() or ".." in p.parts or not p.parts or "\\" in name or "\x00" in name:
         raise ManifestError(f"{where}: file names must be relative and stay inside the directory, got {name!r}")
+
+
+def _is_int(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_layout(tensors: Any, where: str) -> None:
+    """A tensor layout (name -> offset, dtype, shape ...) as the runtime maps it onto a data file."""
+    if not isinstance(tensors, dict):
+        raise ManifestError(f"manifest {where} must be an object (tensor name -> layout), got {type(tensors).__name__}")
+    for name, t in tensors.items():
+        if not isinstance(t, dict):
+            raise ManifestError(f"manifest {where}[{name!r}] must be an object")
+        if not _is_int(t.get("offset")):
+            raise ManifestError(f"manifest {where}[{name!r}].offset must be a non-negative integer, got {t.get('offset')!r}")
+        if t.get("dtype") not in DTYPES:
+            raise ManifestError(f"manifest {where}[{name!r}].dtype must be one of {', '.join(DTYPES)}, got {t.get('dtype')!r}")
+        shape = t.get("shape")
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise ManifestError(f"manifest {where}[{name!r}].shape must be a list of non-negative integers, got {shape!r}")
+
+
+def _check_experts(experts: Any, components: dict[str, Component]) -> dict[str, Any]:
+    """Types of the ``experts`` section, and that every file it names is one a decoder's sha256 table lists.
+
+    Keys are optional (TensorRT plans keep only the count, names and components, and a partial build may lack some
+    decoder components), but each one present must be well formed, and the file lists must match ``components``
+    one to one: an expert's file is verified as part of its decoder, the trunk as part of every decoder present.
+    """
+    if experts is None:
+        return {}
+    if not isinstance(experts, dict):
+        raise ManifestError(f"manifest experts must be an object, got {type(experts).__name__}")
+    count = experts.get("num_experts")
+    if count is not None and not _is_int(count, 1):
+        raise ManifestError(f"manifest experts.num_experts must be a positive integer, got {count!r}")
+    for key in ("names", "components", "expert_files"):
+        value = experts.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ManifestError(f"manifest experts.{key} must be a list of strings, got {value!r}")
+        if value is not None and count is not None and len(value) != count:
+            raise ManifestError(f"manifest experts.{key} lists {len(value)} entries for num_experts = {count}")
+    for key in ("expert_bytes",):
+        if key in experts and not _is_int(experts[key]):
+            raise ManifestError(f"manifest experts.{key} must be a non-negative integer, got {experts[key]!r}")
+    names = experts.get("components") or []
+    decoders = [components[n] for n in names if n in components]
+    files = experts.get("expert_files")
+    if files is not None:
+        if len(files) != len(names):
+            raise ManifestError(f"manifest experts.expert_files lists {len(files)} files for {len(names)} decoder components")
+        for e, (f, name) in enumerate(zip(files, names)):
+            _check_relative(f, f"experts.expert_files[{e}]")
+            if name not in components or f not in components[name].sha256:
+                raise ManifestError(f"manifest experts.expert_files[{e}] = {f!r} is not in the sha256 table of "
+                                    f"component {name!r}: every file must be hash-verified before use")
+    if "expert_tensors" in experts:
+        _check_layout(experts["expert_tensors"], "experts.expert_tensors")
+    trunk = experts.get("trunk")
+    if trunk is not None:
+        if not isinstance(trunk, dict) or "file" not in trunk:
+            raise ManifestError("manifest experts.trunk must be an object with a file")
+        _check_relative(trunk["file"], "experts.trunk.file")
+        if not decoders:
+            raise ManifestError(f"manifest experts.trunk.file = {trunk['file']!r} belongs to no decoder component, "
+                                f"so no sha256 table verifies it")
+        for comp in decoders:
+            if trunk["file"] not in comp.sha256:
+                raise ManifestError(f"manifest experts.trunk.file = {trunk['file']!r} is not in the sha256 table of "
+                                    f"{comp.name}: every file must be hash-verified before use")
+        if "bytes" in trunk and not _is_int(trunk["bytes"]):
+            raise ManifestError(f"manifest experts.trunk.bytes must be a non-negative integer, got {trunk['bytes']!r}")
+        _check_layout(trunk.get("tensors", {}), "experts.trunk.tensors")
+    return experts
 
 
 @dataclass
@@ -220,10 +303,71 @@ class Manifest:
         return POINTER_COMPONENT in self.components and bool(names) and all(
             any(t.name == HIDDEN_STATES for t in self.component(n).outputs) for n in names)
 
+    def check_shapes(self) -> None:
+        """Refuse a ``model_config`` that disagrees with the shapes the components were exported with.
+
+        Cheap (the manifest's recorded shapes only, no graph is opened) and it covers what a runtime sizes from the
+        config: hidden size, vocabulary, layers, KV heads and head size, image size, sensor bands, visual tokens and
+        experts. Without it an edited config surfaces as a runtime's internal shape error deep in a request.
+        """
+        cfg = self.config()
+        hidden, kv_axis = ("hidden_size", cfg.hidden_size), {KV_LAYOUT_SEQUENCE_MAJOR: 2, KV_LAYOUT_SHARED: 1}
+        rules: list[tuple[str, str, int, tuple[str, int]]] = [  # component, tensor, axis, (config key, value)
+            ("embedding", "inputs_embeds", -1, hidden), ("router", "embeds", -1, hidden),
+            ("router", "logits", -1, ("num_experts", cfg.num_experts)),
+            ("vision_encoder", "stem_pixels", -1, ("image_size", cfg.image_size)),
+            ("vision_encoder", "visual_tokens", 1, ("image_size / patch_size (visual tokens)", cfg.num_visual_tokens)),
+            ("vision_encoder", "visual_tokens", -1, hidden),
+            (POINTER_COMPONENT, "query", -1, hidden), (POINTER_COMPONENT, "patches", -1, hidden),
+            (POINTER_COMPONENT, "patches", 1, ("image_size / patch_size (patches)", cfg.grid_size ** 2)),
+        ]
+        for name in self.components:
+            sensor = name.removeprefix("vision_stem_")
+            if name.startswith("vision_stem_") and sensor in cfg.sensors:
+                rules += [(name, "pixels", 1, (f"sensors.{sensor}", cfg.sensors[sensor])),
+                          (name, "pixels", -1, ("image_size", cfg.image_size))]
+        decoders = [n for n in (self.experts.get("components") or []) if n in self.components]
+        for name in decoders:
+            comp = self.components[name]
+            rules += [(name, "inputs_embeds", -1, hidden), (name, "logits", -1, ("vocab_size", cfg.vocab_size)),
+                      (name, HIDDEN_STATES, -1, hidden)]
+            past = [t.name for t in comp.inputs if t.name.startswith("past_key_")]
+            if len(past) != cfg.num_layers:
+                raise ManifestError(f"{comp.file} takes a KV cache for {len(past)} layers, but {MANIFEST_FILE}'s "
+                                    f"model_config.num_layers is {cfg.num_layers}: the config does not match the "
+                                    f"graphs; re-export the model")
+            axis = kv_axis.get(comp.extra.get("kv_layout", KV_LAYOUT_SEQUENCE_MAJOR), 2)
+            for t in past:
+                rules += [(name, t, -1, ("hidden_size / num_heads (head_dim)", cfg.head_dim)),
+                          (name, t, axis, ("num_kv_heads", cfg.num_kv_heads))]
+        count = self.experts.get("num_experts")
+        if count is not None and count != cfg.num_experts:
+            raise ManifestError(f"{MANIFEST_FILE}: experts.num_experts is {count}, but model_config.num_experts is "
+                                f"{cfg.num_experts}: the config does not match the graphs; re-export the model")
+        for comp_name, tensor, axis, (key, value) in rules:
+            comp = self.components.get(comp_name)
+            spec = next((t for t in (comp.inputs + comp.outputs) if t.name == tensor), None) if comp else None
+            if comp is None or spec is None:
+                continue
+            dim = spec.shape[axis] if -len(spec.shape) <= axis < len(spec.shape) else None
+            if isinstance(dim, str):
+                continue  # a dynamic axis
+            if dim != value:
+                raise ManifestError(f"{comp.file}: {tensor} has shape {spec.shape}, but {MANIFEST_FILE}'s model_config "
+                                    f"gives {key} = {value}: the config does not match the graphs; re-export the "
+                                    f"model or restore its {MANIFEST_FILE}")
+
     def path(self, name: str) -> Path:
+        """``directory/name``, refused unless it stays inside the directory once symlinks are resolved."""
         if self.directory is None:
             raise ManifestError("manifest has no directory (not loaded from disk)")
-        return self.directory / name
+        _check_relative(name, MANIFEST_FILE)
+        path = self.directory / name
+        root = self.directory.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise ManifestError(f"{path} resolves to {path.resolve()}, outside the engine directory {root}: "
+                                f"refusing to read it; copy the file into the directory")
+        return path
 
     def all_files(self) -> dict[str, str]:
         """file -> expected sha256 for every file the manifest vouches for (tokenizer included)."""
@@ -284,9 +428,10 @@ class Manifest:
             raise ManifestError(f"engine.compute_capability must read major.minor (e.g. \"8.7\"), "
                                 f"got {engine['compute_capability']!r}")
         components = {name: Component.from_dict(name, comp) for name, comp in data["components"].items()}
+        experts = _check_experts(data.get("experts"), components)
         known = {"format_version", "model_config", "tokenizer", "components", "experts", "engine"}
         return cls(model_config=data["model_config"], components=components, tokenizer=tokenizer,
-                   experts=data.get("experts") or {}, engine=engine,
+                   experts=experts, engine=engine,
                    extra={k: v for k, v in data.items() if k not in known}, format_version=version, directory=directory)
 
     def save(self, directory: str | Path | None = None) -> Path:
@@ -314,6 +459,7 @@ class Manifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{path} is not valid JSON: {exc}") from None
         manifest = cls.from_dict(data, directory=directory)
+        manifest.check_shapes()
         if verify:
             manifest.verify(mode="size" if verify == "size" else "sha256")
         return manifest
@@ -332,7 +478,7 @@ class Manifest:
         for name in files if files is not None else expected:
             if name not in expected:
                 raise ManifestError(f"{name!r} is not listed in {MANIFEST_FILE}")
-            path = self.directory / name
+            path = self.path(name)
             if not path.is_file():
                 raise ManifestError(f"{path} is missing (listed in {MANIFEST_FILE}); re-copy or re-export the model")
             if mode == "size":

@@ -2,11 +2,18 @@
 
 The generation loop in :mod:`rsvlm_edge.generation` drives these five calls; a backend owns its KV cache
 representation behind :class:`CacheHandle`.
+
+Threads: a backend may be shared by threads. :attr:`Backend.lock` (re-entrant) is what serialises requests: the
+generation loop holds it for a whole request group (prefill and every decode step), and a backend whose run state
+is per backend rather than per cache (TensorRT: one stream, per-engine bindings and buffers) also takes it in
+each call. Decoder weights are held in the expert cache only while a step runs on them
+(:meth:`~rsvlm_edge.expert_cache.ExpertCache.hold`), so loading one expert never frees another in use.
 """
 
 from __future__ import annotations
 
 import abc
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +60,7 @@ class Backend(abc.ABC):
 
     def __init__(self, config: ModelConfig):
         self.config = config
+        self.lock = threading.RLock()  # one request (group) at a time; see the module docstring
 
     @abc.abstractmethod
     def encode_images(self, pixels: np.ndarray, sensor: str) -> np.ndarray:

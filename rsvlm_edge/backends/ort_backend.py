@@ -19,6 +19,9 @@
   Decoders built with one ``GroupQueryAttention`` per layer (the weight-only INT8 build; the decoder component's
   ``kv_layout`` is ``bnsh-shared``) keep (B, kv_heads, capacity, head_dim) buffers instead, bound whole as both
   ``past_key_i`` and ``present_key_i``: the kernel writes the new rows at the current length and reads the prefix.
+* Errors: a session's inputs and outputs are checked against the manifest when it is created, and ONNX Runtime's
+  own errors (at creation or in a run) become :class:`BackendError` naming the component's file.
+* Threads: see :class:`OrtBackend`.
 """
 
 from __future__ import annotations
@@ -81,6 +84,40 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     return resolved
 
 
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """The exception types ONNX Runtime raises from C++ (its pybind module's classes), plus the Python-side ones."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    native = tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+    return native + (RuntimeError, ValueError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_session_io(session, comp: Component, path: Path) -> None:
+    """The graph's inputs and outputs against what the manifest says (names, ranks, fixed sizes): a graph that does
+    not match its manifest is refused at load, naming the file and the tensor, not deep inside a run."""
+    for kind, specs, args in (("input", comp.inputs, session.get_inputs()), ("output", comp.outputs, session.get_outputs())):
+        graph = {a.name: list(a.shape) for a in args}
+        for spec in specs:
+            if spec.name not in graph:
+                raise BackendError(f"{path}: the graph has no {kind} {spec.name!r} (the manifest lists it; the graph "
+                                   f"has {', '.join(sorted(graph))}): the manifest does not match the graph; re-export")
+            shape = graph[spec.name]
+            fixed = [(a, b) for a, b in zip(shape, spec.shape) if isinstance(a, int) and isinstance(b, int)]
+            if len(shape) != len(spec.shape) or any(a != b for a, b in fixed):
+                raise BackendError(f"{path}: {kind} {spec.name!r} has shape {shape} in the graph but {spec.shape} in "
+                                   f"the manifest: the manifest does not match the graph; re-export the model")
+        if kind == "input":
+            missing = sorted(set(graph) - {t.name for t in specs})
+            if missing:
+                raise BackendError(f"{path}: the graph needs inputs the manifest does not list ({', '.join(missing)}); "
+                                   f"re-export the model")
+
+
 def tensor_views(buffer: np.ndarray, tensors: dict[str, dict]) -> dict[str, np.ndarray]:
     """Zero-copy numpy views of the tensors laid out in ``buffer`` (uint8) per a manifest layout."""
     views = {}
@@ -116,11 +153,19 @@ class ExpertLoader:
         layout = manifest.experts
         if not layout or "trunk" not in layout:
             raise BackendError(f"{manifest.directory}: the manifest has no decoder expert layout; re-export the model")
+        missing = [k for k in ("components", "expert_files", "expert_tensors") if k not in layout]
+        if missing:
+            raise BackendError(f"{manifest.directory}: the manifest's expert layout lacks {', '.join(missing)}; "
+                               f"re-export the model")
         self.components = list(layout["components"])
         self.expert_tensors: dict[str, dict] = layout["expert_tensors"]
         self.expert_files: list[str] = layout["expert_files"]
-        trunk_path = manifest.path(layout["trunk"]["file"])
-        self.trunk_map = np.memmap(trunk_path, dtype=np.uint8, mode="r")
+        try:  # each refuses a name or symlink that leads outside the directory
+            trunk_path = manifest.path(layout["trunk"]["file"])
+            self.expert_paths = [manifest.path(f) for f in self.expert_files]
+            self.trunk_map = np.memmap(trunk_path, dtype=np.uint8, mode="r")
+        except (ManifestError, OSError, ValueError) as exc:
+            raise BackendError(f"cannot map the decoder trunk of {manifest.directory}: {exc}") from None
         self.trunk = tensor_views(self.trunk_map, layout["trunk"]["tensors"])
         self.trunk_bytes = int(self.trunk_map.size)
         self.counters = {"experts_loaded": 0, "expert_bytes_read": 0}
@@ -128,11 +173,11 @@ class ExpertLoader:
 
     @property
     def expert_bytes(self) -> int:
-        return int(self.manifest.experts.get("expert_bytes") or (self.manifest.path(self.expert_files[0]).stat().st_size))
+        return int(self.manifest.experts.get("expert_bytes") or self.expert_paths[0].stat().st_size)
 
     def size_of(self, expert: int) -> int:
         """Bytes expert ``expert`` will occupy once loaded (its FFN file), known before reading it."""
-        return int(self.manifest.path(self.expert_files[expert]).stat().st_size)
+        return int(self.expert_paths[expert].stat().st_size)
 
     def component(self, expert: int) -> Component:
         if not 0 <= expert < len(self.components):
@@ -143,8 +188,7 @@ class ExpertLoader:
         ort = _ort()
         comp = self.component(expert)
         t0 = time.perf_counter()
-        path = self.manifest.path(self.expert_files[expert])
-        data = np.fromfile(path, dtype=np.uint8)  # the expert's FFN weights, read into memory
+        data = np.fromfile(self.expert_paths[expert], dtype=np.uint8)  # the expert's FFN weights, read into memory
         arrays = {**self.trunk, **tensor_views(data, self.expert_tensors)}
         names = list(arrays)
         values = [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names]
@@ -154,9 +198,14 @@ class ExpertLoader:
         for name, value in zip(names, values):  # user-owned memory: ORT uses it in place, no copy
             options.add_initializer(name, value)
         try:
-            session = ort.InferenceSession(str(self.manifest.path(comp.file)), options, providers=self.providers)
-        except Exception as exc:  # noqa: BLE001 - ORT raises several exception types
-            raise BackendError(f"cannot load decoder for expert {expert} from {comp.file}: {exc}") from None
+            path = self.manifest.path(comp.file)
+            session = ort.InferenceSession(str(path), options, providers=self.providers)
+        except ManifestError as exc:
+            raise BackendError(str(exc)) from None
+        except _ort_errors() as exc:
+            raise BackendError(f"cannot load decoder for expert {expert} from {self.manifest.path(comp.file)}: "
+                               f"{_first_line(exc)}") from None
+        check_session_io(session, comp, path)
         elapsed = (time.perf_counter() - t0) * 1e3
         with self._lock:
             self.counters["experts_loaded"] += 1
@@ -177,6 +226,13 @@ class KVState:
 
 
 class OrtBackend(Backend):
+    """Sharing one backend between threads is safe. Sessions are made under a lock; ONNX Runtime runs sessions
+    from several threads at once; a request's per-request state (its KV buffers and their kept IO binding) lives in
+    its own :class:`CacheHandle`; and each decoder run *holds* its expert in the cache, so another thread's load
+    cannot evict the weights a running session reads (that load waits instead). :class:`Generator` also takes
+    :attr:`Backend.lock` around each request group, so requests run one at a time (each with all the cores) and an
+    expert is not reloaded between the steps of one request."""
+
     name = "ort"
 
     def __init__(self, manifest: Manifest, threads: int | None = None, providers: Sequence[str] | str | None = None,
@@ -292,13 +348,24 @@ class OrtBackend(Backend):
             if name not in self._sessions:
                 try:
                     comp = self.manifest.component(name)
-                    self._sessions[name] = self.ort.InferenceSession(str(self.manifest.path(comp.file)), self._options(),
-                                                                     providers=self.providers)
+                    path = self.manifest.path(comp.file)
+                    session = self.ort.InferenceSession(str(path), self._options(), providers=self.providers)
                 except ManifestError as exc:
                     raise BackendError(str(exc)) from None
-                except Exception as exc:  # noqa: BLE001
-                    raise BackendError(f"cannot load {name} from {self.manifest.directory}: {exc}") from None
+                except _ort_errors() as exc:
+                    raise BackendError(f"cannot load {name} from {path}: {_first_line(exc)}") from None
+                check_session_io(session, comp, path)
+                self._sessions[name] = session
             return self._sessions[name]
+
+    def _call(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run component ``name``; ONNX Runtime's errors come back as a BackendError naming its file."""
+        session = self._session(name)
+        try:
+            return session.run(None, feeds)
+        except _ort_errors() as exc:
+            raise BackendError(f"{self.manifest.path(self.manifest.component(name).file)} failed to run: "
+                               f"{_first_line(exc)}") from None
 
     # ------------------------------------------------------------------ Backend interface
     def encode_images(self, pixels: np.ndarray, sensor: str) -> np.ndarray:
@@ -308,15 +375,15 @@ class OrtBackend(Backend):
         bands, size = self.config.sensors[sensor], self.config.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (bands, size, size):
             raise BackendError(f"{sensor} pixels must be (B, {bands}, {size}, {size}), got {pixels.shape}")
-        stem = self._session(f"vision_stem_{sensor}").run(None, {"pixels": pixels})[0]
-        return self._session("vision_encoder").run(None, {"stem_pixels": stem})[0]
+        stem = self._call(f"vision_stem_{sensor}", {"pixels": pixels})[0]
+        return self._call("vision_encoder", {"stem_pixels": stem})[0]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        return self.embedding.run(None, {"input_ids": np.ascontiguousarray(ids, dtype=np.int32)})[0]
+        return self._call("embedding", {"input_ids": np.ascontiguousarray(ids, dtype=np.int32)})[0]
 
     def route(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self._session("router").run(None, {"embeds": np.ascontiguousarray(embeds, dtype=np.float32),
-                                                  "mask": np.ascontiguousarray(mask, dtype=np.float32)})[0]
+        return self._call("router", {"embeds": np.ascontiguousarray(embeds, dtype=np.float32),
+                                     "mask": np.ascontiguousarray(mask, dtype=np.float32)})[0]
 
     def new_cache(self, batch: int, capacity: int, expert: int) -> CacheHandle:
         self.experts.component(expert)  # validates the index
@@ -336,9 +403,8 @@ class OrtBackend(Backend):
     def point(self, query: np.ndarray, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self._pointer:
             return super().point(query, patches)
-        scores, boxes = self._session(POINTER_COMPONENT).run(
-            None, {"query": np.ascontiguousarray(query, dtype=np.float32),
-                   "patches": np.ascontiguousarray(patches, dtype=np.float32)})
+        scores, boxes = self._call(POINTER_COMPONENT, {"query": np.ascontiguousarray(query, dtype=np.float32),
+                                                       "patches": np.ascontiguousarray(patches, dtype=np.float32)})
         return scores, boxes
 
     def forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -347,7 +413,21 @@ class OrtBackend(Backend):
     def _forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                  hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
         b, s, start = cache.check_step(embeds, attention_mask)
-        session = self.expert_cache.get(cache.expert).session
+        with self.expert_cache.hold(cache.expert) as loaded:  # not evicted while its session runs
+            try:
+                logits, states = self._decode_step(loaded, cache, embeds, position_ids, attention_mask, b, s, start,
+                                                   hidden)
+            except BackendError:
+                raise
+            except _ort_errors() as exc:
+                path = self.manifest.path(self.experts.component(cache.expert).file)
+                raise BackendError(f"{path} failed to run: {_first_line(exc)}") from None
+        cache.length += s
+        return logits, states
+
+    def _decode_step(self, loaded: LoadedExpert, cache: CacheHandle, embeds, position_ids, attention_mask, b: int,
+                     s: int, start: int, hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        session = loaded.session
         state: KVState = cache.state
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int32)
@@ -365,7 +445,6 @@ class OrtBackend(Backend):
         else:
             self._run(session, embeds, position_ids, attention_mask, state.keys, state.values, start, s, logits, states,
                       keep=state if self.kv_layout == KV_LAYOUT_SHARED else None)
-        cache.length += s
         return logits, states
 
     def _run(self, session, embeds, position_ids, attention_mask, keys, values, start: int, s: int,
@@ -408,5 +487,6 @@ class OrtBackend(Backend):
         return out
 
     def close(self) -> None:
-        self.expert_cache.close()
-        self._sessions.clear()
+        with self.lock:  # after the request in flight
+            self.expert_cache.close()
+            self._sessions.clear()

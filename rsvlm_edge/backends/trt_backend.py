@@ -13,6 +13,9 @@
   not 256-byte aligned does it write to a scratch buffer that is then copied on the device.
 * Calls a profile does not cover are split (:mod:`~rsvlm_edge.backends.trt_shapes`), e.g. a chat turn appended
   to a filled cache runs token by token through the decode profile.
+* Threads: the stream, each engine's bindings and device buffers and the scratch buffers belong to the backend,
+  not to a request, so every call takes :attr:`Backend.lock`; a decoder step holds its expert in the cache, so a
+  prefetch on the worker thread never closes the engine a step runs.
 """
 
 from __future__ import annotations
@@ -174,6 +177,10 @@ class TrtBackend(Backend):
 
     # ------------------------------------------------------------------ Backend interface
     def encode_images(self, pixels: np.ndarray, sensor: str) -> np.ndarray:
+        with self.lock:
+            return self._encode_images(pixels, sensor)
+
+    def _encode_images(self, pixels: np.ndarray, sensor: str) -> np.ndarray:
         if sensor not in self.config.sensors:
             raise BackendError(f"unknown sensor {sensor!r}; this model has stems for {', '.join(self.config.sensors)}")
         bands, size = self.config.sensors[sensor], self.config.image_size
@@ -185,10 +192,12 @@ class TrtBackend(Backend):
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int32)
-        return self._run("embedding", {"input_ids": ids}, {"seq": ids.shape[1]})
+        with self.lock:
+            return self._run("embedding", {"input_ids": ids}, {"seq": ids.shape[1]})
 
     def route(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self._run("router", {"embeds": embeds, "mask": mask}, {"seq": embeds.shape[1]})
+        with self.lock:
+            return self._run("router", {"embeds": embeds, "mask": mask}, {"seq": embeds.shape[1]})
 
     def new_cache(self, batch: int, capacity: int, expert: int) -> CacheHandle:
         comp = self._component(self._decoder_name(expert))
@@ -211,7 +220,8 @@ class TrtBackend(Backend):
             pieces = batch_chunks(engine.component, engine.profiles, query.shape[0], {})
         except ShapeError as exc:
             raise BackendError(str(exc)) from None
-        outs = [engine.run_host(p, {"query": query[a:b], "patches": patches[a:b]}) for a, b, p in pieces]
+        with self.lock:
+            outs = [engine.run_host(p, {"query": query[a:b], "patches": patches[a:b]}) for a, b, p in pieces]
         return tuple(np.concatenate([o[name] for o in outs]).astype(np.float32, copy=False)  # type: ignore[return-value]
                      for name in ("scores", "boxes"))
 
@@ -221,7 +231,11 @@ class TrtBackend(Backend):
     def _forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                  hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
         b, s, start = cache.check_step(embeds, attention_mask)
-        engine: TrtEngine = self.expert_cache.get(cache.expert)
+        with self.lock, self.expert_cache.hold(cache.expert) as engine:  # never closed while it runs
+            return self._decode(engine, cache, embeds, position_ids, attention_mask, b, s, start, hidden)
+
+    def _decode(self, engine: TrtEngine, cache: CacheHandle, embeds, position_ids, attention_mask, b: int, s: int,
+                start: int, hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
         cfg = self.config
         if engine.dtypes["past_key_0"].itemsize * b * cfg.num_kv_heads * cfg.head_dim != cache.state.row_bytes:
             raise BackendError(f"{engine.component.name} keeps its KV cache in {engine.dtypes['past_key_0']}, not the "
@@ -295,6 +309,10 @@ class TrtBackend(Backend):
         return out
 
     def close(self) -> None:
+        with self.lock:
+            self._close()
+
+    def _close(self) -> None:
         self.expert_cache.close()
         for engine in self._engines.values():
             engine.close()
