@@ -68,10 +68,6 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
 
     `rsvlm-edge calibrate` writes the calibration table and TensorRT caches (and the ORT INT8 dir directly).
     """
-    from rsvlm_edge.calibration.int8_writer import Int8WriteError
-    from rsvlm_edge.calibration.table import CalibrationTableError
-    from rsvlm_edge.manifest import ManifestError
-
     if target == "trt":
         precision = precision or "fp16"
         if precision not in ("fp16", "int8", "fp32"):
@@ -83,7 +79,10 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
     if precision == "fp16":
         raise click.BadParameter("ONNX Runtime builds take fp32 or int8 (for FP16 ONNX use `rsvlm-edge export "
                                  "--precision fp16`)", param_hint="--precision")
+    from rsvlm_edge.calibration.int8_writer import Int8WriteError  # these import onnx (the export extra)
+    from rsvlm_edge.calibration.table import CalibrationTableError
     from rsvlm_edge.engines.ort_build import build_ort
+    from rsvlm_edge.manifest import ManifestError
 
     try:
         build_ort(onnx_dir, out_dir, precision, calibration, overwrite=overwrite, act_dtype=act_dtype,

@@ -4,32 +4,46 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from rsvlm_edge import __version__
+from rsvlm_edge.cli_options import UserError, message, prompt_option, sampling_config, sampling_options, threads_option
 from rsvlm_edge.config import EXPERT_NAMES, PRESETS, ConfigError, ModelConfig, preset
-from rsvlm_edge.tasks import TAG_DESCRIPTIONS, TAGS, TaskError
-
-if TYPE_CHECKING:
-    from rsvlm_edge.sampling import SamplingConfig
+from rsvlm_edge.tasks import TAG_DESCRIPTIONS, TAGS, TaskError, make_instruction
 
 TASK_CHOICES = [t.strip("[]").lower() for t in TAGS]
 TASK_HELP = "; ".join(f"{t.strip('[]').lower()}: {TAG_DESCRIPTIONS[t]}" for t in TAGS)
 
 
-class UserError(click.ClickException):
-    """A problem the user can fix (bad path, wrong bands, tampered model): one clear line, exit code 2."""
-
-    exit_code = 2
+def _fail(exc: Exception) -> UserError:
+    return UserError(message(exc))
 
 
-def _fail(exc: Exception) -> "UserError":
-    return UserError(str(exc))
+# Optional dependencies by top-level module, and the setup.cfg extra that installs each; a command that needs more
+# than one package names the extra that brings them all.
+EXTRA_OF_MODULE = {"torch": "train", "onnx": "export", "onnxscript": "export", "tensorrt": "trt", "cuda": "trt"}
+EXTRA_OF_COMMAND = {"export": "export", "build": "export", "calibrate": "export", "train": "train", "init": "train"}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Main(click.Group):
+    """Runs a command; an optional dependency missing at run time becomes one line naming the extra to install."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as exc:
+            package = (exc.name or "").split(".")[0]
+            if package not in EXTRA_OF_MODULE:
+                raise
+            command = ctx.invoked_subcommand or "this command"
+            extra = EXTRA_OF_MODULE[package] if package in ("tensorrt", "cuda") else \
+                EXTRA_OF_COMMAND.get(command, EXTRA_OF_MODULE[package])
+            raise UserError(f"`rsvlm-edge {command}` needs {package}, which is not installed here: "
+                            f"pip install 'rsvlm-edge[{extra}]'") from None
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="rsvlm-edge")
 def main() -> None:
     """Run remote-sensing MoE vision-language models on tiles: caption, classify, answer questions, ground,
@@ -98,50 +112,31 @@ def init(out_dir: str, config_name: str, tokenizer_path: str | None, seed: int) 
 
 
 # --------------------------------------------------------------------------------------------------- infer
-def _sampling_options(fn):
-    options = [
-        click.option("--max-new-tokens", default=256, show_default=True, help="Stop after this many tokens."),
-        click.option("--temperature", default=0.0, show_default=True, help="0 = greedy; > 0 samples."),
-        click.option("--top-k", default=0, show_default=True, help="Sample among the k likeliest tokens (0 = off)."),
-        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 = off)."),
-        click.option("--repetition-penalty", default=1.0, show_default=True, help="> 1 discourages repeats."),
-        click.option("--seed", default=0, show_default=True, help="Sampling seed (each tile gets its own stream)."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _sampling(kw) -> "SamplingConfig":
-    from rsvlm_edge.sampling import SamplingConfig
-
-    try:
-        return SamplingConfig(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_k=kw["top_k"],
-                              top_p=kw["top_p"], repetition_penalty=kw["repetition_penalty"], seed=kw["seed"]).validate()
-    except ValueError as exc:
-        raise _fail(exc) from None
-
-
 @main.command()
 @click.argument("model_dir", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--task", type=click.Choice(TASK_CHOICES, case_sensitive=False), help=f"Task tag. {TASK_HELP}.")
-@click.option("--prompt", help="Instruction text. Without --task and without a leading tag, the router picks the expert.")
+@prompt_option("Instruction text. Without --task and without a leading tag, the router picks the expert.")
 @click.option("--sensor", type=click.Choice(["rgb", "sar", "ir", "ms"]), help="Input sensor (default: guessed from bands/dtype).")
 @click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
               help="ort: ONNX Runtime engines (CPU default); torch: PyTorch reference; trt: TensorRT plans.")
-@click.option("--batch-size", default=4, show_default=True, help="Tiles per batch when IMAGES is a folder.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Tiles per batch when IMAGES is a folder.")
+@click.option("--fail-fast", is_flag=True, help="Folder runs: stop at the first tile that cannot be read or answered "
+              "(exit code 2) instead of recording its error and going on.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per tile (boxes in pixels, mask PNG paths).")
-@click.option("--mask-dir", type=click.Path(file_okay=False), help="Write [SEG] masks as PNGs (input pixel size) here.")
+@click.option("--mask-dir", type=click.Path(file_okay=False),
+              help="Write [SEG] masks as PNGs (input pixel size) here, named by the image's path relative to the "
+                   "input folder: tiles/a/x.jpg -> MASK_DIR/a/x.jpg_mask.png.")
 @click.option("--stream/--no-stream", default=True, help="Print tokens as they come (single tile, text output).")
 @click.option("--expert-budget", type=str, help="Expert cache budget, e.g. 1 (experts) or 300MB (ort backend).")
 @click.option("--pin-expert", "pinned", multiple=True, type=click.Choice(list(EXPERT_NAMES)),
               help="Keep this expert resident once loaded, whatever the budget's LRU says (repeatable; ort backend).")
-@click.option("--threads", type=int, help="CPU threads for the backend.")
+@threads_option
 @click.option("-v", "--verbose", is_flag=True, help="Show routing, timings and expert-cache counters.")
-@_sampling_options
-def infer(model_dir, images, task, prompt, sensor, backend, batch_size, as_json, mask_dir, stream, expert_budget,
-          pinned, threads, verbose, **sampling_kw) -> None:
+@sampling_options
+def infer(model_dir, images, task, prompt, sensor, backend, batch_size, fail_fast, as_json, mask_dir, stream,
+          expert_budget, pinned, threads, verbose, **sampling_kw) -> None:
     """Answer one tile, a before/after pair, or every tile in a folder.
 
     \b
@@ -151,16 +146,32 @@ def infer(model_dir, images, task, prompt, sensor, backend, batch_size, as_json,
       rsvlm-edge infer MODEL before.png after.png --task ccd
       rsvlm-edge infer MODEL tile.tif --sensor sar --task seg --mask-dir masks/
       rsvlm-edge infer MODEL tiles/ --task cls --json > labels.jsonl
+
+    \b
+    Folder runs answer every tile they can. A tile that cannot be read or answered gets an error record in its
+    place on stdout ({"images": [...], "error": "..."} with --json; "== PATH" then "  error: ..." in text) and the
+    run goes on; a summary (answered, failed, tiles/s) ends it on stderr. Exit code 0 when at least one tile was
+    answered; 2 when none was, with --fail-fast at the first failure, and for any usage error (checked before the
+    model loads). One image or pair exits 2 on its error.
     """
-    from rsvlm_edge.infer_command import run_infer
+    from rsvlm_edge.infer_command import Output, parse_budget, resolve_inputs, run_infer
 
     try:
-        run_infer(model_dir=model_dir, images=list(images), task=task, prompt=prompt, sensor=sensor, backend=backend,
-                  batch_size=batch_size, as_json=as_json, mask_dir=mask_dir, stream=stream,
-                  expert_budget=expert_budget, pinned=[EXPERT_NAMES.index(p) for p in pinned], threads=threads,
-                  verbose=verbose, sampling=_sampling(sampling_kw))
-    except (TaskError, ValueError, OSError, RuntimeError) as exc:
-        raise _fail(exc) from None
+        instruction = make_instruction(task, prompt)
+        options = parse_budget(expert_budget)
+        if pinned:
+            if backend != "ort":
+                raise UserError("--pin-expert works with the ort backend (its expert cache)")
+            options["pinned_experts"] = tuple(EXPERT_NAMES.index(p) for p in pinned)
+        if threads:
+            options["threads"] = threads
+        inputs = resolve_inputs(list(images))
+        run_infer(model_dir=model_dir, inputs=inputs, instruction=instruction, sensor=sensor, backend=backend,
+                  options=options, batch_size=batch_size, sampling=sampling_config(sampling_kw),
+                  output=Output(as_json=as_json, mask_dir=mask_dir, stream=stream, verbose=verbose),
+                  fail_fast=fail_fast)
+    except (TaskError, ValueError, OSError, RuntimeError, MemoryError) as exc:
+        raise UserError(message(exc)) from None
 
 
 def _register_optional_commands() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,12 +13,14 @@ from typing import Iterator
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on error removed."""
+    """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on error removed.
+
+    The temporary file is created with mode 0666 filtered by the umask (0644 under umask 022), as ``open()`` would
+    create ``path`` itself; ``tempfile.mkstemp``'s owner-only 0600 would leave every output unreadable to others.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_beside(path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -25,6 +28,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _create_beside(path: Path) -> Path:
+    """A new, empty, uniquely named file in ``path``'s folder (O_EXCL: never one another process also made)."""
+    for _ in range(100):
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -1,20 +1,30 @@
-"""What `rsvlm-edge infer` does: resolve inputs, run the pipeline, print text or JSON lines, save masks."""
+"""What `rsvlm-edge infer` does: resolve inputs, run the pipeline, print text or JSON lines, save masks.
+
+A folder run answers every tile it can: a tile that cannot be read or answered gets an error record in place of
+its answer (``{"images": [...], "error": "..."}`` with ``--json``; ``== path`` then ``  error: ...`` in text, both
+on stdout in input order), and a summary goes to stderr.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
-from rsvlm_edge.pipeline import InferenceResult, Pipeline, list_images, save_mask_png
+from rsvlm_edge.cli_options import UserError, message
+from rsvlm_edge.pipeline import InferenceResult, Pipeline, Tile, list_images, save_mask_png
 from rsvlm_edge.sampling import SamplingConfig
-from rsvlm_edge.tasks import make_instruction
+from rsvlm_edge.tasks import check_image_count, split_tag
 
 
 def parse_budget(text: str | None) -> dict:
-    """``--expert-budget``: a number of experts (``1``) or a byte size (``300MB``, ``1.5GB``)."""
+    """``--expert-budget``: a number of experts (``1``) or a byte size (``300MB``, ``1.5GB``), positive and finite."""
     if text is None:
         return {}
     t = text.strip().upper()
@@ -22,9 +32,12 @@ def parse_budget(text: str | None) -> dict:
     for unit, scale in units.items():
         if t.endswith(unit):
             try:
-                return {"expert_budget_bytes": int(float(t[: -len(unit)]) * scale)}
+                size = float(t[: -len(unit)]) * scale
             except ValueError:
                 break
+            if not math.isfinite(size) or size < 1:
+                raise ValueError(f"--expert-budget {text!r}: a size must be positive and finite (e.g. 300MB)")
+            return {"expert_budget_bytes": int(size)}
     if t.isdigit() and int(t) >= 1:
         return {"expert_budget_experts": int(t)}
     raise ValueError(f"--expert-budget {text!r}: give a number of experts (e.g. 1) or a size (e.g. 300MB)")
@@ -61,83 +74,190 @@ def _describe(result: InferenceResult, verbose: bool) -> str:
     return "\n".join(lines)
 
 
-def run_infer(*, model_dir, images, task, prompt, sensor, backend, batch_size, as_json, mask_dir, stream,
-              expert_budget, threads, verbose, sampling: SamplingConfig, pinned: list[int] | None = None) -> None:
-    instruction = make_instruction(task, prompt)
-    options = parse_budget(expert_budget)
-    if pinned:
-        if backend != "ort":
-            raise ValueError("--pin-expert works with the ort backend (its expert cache)")
-        options["pinned_experts"] = tuple(pinned)
-    if threads:
-        options["threads"] = threads
-    pipe = Pipeline(model_dir, backend=backend, **options)
-    try:
-        groups = _request_groups(images)
-        single = len(groups) == 1
-        show_stream = stream and single and not as_json
-        progress = None
-        if not single:
-            progress = click.progressbar(length=len(groups), label="tiles", file=sys.stderr)
-            progress.__enter__()
-        mask_count = 0
-        for start in range(0, len(groups), batch_size):
-            chunk = groups[start:start + batch_size]
-            tiles = [pipe.tile(paths, sensor) for paths in chunk]
-            on_token = (lambda _i, piece: click.echo(piece, nl=False)) if show_stream else None
-            results = pipe.run(tiles, instruction, sampling, on_token=on_token)
-            for result in results:
-                if mask_dir and result.parsed.mask is not None:
-                    stem = Path(result.tile.paths[0]).stem
-                    path = Path(mask_dir) / f"{stem}_mask.png"
-                    save_mask_png(result.parsed.mask, None, result.tile.sizes[0], path)
-                    result.extras["mask_png"] = str(path)
-                    mask_count += 1
-                if as_json:
-                    click.echo(json.dumps(result.to_dict()))
-                else:
-                    if show_stream:
-                        click.echo()
-                    else:
-                        header = " + ".join(result.tile.paths) if not single else None
-                        if header:
-                            click.echo(f"== {header}")
-                        click.echo(result.generation.text)
-                    extra = _describe(result, verbose)
-                    if extra:
-                        click.echo(extra)
-            if progress is not None:
-                progress.update(len(chunk))
-        if progress is not None:
-            progress.__exit__(None, None, None)
-        if verbose and not as_json:
+# Errors that belong to one request (its file, its pixels, its generation): in a folder run the other tiles go on.
+REQUEST_ERRORS = (ValueError, OSError, RuntimeError, MemoryError)
+
+
+@dataclass
+class Inputs:
+    """What IMAGES named: the requests (1 image or a before/after pair each) and the folder their names are relative to."""
+
+    groups: list[list[str]]
+    root: Path
+    folder: bool  # many requests: per-tile error records, a progress bar and a summary
+
+
+@dataclass
+class Output:
+    as_json: bool = False
+    mask_dir: str | None = None
+    stream: bool = True
+    verbose: bool = False
+
+
+@dataclass
+class TileFailure:
+    """A request that got no answer: its images and why, in one line."""
+
+    paths: list[str]
+    error: str
+
+    def to_dict(self) -> dict:
+        return {"images": self.paths, "error": self.error}
+
+    def line(self) -> str:
+        """The error with the file named, for a one-line message."""
+        named = " + ".join(self.paths)
+        return self.error if any(p in self.error for p in self.paths) else f"{named}: {self.error}"
+
+
+Outcome = InferenceResult | TileFailure
+
+
+class MaskNames:
+    """``<mask-dir>/<image path relative to the input folder>_mask.png``: tiles that share a stem in different
+    folders or with different suffixes (a/x.jpg, a/x.png, b/x.jpg) get different files, and no file is written twice
+    in one run (names are compared case-folded, as a case-insensitive mask dir would)."""
+
+    def __init__(self, mask_dir: str | Path, root: Path):
+        self.mask_dir, self.root = Path(mask_dir), root
+        self.used: set[str] = set()
+
+    def __call__(self, image: str) -> Path:
+        rel = Path(image).relative_to(self.root)
+        path, n = self.mask_dir / rel.parent / f"{rel.name}_mask.png", 1
+        while str(path).casefold() in self.used:
+            n += 1
+            path = self.mask_dir / rel.parent / f"{rel.name}_mask-{n}.png"
+        self.used.add(str(path).casefold())
+        return path
+
+
+def run_infer(*, model_dir: str, inputs: Inputs, instruction: str, sensor: str | None, backend: str,
+              options: dict, batch_size: int, sampling: SamplingConfig, output: Output,
+              fail_fast: bool = False) -> None:
+    """Answer every request of ``inputs``. A folder run gives each tile an answer or an error record and exits
+    non-zero only when nothing was answered (or at the first failure with ``fail_fast``); one image or pair fails
+    the run on its error."""
+    check_image_count(split_tag(instruction)[0], len(inputs.groups[0]))  # before the model loads
+    stop_on_error = fail_fast or not inputs.folder
+    with Pipeline(model_dir, backend=backend, **options) as pipe:
+        context = pipe.config.max_position_embeddings
+        if sampling.max_new_tokens >= context:
+            raise UserError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for the prompt in the "
+                            f"model's context of {context} tokens")
+        show_stream = output.stream and not inputs.folder and not output.as_json
+        on_token = (lambda _i, piece: click.echo(piece, nl=False)) if show_stream else None
+        masks = MaskNames(output.mask_dir, inputs.root) if output.mask_dir else None
+        counts = {"answered": 0, "failed": 0}
+        t0 = time.perf_counter()
+        with tqdm(total=len(inputs.groups), desc="infer", unit="tile", file=sys.stderr, dynamic_ncols=True,
+                  disable=None if inputs.folder else True) as bar:  # None: only on a terminal
+            for start in range(0, len(inputs.groups), batch_size):
+                chunk = inputs.groups[start:start + batch_size]
+                outcomes = answer_batch(pipe, chunk, sensor, instruction, sampling, on_token)
+                with tqdm.external_write_mode(file=sys.stdout):
+                    for outcome in outcomes:
+                        if isinstance(outcome, TileFailure) and stop_on_error:
+                            raise UserError(outcome.line())
+                        _report(outcome, output, masks, show_stream, inputs.folder)
+                        counts["failed" if isinstance(outcome, TileFailure) else "answered"] += 1
+                bar.update(len(chunk))
+        if inputs.folder:
+            elapsed = time.perf_counter() - t0
+            click.echo(f"infer: {counts['answered']} answered, {counts['failed']} failed of {len(inputs.groups)} tiles "
+                       f"in {elapsed:.1f} s ({len(inputs.groups) / max(elapsed, 1e-9):.2f} tiles/s)", err=True)
+        if output.verbose and not output.as_json:
             stats = pipe.backend.stats()
             if stats:
                 click.echo(f"backend {pipe.backend.name}: " + ", ".join(f"{k}={v}" for k, v in stats.items()), err=True)
-    finally:
-        pipe.close()
+    if counts["answered"] == 0:
+        raise UserError(f"none of the {len(inputs.groups)} tiles could be answered (each has its error above)")
 
 
-def _request_groups(images: list[str]) -> list[list[str]]:
+def answer_batch(pipe: Pipeline, chunk: list[list[str]], sensor: str | None, instruction: str,
+                 sampling: SamplingConfig, on_token=None) -> list[Outcome]:
+    """One outcome per request of ``chunk``, in order: a tile that cannot be read, or whose generation fails,
+    gets a :class:`TileFailure` and the others are still answered."""
+    outcomes: list[Outcome | None] = [None] * len(chunk)
+    tiles = {}
+    for i, paths in enumerate(chunk):
+        try:
+            tiles[i] = pipe.tile(paths, sensor)
+        except REQUEST_ERRORS as exc:
+            outcomes[i] = TileFailure(paths, message(exc))
+    for i, outcome in _generate(pipe, tiles, instruction, sampling, on_token).items():
+        outcomes[i] = outcome
+    return [o for o in outcomes if o is not None]
+
+
+def _generate(pipe: Pipeline, tiles: dict[int, Tile], instruction: str, sampling: SamplingConfig,
+              on_token) -> dict[int, Outcome]:
+    """Run the tiles as one batch; if the batch fails, run each alone so only the request at fault fails."""
+    if not tiles:
+        return {}
+    try:
+        return dict(zip(tiles, pipe.run(list(tiles.values()), instruction, sampling, on_token=on_token)))
+    except REQUEST_ERRORS as exc:
+        if len(tiles) == 1:
+            (i, tile), = tiles.items()
+            return {i: TileFailure(tile.paths, message(exc))}
+    out: dict[int, Outcome] = {}
+    for i, tile in tiles.items():
+        out.update(_generate(pipe, {i: tile}, instruction, sampling, on_token))
+    return out
+
+
+def _report(outcome: Outcome, output: Output, masks: MaskNames | None, streamed: bool, folder: bool) -> None:
+    """Print one outcome: a JSON line, or text (``== path`` heads each request of a folder run)."""
+    if isinstance(outcome, TileFailure):
+        if output.as_json:
+            click.echo(json.dumps(outcome.to_dict()))
+        else:
+            click.echo(f"== {' + '.join(outcome.paths)}\n  error: {outcome.error}")
+        return
+    result = outcome
+    if masks is not None and result.parsed.mask is not None:
+        path = masks(result.tile.paths[0])
+        save_mask_png(result.parsed.mask, None, result.tile.sizes[0], path)
+        result.extras["mask_png"] = str(path)
+    if output.as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    if streamed:
+        click.echo()
+    else:
+        if folder:
+            click.echo(f"== {' + '.join(result.tile.paths)}")
+        click.echo(result.generation.text)
+    extra = _describe(result, output.verbose)
+    if extra:
+        click.echo(extra)
+
+
+def resolve_inputs(images: list[str]) -> Inputs:
     """One image, two images (a change pair), or folders of tiles (each tile its own request)."""
     paths = [Path(p) for p in images]
+    if not paths:
+        raise ValueError("give an image, a before/after pair, or a folder of tiles")
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"no such image or folder: {', '.join(missing)}")
     if len(paths) == 1 and paths[0].is_dir():
-        return [[str(p)] for p in list_images(paths[0])]
+        return Inputs([[str(p)] for p in list_images(paths[0])], paths[0], folder=True)
     if any(p.is_dir() for p in paths):
         if len(paths) == 2 and all(p.is_dir() for p in paths):
             before, after = list_images(paths[0]), list_images(paths[1])
-            by_name = {p.name: p for p in after}
-            pairs = [[str(b), str(by_name[b.name])] for b in before if b.name in by_name]
+            by_name = {p.relative_to(paths[1]): p for p in after}
+            pairs = [[str(b), str(by_name[b.relative_to(paths[0])])] for b in before
+                     if b.relative_to(paths[0]) in by_name]
             if not pairs:
                 raise FileNotFoundError(f"no files with matching names in {paths[0]} and {paths[1]}")
-            return pairs
+            return Inputs(pairs, paths[0], folder=True)
         raise ValueError("give one folder of tiles, two folders of before/after pairs, or 1-2 image files")
     if len(paths) > 2:
         raise ValueError(f"a request takes 1 image (2 for a change pair), got {len(paths)}; pass a folder for many tiles")
-    return [[str(p) for p in paths]]
+    return Inputs([[str(p) for p in paths]], paths[0].parent, folder=False)
 
 
-__all__ = ["run_infer", "parse_budget"]
+__all__ = ["run_infer", "parse_budget", "resolve_inputs", "answer_batch", "Inputs", "Output", "TileFailure"]

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from rsvlm_edge import formats
 from rsvlm_edge.backends.base import Backend, BackendError
-from rsvlm_edge.config import EXPERT_NAMES
+from rsvlm_edge.config import EXPERT_NAMES, PRESETS
 from rsvlm_edge.generation import Generation, Generator, Request, TokenCallback
 from rsvlm_edge.imageio import read_image_with_meta
 from rsvlm_edge.preprocess import guess_sensor, prepare_image
 from rsvlm_edge.sampling import SamplingConfig
 from rsvlm_edge.tasks import check_image_count, make_instruction, split_tag
 from rsvlm_edge.tokenizer import Tokenizer
+from rsvlm_edge.validate import cap_threads, require_text
 
 BACKENDS = ("ort", "torch", "trt")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -118,7 +120,7 @@ def read_tile(paths: list[str | Path], sensor: str | None, image_size: int, know
     chosen = sensor or guess_sensor(arrays[0])
     if chosen not in known_sensors:
         raise ValueError(f"sensor {chosen!r} is not one this model has a stem for ({', '.join(known_sensors)})")
-    pixels = [prepare_image(a, chosen, image_size, nodata=nd) for a, nd in zip(arrays, nodatas)]
+    pixels = [prepare_image(a, chosen, image_size, nodata=nd, source=p) for a, nd, p in zip(arrays, nodatas, paths)]
     return Tile(paths=[str(p) for p in paths], sensor=chosen, pixels=pixels, sizes=sizes)
 
 
@@ -145,20 +147,42 @@ def save_mask_png(grid: list[list[str]], label: str | None, size: tuple[int, int
 
 
 class Pipeline:
-    """Model dir + backend + tokenizer, ready to answer tiles."""
+    """Model dir + backend + tokenizer, ready to answer tiles.
+
+    Use it as a context manager (``with Pipeline(dir) as pipe:``) or call :meth:`close`; a closed pipeline
+    refuses further calls.
+    """
 
     def __init__(self, model_dir: str | Path, backend: str = "ort", **options: Any):
+        if not isinstance(model_dir, (str, os.PathLike)):
+            raise TypeError(f"Pipeline(model_dir): give the model directory as a path, got {type(model_dir).__name__} "
+                            f"(images go to the call: pipe('tile.png', task='cap'))")
+        if "threads" in options:
+            options["threads"] = cap_threads(options["threads"])
         self.model_dir = Path(model_dir)
         self.backend = load_backend(model_dir, backend, **options)
-        self.tokenizer = load_tokenizer(model_dir)
-        self.generator = Generator(self.backend, self.tokenizer)
-        self.config = self.backend.config
+        self._closed = False
+        try:
+            self.config = self.backend.config
+            check_context(self.config, self.model_dir)
+            self.tokenizer = load_tokenizer(model_dir)
+            self.generator = Generator(self.backend, self.tokenizer)
+        except BaseException:
+            self.close()
+            raise
 
-    def tile(self, paths: list[str | Path], sensor: str | None = None) -> Tile:
-        return read_tile(paths, sensor, self.config.image_size, self.config.sensors)
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("pipeline is closed; create a new Pipeline to run more requests")
+
+    def tile(self, paths: Sequence[str | Path] | str | Path, sensor: str | None = None) -> Tile:
+        self._check_open()
+        return read_tile(image_list(paths), sensor, self.config.image_size, self.config.sensors)
 
     def run(self, tiles: list[Tile], instruction: str, sampling: SamplingConfig | None = None,
             on_token: TokenCallback | None = None, history=None) -> list[InferenceResult]:
+        self._check_open()
+        require_text(instruction, "the prompt")
         tag, _ = split_tag(instruction)
         for tile in tiles:
             check_image_count(tag, len(tile.pixels))
@@ -171,13 +195,53 @@ class Pipeline:
             results.append(InferenceResult(tile, instruction, gen, formats.parse_answer(answer_tag, gen.text)))
         return results
 
-    def __call__(self, images: list[str | Path], task: str | None = None, prompt: str | None = None,
+    def __call__(self, images: Sequence[str | Path] | str | Path, task: str | None = None, prompt: str | None = None,
                  sensor: str | None = None, sampling: SamplingConfig | None = None) -> InferenceResult:
+        """Answer one request: ``images`` is one path, or a list of one path (two for a before/after pair)."""
+        self._check_open()
+        paths = image_list(images)
+        if prompt is not None:
+            require_text(prompt, "prompt")
         instruction = make_instruction(task, prompt)
-        return self.run([self.tile(images, sensor)], instruction, sampling)[0]
+        return self.run([self.tile(paths, sensor)], instruction, sampling)[0]
 
     def close(self) -> None:
+        """Free the backend's sessions and memory maps; calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self.backend.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def image_list(images: Sequence[str | Path] | str | Path) -> list[str | Path]:
+    """One path (str or PathLike) is one image, never a sequence of letters; a list must name at least one."""
+    if isinstance(images, (str, os.PathLike)):
+        return [images]  # type: ignore[list-item]
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"images: give a path or a list of paths, got {type(images).__name__}")
+    if not images:
+        raise ValueError("no images given: pass a path, or a list of 1 path (2 for a before/after pair)")
+    bad = [p for p in images if not isinstance(p, (str, os.PathLike))]
+    if bad:
+        raise TypeError(f"images: each must be a path, got {type(bad[0]).__name__} {bad[0]!r}")
+    return list(images)
+
+
+def check_context(config, model_dir: Path) -> None:
+    """The context length (``max_position_embeddings``) must not exceed the one the model's preset was trained for:
+    positions past it were never seen in training (rotary angles the attention never learned), and the KV cache a
+    chat session reserves is sized by it."""
+    trained = PRESETS[config.name]().max_position_embeddings if config.name in PRESETS else None
+    if trained is not None and config.max_position_embeddings > trained:
+        raise BackendError(f"{model_dir}: max_position_embeddings {config.max_position_embeddings} is above the "
+                           f"{trained} positions the {config.name} model was trained for; set it to at most {trained} "
+                           f"(config.json, and manifest.json's model_config in an engine dir)")
 
 
 def _tag_for_expert_guess(gen: Generation) -> str:

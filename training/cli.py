@@ -88,7 +88,8 @@ def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_s
                                  "bigearthnet"]),
               help="Held-out sets to score (repeatable; default: synthetic, router, aid, rsvqa_lr, levir_cd). "
                    "grounding: synthetic [VG] samples only.")
-@click.option("--limit", type=int, default=200, show_default=True, help="Samples per suite (seeded subset).")
+@click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Samples per suite (seeded subset).")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores).")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), help="Real data root (default ../shared/data).")

@@ -1,0 +1,104 @@
+"""Options and errors shared by the `rsvlm-edge` commands (infer, chat): every value is checked when it is parsed,
+before a model loads, and a bad one fails with click's one-line usage error naming the option (exit code 2)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from rsvlm_edge.validate import available_cores, utf8_problem
+
+if TYPE_CHECKING:
+    from rsvlm_edge.sampling import SamplingConfig
+
+
+class UserError(click.ClickException):
+    """A problem the user can fix (bad path, wrong bands, tampered model): one clear line, exit code 2."""
+
+    exit_code = 2
+
+
+def message(exc: BaseException) -> str:
+    """The text of an error for one line of output; an exception without text (a bare MemoryError) by its kind."""
+    text = str(exc).strip()
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({text})" if text else "out of memory"
+    return text or type(exc).__name__
+
+
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses NaN and infinity (click's FloatRange lets NaN through: NaN compares false
+    with both bounds)."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+class UnitInterval(FiniteFloat):
+    """(0, 1]: nucleus mass."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0, 1.0, min_open=True)
+
+
+def _cap_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """More threads than cores only contends (and 100,000 pool threads exhaust memory): use the cores, say so."""
+    cores = available_cores()
+    if value is not None and value > cores:
+        click.echo(f"Warning: --threads {value} is more than the {cores} cores available here; using {cores}", err=True)
+        return cores
+    return value
+
+
+threads_option = click.option("--threads", type=click.IntRange(min=1), callback=_cap_threads,
+                              help="CPU threads for the backend (default: all cores; more than the cores is capped).")
+
+
+def _utf8(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    problem = utf8_problem(value) if value is not None else None
+    if problem:
+        raise click.BadParameter(problem, ctx, param)
+    return value
+
+
+def prompt_option(help_text: str):
+    return click.option("--prompt", callback=_utf8, help=help_text)
+
+
+def sampling_options(fn):
+    """--max-new-tokens, --temperature, --top-k, --top-p, --repetition-penalty, --seed: ranges checked at parse time."""
+    options = [
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
+                     help="Stop after this many tokens."),
+        click.option("--temperature", type=FiniteFloat(min=0.0), default=0.0, show_default=True,
+                     help="0 = greedy; > 0 samples."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Sample among the k likeliest tokens (0 = off)."),
+        click.option("--top-p", type=UnitInterval(), default=1.0, show_default=True,
+                     help="Nucleus sampling mass in (0, 1] (1 = off)."),
+        click.option("--repetition-penalty", type=FiniteFloat(min=0.0, min_open=True), default=1.0, show_default=True,
+                     help="> 1 discourages repeats."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Sampling seed (each tile gets its own stream)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def sampling_config(kw: dict[str, Any]) -> "SamplingConfig":
+    """The SamplingConfig of the options above (``kw`` holds them among a command's other parameters)."""
+    from rsvlm_edge.sampling import SamplingConfig
+
+    try:
+        return SamplingConfig(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_k=kw["top_k"],
+                              top_p=kw["top_p"], repetition_penalty=kw["repetition_penalty"], seed=kw["seed"]).validate()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
