@@ -34,6 +34,8 @@ Per sensor (``rsvlm_edge.config.DEFAULT_SENSORS``):
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from rsvlm_edge.imageio import resize_band
@@ -79,15 +81,18 @@ def guess_sensor(array: np.ndarray) -> str:
     return "ms"
 
 
-def prepare_for_model(array: np.ndarray, sensor: str | None, size: int, *,
-                      nodata: float | None = None) -> tuple[np.ndarray, str]:
+def prepare_for_model(array: np.ndarray, sensor: str | None, size: int, *, nodata: float | None = None,
+                      source: str | os.PathLike | None = None) -> tuple[np.ndarray, str]:
     """:func:`prepare_image` with the sensor guessed when ``sensor`` is None. Returns ``(pixels, sensor)``."""
     chosen = sensor or guess_sensor(array)
-    return prepare_image(array, chosen, size, nodata=nodata), chosen
+    return prepare_image(array, chosen, size, nodata=nodata, source=source), chosen
 
 
-def prepare_image(array: np.ndarray, sensor: str, size: int, *, nodata: float | None = None) -> np.ndarray:
-    """Sensor-native ``H x W x C`` (or ``H x W``) array -> float32 ``(C, size, size)``; see the module docstring."""
+def prepare_image(array: np.ndarray, sensor: str, size: int, *, nodata: float | None = None,
+                  source: str | os.PathLike | None = None) -> np.ndarray:
+    """Sensor-native ``H x W x C`` (or ``H x W``) array -> float32 ``(C, size, size)``; see the module docstring.
+
+    ``source`` (the file the array came from) is named in the errors that depend on the pixels."""
     if sensor not in SENSORS:
         raise PreprocessError(f"unknown sensor {sensor!r}; choose one of {', '.join(SENSORS)}")
     if not isinstance(size, (int, np.integer)) or size < 1:
@@ -105,7 +110,7 @@ def prepare_image(array: np.ndarray, sensor: str, size: int, *, nodata: float | 
         a = a.astype(np.uint8) * 255
 
     a = _adapt_bands(a, sensor)
-    x, invalid = _fill_invalid(a, nodata)
+    x, invalid = _fill_invalid(a, nodata, source)
     kind = a.dtype
     if sensor == "rgb":
         x = _normalise_rgb(x, kind)
@@ -192,7 +197,8 @@ def _adapt_bands(a: np.ndarray, sensor: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------- invalid pixels
 
 
-def _fill_invalid(a: np.ndarray, nodata: float | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _fill_invalid(a: np.ndarray, nodata: float | None,
+                  source: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """float32 copy with NaN/inf and nodata pixels replaced by the channel median of valid pixels (+ the mask)."""
     x = a.astype(np.float32)
     invalid = None
@@ -208,7 +214,8 @@ def _fill_invalid(a: np.ndarray, nodata: float | None) -> tuple[np.ndarray, np.n
     if invalid is None or not invalid.any():
         return x, None
     if invalid.all():
-        raise PreprocessError("the image has no valid pixels (all NaN, infinite or nodata)")
+        where = f": {source}" if source is not None else ""
+        raise PreprocessError(f"the image has no valid pixels (all NaN, infinite or nodata){where}")
     for c in range(x.shape[2]):
         bad = invalid[:, :, c]
         if bad.any():
