@@ -46,9 +46,10 @@ GDAL_CACHE_MB = 64
 #: Formats Pillow may open. The rest of Pillow's plugins are not needed here (EPS, for one, runs Ghostscript).
 PILLOW_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_JP2_MAGIC = (b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")
+# first bytes -> format (the JPEG 2000 entries: the JP2 box container and a bare codestream)
+_MAGIC = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"),
+          (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"), (b"\xff\x4f\xff\x51", "JPEG2000"),
+          (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"), (b"BM", "BMP"))
 _GDAL_DRIVERS = {"GTiff": "TIFF", "JP2OpenJPEG": "JPEG2000", "PNG": "PNG"}
 
 
@@ -92,15 +93,16 @@ def read_image_with_meta(path: str | os.PathLike, *,
     ``height``, ``bands`` and ``dtype``; see :class:`ImageInfo` for the rest."""
     path = Path(path)
     head = _head(path)
+    kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
     try:
-        if head.startswith(_TIFF_MAGIC):
+        if kind == "TIFF":
             array, meta = _read_gdal(path, "GTiff", max_bytes)
-        elif head.startswith(_JP2_MAGIC):
+        elif kind == "JPEG2000":
             array, meta = _read_gdal(path, "JP2OpenJPEG", max_bytes)
-        elif _is_png16_colour(head):
+        elif kind == "PNG" and _png_needs_gdal(path, head):
             array, meta = _read_gdal(path, "PNG", max_bytes)
         else:
-            array, meta = _read_pillow(path, max_bytes)
+            array, meta = _read_pillow(path, kind, max_bytes)
     except MemoryError:
         raise ImageError(path, "not enough memory to decode the image (lower the load or max_bytes)") from None
     if array.ndim == 2:
@@ -175,11 +177,15 @@ def _head(path: Path) -> bytes:
     return head
 
 
-def _is_png16_colour(head: bytes) -> bool:
-    """PNG with 16-bit RGB, RGBA or grey + alpha samples (IHDR bit depth and colour type), which Pillow would
-    reduce to 8 bits."""
-    return head.startswith(_PNG_MAGIC) and head[12:16] == b"IHDR" and len(head) >= 26 and head[24] == 16 \
-        and head[25] in (2, 4, 6)
+def _png_needs_gdal(path: Path, head: bytes) -> bool:
+    """True for PNGs with 16-bit RGB, RGBA or grey + alpha samples, which Pillow would reduce to 8 bits (IHDR:
+    width, height, bit depth, colour type). Zero-size PNGs are refused here: Pillow would call them unrecognised."""
+    if len(head) < 26 or head[12:16] != b"IHDR":
+        return False
+    width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
+    if width == 0 or height == 0:
+        raise ImageError(path, f"zero-size image ({width}x{height})")
+    return depth == 16 and colour in (2, 4, 6)
 
 
 def _mib(n: int) -> str:
@@ -267,7 +273,7 @@ def _expand_palette(colormap: dict[int, tuple[int, ...]], index: np.ndarray) -> 
 # --------------------------------------------------------------------------------------------------- Pillow
 
 
-def _read_pillow(path: Path, max_bytes: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _read_pillow(path: Path, kind: str | None, max_bytes: int) -> tuple[np.ndarray, dict[str, Any]]:
     from PIL import Image, ImageMode, UnidentifiedImageError
 
     decode_errors = (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, zlib.error)
@@ -277,12 +283,14 @@ def _read_pillow(path: Path, max_bytes: int) -> tuple[np.ndarray, dict[str, Any]
         try:
             image = Image.open(path, formats=PILLOW_FORMATS)
         except UnidentifiedImageError:
+            if kind is not None:  # the signature is right, the header is not
+                raise ImageError(path, f"corrupt {kind} file (its header cannot be parsed)") from None
             raise ImageError(path, "unsupported or unrecognised image format (PNG, JPEG, GIF, BMP, WebP, TIFF and "
                                    "JPEG 2000 are read)") from None
         except Image.DecompressionBombError as exc:
             raise ImageError(path, f"image too large for Pillow ({exc})") from None
         except decode_errors as exc:
-            raise ImageError(path, f"corrupt image file ({exc or type(exc).__name__})") from None
+            raise _pillow_error(path, exc, "corrupt image file") from None
         with image:
             width, height = image.size
             mode = ImageMode.getmode(image.mode)
@@ -296,11 +304,17 @@ def _read_pillow(path: Path, max_bytes: int) -> tuple[np.ndarray, dict[str, Any]
             except Image.DecompressionBombError as exc:
                 raise ImageError(path, f"image too large for Pillow ({exc})") from None
             except decode_errors as exc:
-                text = str(exc)
-                kind = "truncated" if "truncated" in text or isinstance(exc, EOFError) else "corrupt or unsupported"
-                raise ImageError(path, f"{kind} image data ({text or type(exc).__name__})") from None
+                truncated = "truncated" in str(exc) or isinstance(exc, EOFError)
+                raise _pillow_error(path, exc, "truncated image data" if truncated else "corrupt image data") from None
             meta = {"format": image.format or "unknown", "reader": "pillow", "mode": image.mode}
     return array, meta
+
+
+def _pillow_error(path: Path, exc: BaseException, what: str) -> ImageError:
+    text = str(exc) or type(exc).__name__
+    if "MAX_TEXT" in text:  # a zTXt/iTXt chunk that inflates past PngImagePlugin.MAX_TEXT_CHUNK / MAX_TEXT_MEMORY
+        return ImageError(path, f"PNG text chunk too large to read safely ({text})")
+    return ImageError(path, f"{what} ({text})")
 
 
 def _pillow_output(mode: str) -> tuple[int, Any]:
