@@ -16,7 +16,7 @@ class NoTensorRT(click.ClickException):
 def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) -> None:
     try:
         from rsvlm_edge.backends.trt_env import TrtUnavailableError
-        from rsvlm_edge.engines.trt_build import build_trt_engines
+        from rsvlm_edge.engines.trt_build import TrtBuildError, build_trt_engines
     except ImportError as exc:
         raise NoTensorRT(f"TensorRT builds need the trt extra on the target device "
                                    f"(pip install 'rsvlm-edge[trt]'): {exc}") from None
@@ -25,6 +25,8 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
                           timing_cache=timing_cache, log=lambda m: click.echo(m, err=True))
     except (ImportError, TrtUnavailableError) as exc:  # tensorrt itself is imported lazily by the builder
         raise NoTensorRT(str(exc).splitlines()[0] if str(exc) else "TensorRT is not installed here") from None
+    except TrtBuildError as exc:  # not an engine dir, a graph TensorRT cannot parse: one line, no traceback
+        raise NoTensorRT(str(exc)) from None
 
 
 @click.command("build")

@@ -37,7 +37,10 @@ def test_sampling_is_seeded_and_respects_top_k():
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_new_tokens=0),
-                                dict(repetition_penalty=0)])
+                                dict(repetition_penalty=0), dict(repetition_penalty=float("nan")),
+                                dict(temperature=float("inf")), dict(temperature=float("nan")),
+                                dict(top_p=float("nan")), dict(seed=-1), dict(max_new_tokens=2.5),
+                                dict(top_k="3")])
 def test_invalid_configs_are_rejected(kw):
     with pytest.raises(ValueError):
         SamplingConfig(**kw).validate()

@@ -91,7 +91,7 @@ def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_s
 @click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True,
               help="Samples per suite (seeded subset).")
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--threads", type=int, default=0, help="ONNX Runtime threads (0 = all cores).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime threads (0 = all cores).")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), help="Real data root (default ../shared/data).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
 def eval_command(model_dir, compare_dirs, backend, suites, limit, batch_size, threads, data_root, out_path) -> None:
