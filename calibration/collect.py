@@ -105,7 +105,10 @@ def external_arrays(directory: Path, model: onnx.ModelProto) -> dict[str, np.nda
         info = {e.key: e.value for e in init.external_data}
         location = info["location"]
         if location not in maps:
-            maps[location] = np.memmap(directory / location, dtype=np.uint8, mode="r")
+            path = Path(directory) / location
+            if not path.resolve().is_relative_to(Path(directory).resolve()):
+                raise ValueError(f"{init.name}: its data file {location!r} lies outside {directory}")
+            maps[location] = np.memmap(path, dtype=np.uint8, mode="r")
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
         count = int(np.prod(init.dims, dtype=np.int64))
         offset = int(info.get("offset", 0))
@@ -121,7 +124,7 @@ def session_with_outputs(manifest: Manifest, component: str, tensors: list[str],
 
     comp = manifest.component(component)
     model = onnx.load(str(manifest.path(comp.file)), load_external_data=False)
-    arrays = external_arrays(manifest.path("."), model)
+    arrays = external_arrays(manifest.directory, model)
     del model.graph.output[:]
     model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
     so = ort.SessionOptions()
@@ -132,7 +135,7 @@ def session_with_outputs(manifest: Manifest, component: str, tensors: list[str],
     values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays.values()]
     for name, value in zip(arrays, values):
         so.add_initializer(name, value)
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(manifest.path(".")))
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(manifest.directory))
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return session, values
 

@@ -89,7 +89,7 @@ class Int8Writer:
 
     def _load(self, comp: Component) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         model = onnx.load(str(self.src.path(comp.file)), load_external_data=False)
-        return model, external_arrays(self.src.path("."), model)
+        return model, external_arrays(self.src.directory, model)
 
     def _entry(self, comp: Component, files: list[str], precision: str, extra: dict | None = None,
                q: QuantizedGraph | None = None) -> Component:
@@ -114,7 +114,7 @@ class Int8Writer:
         data_file = f"{comp.name}.bin"
         layout, _, _ = _write_tensors(self.dir / data_file, list(q.tensors), q)
         _save_graph(q, {n: (data_file, e) for n, e in layout.items()}, self.dir / comp.file)
-        self.components[comp.name] = self._entry(comp, [comp.file, data_file], "int8", self._stats(q))
+        self.components[comp.name] = self._entry(comp, [comp.file, data_file], "int8", self._extra(q))
         self.report[comp.name] = self._stats(q)
 
     def decoder(self) -> dict[str, Any]:
@@ -141,7 +141,7 @@ class Int8Writer:
             expert_layout = this_layout
             where = {n: (trunk_file, trunk_layout[n]) for n in trunk_names} | {n: (data_file, this_layout[n]) for n in expert_names}
             _save_graph(q, where, self.dir / comp.file)
-            self.components[name] = self._entry(comp, [comp.file, trunk_file, data_file], "int8", self._stats(q), q)
+            self.components[name] = self._entry(comp, [comp.file, trunk_file, data_file], "int8", self._extra(q), q)
             self.report[name] = self._stats(q)
             experts[e] = q
         q0 = experts[0]
@@ -160,6 +160,11 @@ class Int8Writer:
         return {**layout, "trunk": {"file": trunk_file, "bytes": trunk_bytes,
                                     "tensors": describe(trunk_layout, layout["trunk"]["tensors"])},
                 "expert_bytes": expert_bytes, "expert_tensors": describe(expert_layout, layout["expert_tensors"])}
+
+    @classmethod
+    def _extra(cls, q: QuantizedGraph) -> dict[str, Any]:
+        """A quantized component's manifest fields: the counts, and ``int8_scheme`` for Q/DQ graphs."""
+        return {**cls._stats(q), **({"int8_scheme": q.scheme} if q.scheme else {})}
 
     @staticmethod
     def _stats(q: QuantizedGraph) -> dict[str, Any]:
@@ -181,7 +186,8 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
             raise Int8WriteError("the Q/DQ scheme needs a calibration table (run `rsvlm-edge calibrate`)")
         amax = table
         return (lambda model, arrays, name, file_of: quantize_graph(model, arrays, amax.get(name, {}), keep, act_dtype),
-                {"scheme": "explicit Q/DQ, weights per-channel symmetric, activations per-tensor symmetric",
+                {"scheme": "explicit Q/DQ, weights per-channel symmetric pair-bounded INT8 (exact on x86 without VNNI: "
+                           "see each component's int8_scheme), activations per-tensor symmetric",
                  "activation_dtype": act_dtype, "lm_head": lm_head})
     if scheme == "weight-only":
         from rsvlm_edge.calibration.weight_only import quantize_weight_only
@@ -263,4 +269,17 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
         manifest = Manifest(model_config=src.model_config, components=components, tokenizer=src.tokenizer,
                             experts=experts, engine=dict(src.engine), extra=extra)
         manifest.save(staging)
+        if scheme == "qdq":
+            prove_saturation_free(staging)
     return Manifest.load(out_dir, verify="size")
+
+
+def prove_saturation_free(engine_dir: Path) -> None:
+    """Refuse to finish a Q/DQ dir whose weights could saturate a non-VNNI x86 kernel (the writer's own check of
+    :func:`~rsvlm_edge.calibration.saturation.prove_engine_dir`; OUT_DIR is then left untouched)."""
+    from rsvlm_edge.calibration.saturation import SaturationError, prove_engine_dir
+
+    try:
+        prove_engine_dir(engine_dir)
+    except SaturationError as exc:
+        raise Int8WriteError(str(exc)) from None

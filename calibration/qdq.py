@@ -1,5 +1,10 @@
 """Explicit Q/DQ INT8 rewrite of one ONNX graph (weights per-channel, activations per-tensor, both symmetric).
 
+Weights of integer products are "pair-bounded" INT8 (:func:`quantize_weight`): within one output channel any two
+``|q|`` sum to at most 128, so ONNX Runtime's x86 kernels without VNNI cannot saturate (the proof and the ISAs are in
+:mod:`rsvlm_edge.calibration.saturation`); the values stay plain symmetric INT8 with zero point 0, which TensorRT
+reads like any other Q/DQ weight.
+
 Why explicit Q/DQ: the same graph runs on ONNX Runtime's CPU INT8 kernels (it fuses ``DQ -> MatMul`` into
 ``MatMulIntegerToFloat``) and on every TensorRT version (TensorRT 11 only reads INT8 scales from Q/DQ nodes).
 
@@ -16,14 +21,19 @@ decoder's trunk / expert file split survives quantization.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from rsvlm_edge.calibration.saturation import PAIR_SUM_LIMIT, pair_bound, reduction_pair_sums, top_two
+
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
 QMAX = 127.0
+WEIGHT_SCHEME = ("s8 per-channel symmetric, pair-bounded: any two |q| of one output channel sum to <= 128 "
+                 "(scale = max(a1 + a2, 128 * a1 / 127) / 128, a1 >= a2 the two largest |w| of the channel)")
+TABLE_SCHEME = "s8 per-row symmetric (dequantized after the Gather; no integer product)"
 ACT_DTYPES = {"int8": (TensorProto.INT8, np.int8, 0), "uint8": (TensorProto.UINT8, np.uint8, 128)}
 
 
@@ -37,18 +47,52 @@ class QuantizedGraph:
     activations_quantized: int = 0
     kept_fp32: list[str] = field(default_factory=list)
     fused: dict[str, int] = field(default_factory=dict)  # ORT fusions applied afterwards (pattern -> count)
+    scheme: dict[str, Any] = field(default_factory=dict)  # the manifest's int8_scheme (Q/DQ graphs only)
+
+
+def _channels_last(w: np.ndarray, axis: int) -> np.ndarray:
+    """|w| as (channels, everything a channel reduces over)."""
+    return np.moveaxis(np.abs(w), axis, 0).reshape(w.shape[axis], -1)
+
+
+def quantize_rows(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Full-range symmetric per-channel INT8 along ``axis`` (|q| <= 127): for tables that are only looked up and
+    dequantized, never fed to an integer product. Returns (int8 values, float32 scales of shape (w.shape[axis],))."""
+    w = np.asarray(w, dtype=np.float32)
+    amax = _channels_last(w, axis).max(axis=1)
+    return _round(w, axis, (np.maximum(amax, 1e-12) / QMAX).astype(np.float32))
 
 
 def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel INT8 along ``axis``: returns (int8 values, float32 scales of shape (w.shape[axis],))."""
+    """Pair-bounded symmetric per-channel INT8 along ``axis`` (the output channel) for integer products.
+
+    Per channel, with a1 >= a2 its two largest |w|: scale = max(a1 + a2, 128 * a1 / 127) / 128, so |q| <= 127 and
+    the two largest |q| round to a sum of 128 at most; then every pair in the channel sums to <= 128. Against ORT's
+    ``reduce_range`` (7-bit, scale = a1 / 64) the step is never coarser, and finer by (a1 - a2) / 2a1 where one weight
+    stands out; with a2 = a1 both are 7-bit. A channel that float rounding pushes to 129 gets a slightly larger scale.
+    Returns (int8 values, float32 scales of shape (w.shape[axis],))."""
     w = np.asarray(w, dtype=np.float32)
-    reduce = tuple(i for i in range(w.ndim) if i != axis)
-    amax = np.abs(w).max(axis=reduce) if reduce else np.abs(w)
-    scale = (np.maximum(amax, 1e-12) / QMAX).astype(np.float32)
+    a1, a2 = top_two(_channels_last(w, axis))
+    scale = (np.maximum(np.maximum(a1 + a2, a1 * (PAIR_SUM_LIMIT / QMAX)), 1e-12) / PAIR_SUM_LIMIT).astype(np.float32)
+    while True:
+        q, scale = _round(w, axis, scale)
+        over = pair_sums(q, axis) > PAIR_SUM_LIMIT
+        if not over.any():
+            return q, scale
+        scale = np.where(over, scale * np.float32(1 + 2 ** -12), scale).astype(np.float32)
+
+
+def pair_sums(q: np.ndarray, axis: int) -> np.ndarray:
+    """Per output channel (``axis``), the largest |q_i| + |q_j| over two different weights of the channel: the
+    largest pair any kernel can add, whatever order it packs the reduction in."""
+    a1, a2 = top_two(_channels_last(np.asarray(q, np.int32), axis))
+    return a1 + a2
+
+
+def _round(w: np.ndarray, axis: int, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     shape = [1] * w.ndim
     shape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(shape)), -QMAX, QMAX).astype(np.int8)
-    return q, scale
+    return np.clip(np.rint(w / scale.reshape(shape)), -QMAX, QMAX).astype(np.int8), scale
 
 
 def activation_scale(amax: float) -> float:
@@ -100,6 +144,19 @@ def _scalar(name: str, value, dtype) -> onnx.TensorProto:
     return numpy_helper.from_array(np.array(value, dtype=dtype), name)
 
 
+def make_qdq(tensor: str, out: str, scale: str, zero_point: str) -> list[onnx.NodeProto]:
+    """Fake quantization of one activation: ``tensor ─Q─▶ <out>_q (8-bit) ─DQ─▶ out``."""
+    return [helper.make_node("QuantizeLinear", [tensor, scale, zero_point], [f"{out}_q"], name=f"{out}/QuantizeLinear"),
+            helper.make_node("DequantizeLinear", [f"{out}_q", scale, zero_point], [out], name=f"{out}/DequantizeLinear")]
+
+
+def make_dq(name: str, axis: int) -> onnx.NodeProto:
+    """A stored tensor: ``<name>_quantized ─DQ(<name>_scale, <name>_zero_point, axis)─▶ name``, so the consumers of
+    the original initializer ``name`` are unchanged."""
+    return helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [name],
+                            name=f"{name}/DequantizeLinear", axis=axis)
+
+
 def quantize_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray], amax: dict[str, float],
                    keep_fp32: Callable[[onnx.NodeProto], bool] | None = None, act_dtype: str = "int8",
                    quantize_gather: bool = True) -> QuantizedGraph:
@@ -107,32 +164,39 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray], amax:
 
     Activations without a calibrated ``amax`` are left FP32 (their node then runs with a dequantized weight).
     Every external initializer of the result is listed in ``QuantizedGraph.tensors``; inline ones stay inline.
+    ``QuantizedGraph.scheme`` records the weight / activation scheme and the saturation bound of its weights.
     """
     if act_dtype not in ACT_DTYPES:
         raise ValueError(f"activation dtype must be one of {', '.join(ACT_DTYPES)}, got {act_dtype!r}")
-    onnx_act, np_act, zero = ACT_DTYPES[act_dtype]
+    _, np_act, zero = ACT_DTYPES[act_dtype]
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     result = QuantizedGraph(model)
-    targets = quantizable_nodes(model, keep_fp32)
-    quantized_weights = {w for _, _, w, _ in targets}
+    targets = {id(node): (node, act, w, axis) for node, act, w, axis in quantizable_nodes(model, keep_fp32)}
     new_inits: list[onnx.TensorProto] = []
     new_nodes: list[onnx.NodeProto] = []
     act_dq: dict[str, str] = {}
     quantized_biases: set[str] = set()
-
     external = external_adder(result, new_inits)
 
+    def act_qparams(tensor: str) -> tuple[str, str]:
+        new_inits.extend([_scalar(f"{tensor}_act_scale", activation_scale(amax[tensor]), np.float32),
+                          _scalar(f"{tensor}_act_zero_point", zero, np_act)])
+        result.activations_quantized += 1
+        return f"{tensor}_act_scale", f"{tensor}_act_zero_point"
+
     # ---- weights: W -> DequantizeLinear(W_quantized, W_scale, W_zero_point, axis) named W, consumers unchanged
-    axes = {w: axis for _, _, w, axis in targets}
-    for w, axis in axes.items():
-        q, scale = quantize_weight(weights[w], axis)
-        external(f"{w}_quantized", q, w)
-        external(f"{w}_scale", scale, w)
-        new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{w}_zero_point"))
-        new_nodes.append(helper.make_node("DequantizeLinear", [f"{w}_quantized", f"{w}_scale", f"{w}_zero_point"], [w],
-                                          name=f"{w}/DequantizeLinear", axis=axis))
-        result.weights_quantized += 1
+    scales: dict[str, np.ndarray] = {}
+    pair_sum = 0
+    for node, _, w, axis in targets.values():
+        if w not in scales:
+            q, scales[w] = quantize_weight(weights[w], axis)
+            external(f"{w}_quantized", q, w)
+            external(f"{w}_scale", scales[w], w)
+            new_inits.append(numpy_helper.from_array(np.zeros(scales[w].shape, np.int8), f"{w}_zero_point"))
+            new_nodes.append(make_dq(w, axis))
+            result.weights_quantized += 1
+        pair_sum = max(pair_sum, int(reduction_pair_sums(result.tensors[f"{w}_quantized"][0], node).max(initial=0)))
 
     # ---- embedding tables: Gather(int8 rows) * Gather(row scales)
     gathers = embedding_gathers(graph, weights) if quantize_gather else []
@@ -142,52 +206,45 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray], amax:
         if node in gathers:
             new_nodes += dequantized_gather(node)
             continue
-        if any(node is t[0] for t in targets):
-            act = node.input[0]
-            if act in amax:
-                if act not in act_dq:
-                    s = activation_scale(amax[act])
-                    new_inits += [_scalar(f"{act}_act_scale", s, np.float32), _scalar(f"{act}_act_zero_point", zero, np_act)]
-                    new_nodes += [
-                        helper.make_node("QuantizeLinear", [act, f"{act}_act_scale", f"{act}_act_zero_point"],
-                                         [f"{act}_q"], name=f"{act}/QuantizeLinear"),
-                        helper.make_node("DequantizeLinear", [f"{act}_q", f"{act}_act_scale", f"{act}_act_zero_point"],
-                                         [f"{act}_dq"], name=f"{act}/DequantizeLinear"),
-                    ]
-                    act_dq[act] = f"{act}_dq"
-                    result.activations_quantized += 1
-                node.input[0] = act_dq[act]
-                out = node.output[0]
-                if node.op_type == "Conv" and out in amax:
-                    if len(node.input) > 2 and node.input[2] in weights:
-                        bias = node.input[2]
-                        s_b = (activation_scale(amax[act]) * quantize_weight(weights[node.input[1]], 0)[1]).astype(np.float32)
-                        b_q = np.clip(np.rint(np.asarray(weights[bias], np.float32) / s_b), -2**31, 2**31 - 1).astype(np.int32)
-                        external(f"{bias}_quantized", b_q, bias)
-                        external(f"{bias}_scale", s_b, bias)
-                        new_inits.append(numpy_helper.from_array(np.zeros(s_b.shape, np.int32), f"{bias}_zero_point"))
-                        new_nodes.append(helper.make_node("DequantizeLinear", [f"{bias}_quantized", f"{bias}_scale",
-                                                          f"{bias}_zero_point"], [bias], name=f"{bias}/DequantizeLinear", axis=0))
-                        quantized_biases.add(bias)
-                    s = activation_scale(amax[out])
-                    node.output[0] = f"{out}_float"
-                    new_inits += [_scalar(f"{out}_act_scale", s, np.float32), _scalar(f"{out}_act_zero_point", zero, np_act)]
-                    new_nodes.append(node)
-                    new_nodes += [
-                        helper.make_node("QuantizeLinear", [f"{out}_float", f"{out}_act_scale", f"{out}_act_zero_point"],
-                                         [f"{out}_q"], name=f"{out}/QuantizeLinear"),
-                        helper.make_node("DequantizeLinear", [f"{out}_q", f"{out}_act_scale", f"{out}_act_zero_point"],
-                                         [out], name=f"{out}/DequantizeLinear"),
-                    ]
-                    result.activations_quantized += 1
-                    continue
-        elif node.op_type in QUANT_OPS:
-            result.kept_fp32.append(node.name)
-        new_nodes.append(node)
+        if id(node) not in targets:
+            if node.op_type in QUANT_OPS:
+                result.kept_fp32.append(node.name)
+            new_nodes.append(node)
+            continue
+        _, act, weight, _ = targets[id(node)]
+        if act not in amax:
+            new_nodes.append(node)
+            continue
+        if act not in act_dq:  # act ─Q─▶ act_q ─DQ─▶ act_dq, shared by every product that reads act
+            new_nodes += make_qdq(act, f"{act}_dq", *act_qparams(act))
+            act_dq[act] = f"{act}_dq"
+        node.input[0] = act_dq[act]
+        out = node.output[0]
+        if node.op_type != "Conv" or out not in amax:
+            new_nodes.append(node)
+        else:  # Q/DQ on the output too: ORT runs one integer QLinearConv (bias DQ first: it is still an initializer)
+            if len(node.input) > 2 and node.input[2] in weights:
+                bias = node.input[2]
+                s_b = (activation_scale(amax[act]) * scales[weight]).astype(np.float32)
+                b_q = np.clip(np.rint(np.asarray(weights[bias], np.float32) / s_b), -2**31, 2**31 - 1).astype(np.int32)
+                external(f"{bias}_quantized", b_q, bias)
+                external(f"{bias}_scale", s_b, bias)
+                new_inits.append(numpy_helper.from_array(np.zeros(s_b.shape, np.int32), f"{bias}_zero_point"))
+                new_nodes.append(make_dq(bias, 0))
+                quantized_biases.add(bias)
+            node.output[0] = f"{out}_float"
+            new_nodes.append(node)
+            new_nodes += make_qdq(f"{out}_float", out, *act_qparams(out))
 
-    replace_initializers(graph, new_nodes, new_inits, quantized_weights | gathered_tables | quantized_biases,
+    replace_initializers(graph, new_nodes, new_inits, set(scales) | gathered_tables | quantized_biases,
                          weights, external)
     _ensure_opset(model, 13)  # per-axis DequantizeLinear
+    if scales:
+        result.scheme |= {"weights": WEIGHT_SCHEME, "pair_bound": pair_bound(pair_sum)}
+    if gathered_tables:
+        result.scheme["tables"] = TABLE_SCHEME
+    if result.activations_quantized:
+        result.scheme["activations"] = f"{act_dtype} per-tensor symmetric (scale amax/127, zero point {zero})"
     return result
 
 
@@ -218,7 +275,7 @@ def quantize_tables(gathers: list[onnx.NodeProto], weights: dict[str, np.ndarray
     for node in gathers:
         table = node.input[0]
         if table not in tables:
-            q, scale = quantize_weight(weights[table], 0)
+            q, scale = quantize_rows(weights[table], 0)
             external(f"{table}_quantized", q, table)
             external(f"{table}_scale", scale.reshape(-1, 1), table)
             tables.add(table)
