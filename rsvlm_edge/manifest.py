@@ -287,7 +287,8 @@ class Manifest:
         try:
             return ModelConfig.from_dict(self.model_config)
         except (ConfigError, TypeError) as exc:
-            raise ManifestError(f"manifest model_config is invalid: {exc}") from None
+            where = f"{self.directory / MANIFEST_FILE}: " if self.directory is not None else "manifest "
+            raise ManifestError(f"{where}model_config is invalid: {exc}") from None
 
     def component(self, name: str) -> Component:
         try:
@@ -311,6 +312,7 @@ class Manifest:
         experts. Without it an edited config surfaces as a runtime's internal shape error deep in a request.
         """
         cfg = self.config()
+        where = (lambda f: self.directory / f) if self.directory is not None else Path
         hidden, kv_axis = ("hidden_size", cfg.hidden_size), {KV_LAYOUT_SEQUENCE_MAJOR: 2, KV_LAYOUT_SHARED: 1}
         rules: list[tuple[str, str, int, tuple[str, int]]] = [  # component, tensor, axis, (config key, value)
             ("embedding", "inputs_embeds", -1, hidden), ("router", "embeds", -1, hidden),
@@ -333,7 +335,7 @@ class Manifest:
                       (name, HIDDEN_STATES, -1, hidden)]
             past = [t.name for t in comp.inputs if t.name.startswith("past_key_")]
             if len(past) != cfg.num_layers:
-                raise ManifestError(f"{comp.file} takes a KV cache for {len(past)} layers, but {MANIFEST_FILE}'s "
+                raise ManifestError(f"{where(comp.file)} takes a KV cache for {len(past)} layers, but {MANIFEST_FILE}'s "
                                     f"model_config.num_layers is {cfg.num_layers}: the config does not match the "
                                     f"graphs; re-export the model")
             axis = kv_axis.get(comp.extra.get("kv_layout", KV_LAYOUT_SEQUENCE_MAJOR), 2)
@@ -342,7 +344,7 @@ class Manifest:
                           (name, t, axis, ("num_kv_heads", cfg.num_kv_heads))]
         count = self.experts.get("num_experts")
         if count is not None and count != cfg.num_experts:
-            raise ManifestError(f"{MANIFEST_FILE}: experts.num_experts is {count}, but model_config.num_experts is "
+            raise ManifestError(f"{where(MANIFEST_FILE)}: experts.num_experts is {count}, but model_config.num_experts is "
                                 f"{cfg.num_experts}: the config does not match the graphs; re-export the model")
         for comp_name, tensor, axis, (key, value) in rules:
             comp = self.components.get(comp_name)
@@ -353,7 +355,7 @@ class Manifest:
             if isinstance(dim, str):
                 continue  # a dynamic axis
             if dim != value:
-                raise ManifestError(f"{comp.file}: {tensor} has shape {spec.shape}, but {MANIFEST_FILE}'s model_config "
+                raise ManifestError(f"{where(comp.file)}: {tensor} has shape {spec.shape}, but {MANIFEST_FILE}'s model_config "
                                     f"gives {key} = {value}: the config does not match the graphs; re-export the "
                                     f"model or restore its {MANIFEST_FILE}")
 
@@ -458,7 +460,10 @@ class Manifest:
                                 f"(export one with `rsvlm-edge export CHECKPOINT OUT_DIR`)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{path} is not valid JSON: {exc}") from None
-        manifest = cls.from_dict(data, directory=directory)
+        try:
+            manifest = cls.from_dict(data, directory=directory)
+        except ManifestError as exc:
+            raise ManifestError(f"{path}: {str(exc).removeprefix('manifest ')}") from None
         manifest.check_shapes()
         if verify:
             manifest.verify(mode="size" if verify == "size" else "sha256")
