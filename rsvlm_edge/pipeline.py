@@ -151,6 +151,13 @@ class Pipeline:
 
     Use it as a context manager (``with Pipeline(dir) as pipe:``) or call :meth:`close`; a closed pipeline
     refuses further calls.
+
+    Threads may share one pipeline: calls (``pipe(...)``, :meth:`run`, chat turns) are safe from any thread and
+    give the answers they give alone. They take turns on the backend (its ``lock``, held for a whole request
+    batch), each using all the backend's threads; an expert is never evicted while a decoder step runs on it,
+    so a one-expert budget holds under threads too. For requests that run in parallel, open one pipeline per
+    worker (each loads its own sessions) or batch the tiles into one :meth:`run` call. :meth:`close` waits for
+    the request in flight on the ort and trt backends.
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "ort", **options: Any):
