@@ -334,7 +334,7 @@ class Manifest:
             rules += [(name, "inputs_embeds", -1, hidden), (name, "logits", -1, ("vocab_size", cfg.vocab_size)),
                       (name, HIDDEN_STATES, -1, hidden)]
             past = [t.name for t in comp.inputs if t.name.startswith("past_key_")]
-            if len(past) != cfg.num_layers:
+            if past and len(past) != cfg.num_layers:
                 raise ManifestError(f"{where(comp.file)} takes a KV cache for {len(past)} layers, but {MANIFEST_FILE}'s "
                                     f"model_config.num_layers is {cfg.num_layers}: the config does not match the "
                                     f"graphs; re-export the model")

@@ -105,6 +105,88 @@ def test_malformed_manifests_are_refused(engine_dir, edit, message):
         Manifest.load(engine_dir)
 
 
+def with_experts(data):
+    """The fixture's components as three decoder experts (a, b, b) over one trunk (shared.bin)."""
+    data["experts"] = {"num_experts": 3, "components": ["a", "b", "b"], "expert_files": ["shared.bin", "b.bin", "b.bin"],
+                       "trunk": {"file": "shared.bin", "bytes": 5000, "tensors": {
+                           "w": {"offset": 0, "length": 16, "dtype": "float32", "shape": [2, 2]}}},
+                       "expert_tensors": {}, "expert_bytes": 100}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda e: e["trunk"].update(file="../escape.bin"), "experts.trunk.file.*stay inside the directory"),
+    (lambda e: e["trunk"].update(file="/etc/passwd"), "experts.trunk.file.*stay inside the directory"),
+    (lambda e: e["trunk"].update(file="b.bin"), "experts.trunk.file = 'b.bin' is not in the sha256 table of a"),
+    (lambda e: e["trunk"].update(file=7), "file names must be non-empty strings"),
+    (lambda e: e.update(expert_files=["shared.bin", "tokenizer.json", "b.bin"]), r"expert_files\[1\] = 'tokenizer.json'"),
+    (lambda e: e.update(expert_files=["shared.bin", "../b.bin", "b.bin"]), r"expert_files\[1\].*stay inside"),
+    (lambda e: e.update(expert_files="b.bin"), "experts.expert_files must be a list of strings"),
+    (lambda e: e.update(expert_files=["b.bin"]), "experts.expert_files lists 1 entries for num_experts = 3"),
+    (lambda e: e.update(components=["a", "zzz", "b"]), r"expert_files\[1\] = 'b.bin' is not in the sha256 table of "
+                                                       r"component 'zzz'"),
+    (lambda e: e.update(num_experts=True), "num_experts must be a positive integer"),
+    (lambda e: e.update(expert_bytes="100"), "expert_bytes must be a non-negative integer"),
+    (lambda e: e["trunk"]["tensors"]["w"].update(shape=[2, "2"]), r"trunk.tensors\['w'\].shape"),
+    (lambda e: e["trunk"]["tensors"]["w"].update(dtype="complex64"), r"trunk.tensors\['w'\].dtype"),
+    (lambda e: e["trunk"]["tensors"]["w"].update(offset=-1), r"trunk.tensors\['w'\].offset"),
+])
+def test_expert_section_is_checked(engine_dir, edit, message):
+    data = json.loads((engine_dir / "manifest.json").read_text())
+    with_experts(data)
+    (engine_dir / "manifest.json").write_text(json.dumps(data))
+    assert Manifest.load(engine_dir).experts["trunk"]["file"] == "shared.bin"  # the well-formed section loads
+    edit(data["experts"])
+    (engine_dir / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=message) as info:
+        Manifest.load(engine_dir)
+    assert str(engine_dir / "manifest.json") in str(info.value)
+
+
+def test_paths_stay_inside_the_directory_after_symlinks(engine_dir, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside") / "b.bin"
+    outside.write_bytes((engine_dir / "b.bin").read_bytes())  # the right bytes, in the wrong place
+    (engine_dir / "b.bin").unlink()
+    (engine_dir / "b.bin").symlink_to(outside)
+    for verify in (True, "size"):
+        with pytest.raises(ManifestError, match="b.bin resolves to .*outside the engine directory"):
+            Manifest.load(engine_dir, verify=verify)
+    m = Manifest.load(engine_dir, verify=False)
+    with pytest.raises(ManifestError, match="outside the engine directory"):
+        m.path("b.bin")
+    (engine_dir / "b.bin").unlink()
+    (engine_dir / "data").mkdir()
+    (engine_dir / "data" / "b.bin").write_bytes(outside.read_bytes())
+    (engine_dir / "b.bin").symlink_to("data/b.bin")  # a link within the directory is fine
+    assert Manifest.load(engine_dir).path("b.bin") == engine_dir / "b.bin"
+    for name in ("../x", "/etc/passwd", ""):
+        with pytest.raises(ManifestError, match="inside the directory|non-empty"):
+            m.path(name)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("hidden_size", 512, "embedding.onnx: inputs_embeds has shape .* hidden_size = 512"),
+    ("vocab_size", 8192, "dec.onnx: logits has shape .* vocab_size = 8192"),
+    ("num_layers", 2, "dec.onnx takes a KV cache for 4 layers.*num_layers is 2"),
+    ("num_kv_heads", 4, "dec.onnx: past_key_0 has shape .* num_kv_heads = 4"),
+])
+def test_model_config_is_checked_against_the_component_shapes(engine_dir, key, value, message):
+    cfg = tiny_config()
+    data = json.loads((engine_dir / "manifest.json").read_text())
+    spec = lambda name, shape: {"name": name, "dtype": "float32", "shape": shape}  # noqa: E731
+    data["components"]["embedding"] = {**data["components"]["a"], "file": "embedding.onnx", "sha256": {"embedding.onnx": "0"},
+                                       "external_data": [], "outputs": [spec("inputs_embeds", ["batch", "seq", cfg.hidden_size])]}
+    kv = [spec(f"past_key_{i}", ["past_seq", "batch", cfg.num_kv_heads, cfg.head_dim]) for i in range(cfg.num_layers)]
+    data["components"]["dec"] = {**data["components"]["a"], "file": "dec.onnx", "sha256": {"dec.onnx": "0"},
+                                 "external_data": [], "inputs": kv, "outputs": [spec("logits", ["batch", cfg.vocab_size])]}
+    data["experts"] = {"num_experts": 3, "components": ["dec"] * 3}
+    (engine_dir / "manifest.json").write_text(json.dumps(data))
+    Manifest.load(engine_dir, verify=False)  # consistent
+    data["model_config"][key] = value
+    (engine_dir / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=message):
+        Manifest.load(engine_dir, verify=False)
+
+
 def test_not_an_engine_dir(tmp_path):
     with pytest.raises(ManifestError, match="has no manifest.json"):
         Manifest.load(tmp_path)
