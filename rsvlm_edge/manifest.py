@@ -347,15 +347,15 @@ class Manifest:
             raise ManifestError(f"{where(MANIFEST_FILE)}: experts.num_experts is {count}, but model_config.num_experts is "
                                 f"{cfg.num_experts}: the config does not match the graphs; re-export the model")
         for comp_name, tensor, axis, (key, value) in rules:
-            comp = self.components.get(comp_name)
-            spec = next((t for t in (comp.inputs + comp.outputs) if t.name == tensor), None) if comp else None
-            if comp is None or spec is None:
+            checked = self.components.get(comp_name)
+            spec = next((t for t in checked.inputs + checked.outputs if t.name == tensor), None) if checked else None
+            if checked is None or spec is None:
                 continue
             dim = spec.shape[axis] if -len(spec.shape) <= axis < len(spec.shape) else None
             if isinstance(dim, str):
                 continue  # a dynamic axis
             if dim != value:
-                raise ManifestError(f"{where(comp.file)}: {tensor} has shape {spec.shape}, but {MANIFEST_FILE}'s model_config "
+                raise ManifestError(f"{where(checked.file)}: {tensor} has shape {spec.shape}, but {MANIFEST_FILE}'s model_config "
                                     f"gives {key} = {value}: the config does not match the graphs; re-export the "
                                     f"model or restore its {MANIFEST_FILE}")
 
