@@ -17,6 +17,10 @@ Layout (``format_version`` 1)::
           "bytes": {"<name>.onnx": 1234, ...},         # file sizes (for the fast verify="size" mode)
           ...                                          # extra fields (kind, sensor, expert, opset, ...)
           "kv_layout": "bnsh-shared",                  # decoders only, absent = "sequence-major" (see below)
+          "int8_scheme": {"weights": ..., "activations": ..., "tables": ...,   # Q/DQ INT8 components: how each part
+                          "pair_bound": {"max_pair_abs_sum": 128, "max_pair_product": 32640, "int16_max": 32767,
+                                         "u8_activation_max": 255, "holds": true}},  # is quantized; the int16 bound
+                                                       # (rsvlm_edge.calibration.saturation) for x86 without VNNI
         }
       },
       "experts": {                                     # decoder layout, so a runtime maps tensors without parsing graphs
