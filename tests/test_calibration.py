@@ -302,8 +302,8 @@ def im2col(x: np.ndarray, node) -> np.ndarray:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     kh, kw = attrs["kernel_shape"]
     sh, sw = attrs.get("strides", [1, 1])
-    t, l, b, r = attrs.get("pads", [0, 0, 0, 0])
-    x = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=128)  # zero padding is u8 128 (zero point)
+    top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=128)  # zero padding is u8 128 (zero point)
     win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
 
