@@ -18,6 +18,18 @@ DEFAULT_SENSORS: dict[str, int] = {"rgb": 3, "sar": 2, "ir": 1, "ms": 12}
 #: Granularity experts, in expert-index order (DESIGN.md: image=0, region=1, pixel=2).
 EXPERT_NAMES: tuple[str, ...] = ("image", "region", "pixel")
 
+#: How an image becomes the encoder's input. "rsvlm": float normalise then bilinear resize (models trained here);
+#: "siglip-square": uint8 RGB bicubic resize to image_size, /255, (x-0.5)/0.5 (SigLIP / RSUniVLM);
+#: "siglip-pad": as siglip-square after padding to a square with grey (127, 127, 127).
+IMAGE_PREPROCESS_MODES: tuple[str, ...] = ("rsvlm", "siglip-square", "siglip-pad")
+
+#: Prompt templates: "rsvlm" (<|user|> ... <|end|>, models trained here); "qwen_1_5" (ChatML with a system turn, as
+#: RSUniVLM's app.py builds prompts).
+PROMPT_TEMPLATES: tuple[str, ...] = ("rsvlm", "qwen_1_5")
+
+#: The only sensor a model without stems takes: its encoder reads preprocessed RGB directly.
+STEMLESS_SENSORS: dict[str, int] = {"rgb": 3}
+
 
 class ConfigError(ValueError):
     """A config file is malformed or inconsistent."""
@@ -52,6 +64,13 @@ class ModelConfig:
     box_pointer: bool = False
     pointer_dim: int = 128
     sensors: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SENSORS))
+    # Per-sensor stems map each sensor's bands to 3 channels. Off for RGB-only checkpoints (RSUniVLM): the encoder
+    # takes the preprocessed RGB itself and ``sensors`` must be {"rgb": 3}.
+    vision_stems: bool = True
+    # LayerNorm over the fused feature before the projector. RSUniVLM has none; even identity weights would change
+    # the values, so a converted model turns it off rather than faking it.
+    vision_feature_norm: bool = True
+    image_preprocess: str = "rsvlm"  # one of IMAGE_PREPROCESS_MODES
     # --- decoder (Qwen2 style) ---
     vocab_size: int = 4096
     hidden_size: int = 256
@@ -65,7 +84,12 @@ class ModelConfig:
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = False
     num_experts: int = 3
+    # --- prompt ---
+    prompt_template: str = "rsvlm"  # one of PROMPT_TEMPLATES
     # --- instruction router ---
+    # A learned router picks the expert of untagged prompts. Off for RSUniVLM, whose expert comes from the prompt's
+    # tags alone ([SEG] -> pixel, [VG]/[REF] -> region, else image): no router module, weights or component.
+    router: bool = True
     router_hidden: int = 128
 
     # ------------------------------------------------------------------ derived
@@ -117,6 +141,29 @@ class ModelConfig:
             problems.append(f"num_experts must be {len(EXPERT_NAMES)} (image, region, pixel), got {self.num_experts}")
         if not self.sensors or any(c < 1 for c in self.sensors.values()):
             problems.append(f"sensors must map names to band counts >= 1, got {self.sensors}")
+        for flag in ("vision_stems", "vision_feature_norm", "router", "tie_word_embeddings", "image_newline",
+                     "cnn_branch", "token_pos_embed", "box_pointer", "attention_bias"):
+            if not isinstance(getattr(self, flag), bool):
+                problems.append(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if not self.vision_stems and self.sensors != STEMLESS_SENSORS:
+            problems.append(f"vision_stems false needs sensors {STEMLESS_SENSORS} (the encoder takes RGB directly), "
+                            f"got {self.sensors}")
+        if self.image_preprocess not in IMAGE_PREPROCESS_MODES:
+            problems.append(f"image_preprocess must be one of {', '.join(IMAGE_PREPROCESS_MODES)}, "
+                            f"got {self.image_preprocess!r}")
+        elif self.image_preprocess != "rsvlm" and self.sensors != STEMLESS_SENSORS:
+            problems.append(f"image_preprocess {self.image_preprocess!r} reads RGB images only: sensors must be "
+                            f"{STEMLESS_SENSORS}, got {self.sensors}")
+        if self.prompt_template not in PROMPT_TEMPLATES:
+            problems.append(f"prompt_template must be one of {', '.join(PROMPT_TEMPLATES)}, got {self.prompt_template!r}")
+        for name in ("vocab_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "rms_norm_eps", "vision_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                problems.append(f"{name} must be a positive number, got {value!r}")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
         return self
@@ -157,7 +204,9 @@ def tiny_config() -> ModelConfig:
 
 
 def rsunivlm_1b_config() -> ModelConfig:
-    """RSUniVLM's exact shape: SigLIP-so400m/14 @384 (26 of 27 layers) + mlp2x_gelu + Qwen2-0.5B with 3 experts."""
+    """RSUniVLM's architecture: SigLIP-so400m/14 @384 (26 of 27 layers, RGB only, no feature norm) + mlp2x_gelu +
+    newline + Qwen2-0.5B with 3 experts chosen by the prompt's tags (no router). ``rsvlm-edge convert rsunivlm``
+    starts from this and overrides what the checkpoint's config.json and tokenizer say (vocab, rope, eps, context)."""
     return ModelConfig(
         name="rsunivlm-1b",
         image_size=384,
@@ -170,6 +219,11 @@ def rsunivlm_1b_config() -> ModelConfig:
         cnn_branch=False,
         cnn_channels=[],
         image_newline=True,
+        sensors=dict(STEMLESS_SENSORS),
+        vision_stems=False,
+        vision_feature_norm=False,
+        image_preprocess="siglip-square",
+        prompt_template="qwen_1_5",
         vocab_size=151936,
         hidden_size=896,
         intermediate_size=4864,
@@ -179,10 +233,10 @@ def rsunivlm_1b_config() -> ModelConfig:
         attention_bias=True,
         rope_theta=1000000.0,
         rms_norm_eps=1e-6,
-        max_position_embeddings=4096,
+        max_position_embeddings=32768,
         tie_word_embeddings=False,
         num_experts=3,
-        router_hidden=256,
+        router=False,
     ).validate()
 
 
