@@ -83,8 +83,8 @@ def sampling_options(fn):
                      help="Sample among the k likeliest tokens (0 = off)."),
         click.option("--top-p", type=UnitInterval(), default=1.0, show_default=True,
                      help="Nucleus sampling mass in (0, 1] (1 = off)."),
-        click.option("--repetition-penalty", type=FiniteFloat(min=0.0, min_open=True), default=1.0, show_default=True,
-                     help="> 1 discourages repeats."),
+        click.option("--repetition-penalty", type=FiniteFloat(min=0.0, min_open=True), default=None,
+                     help="> 1 discourages repeats.  [default: the model's generation_config.json, else 1.0]"),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Sampling seed (each tile gets its own stream)."),
     ]

@@ -2,7 +2,11 @@
 
 Works on any :class:`~rsvlm_edge.backends.base.Backend`. Requests in one call are batched by expert (a decoder
 step runs one expert) with left padding; each request keeps its own seeded sampler, so a request gives the same
-tokens alone or in a batch.
+tokens alone or in a batch. The model's prompt template (:mod:`rsvlm_edge.templates`, ``config.prompt_template``)
+builds the prompt ids; its end token and the model dir's ``generation_config.json`` eos ids stop generation.
+
+Routing: a model with a learned router (``config.router``) takes the expert from a leading task tag, else from the
+router; a model without one (RSUniVLM) from :func:`~rsvlm_edge.tasks.expert_by_rule` over the whole message.
 
 Grounding by pointing: on a backend whose model has a box pointer, a ``[VG]`` answer is not sampled. The prefill's
 last hidden state points at one image patch, that patch's box is written as the answer text (``[x1, y1, x2, y2]``)
@@ -19,8 +23,9 @@ import numpy as np
 
 from rsvlm_edge.backends.base import Backend, CacheHandle
 from rsvlm_edge.formats import format_box
-from rsvlm_edge.sampling import SamplingConfig, TokenSampler
-from rsvlm_edge.tasks import ASSISTANT, END, Turn, expert_for_tag, prompt_segments, split_tag, user_segments
+from rsvlm_edge.sampling import GenerationDefaults, SamplingConfig, TokenSampler
+from rsvlm_edge.tasks import Turn, expert_by_rule, expert_for_tag, split_tag
+from rsvlm_edge.templates import PromptIds, get_template
 from rsvlm_edge.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -38,7 +43,7 @@ class Request:
 @dataclass
 class Routing:
     expert: int
-    source: str  # "tag", "router" or "forced"
+    source: str  # "tag", "router", "rule" (models without a router) or "forced"
     probs: list[float] | None = None
 
 
@@ -80,17 +85,41 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def chat_capacity(needed: int, context: int) -> int:
+    """KV cache size for a chat turn that needs ``needed`` positions: room for about as much again (later turns
+    reuse it), never the whole context up front (32k positions of a converted model are ~0.8 GB of fp32 K/V for
+    a few hundred tokens used)."""
+    return min(context, 2 * needed)
+
+
 class Generator:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer):
+    """Generation over one backend. ``defaults``: the model dir's generation settings
+    (:meth:`GenerationDefaults.load`); what a request's :class:`SamplingConfig` leaves unset comes from there."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, defaults: GenerationDefaults | None = None):
         self.backend = backend
         self.tokenizer = tokenizer
         self.config = backend.config
+        self.template = get_template(self.config.prompt_template)
+        self.defaults = defaults or GenerationDefaults()
+        if tokenizer.control != self.template.control:
+            raise ValueError(f"the tokenizer was loaded for another prompt template than the model's "
+                             f"{self.template.name!r} (load it with that template's control tokens)")
         if tokenizer.vocab_size > self.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {self.config.vocab_size}")
+        #: Generation stops on these: the template's end of turn, plus the model's own eos ids.
+        self.stop_ids = frozenset({tokenizer.end_id, *self.defaults.eos_token_ids})
+
+    def sampling(self, sampling: SamplingConfig | None) -> SamplingConfig:
+        """``sampling`` with what it leaves unset taken from the model's defaults and template."""
+        return self.defaults.resolve(sampling or SamplingConfig(), self.template.penalty_covers_prompt)
 
     # ------------------------------------------------------------------ routing
     def route(self, prompts: list[str]) -> list[Routing]:
-        """Tag decides the expert; untagged prompts go through the learned router in one batch."""
+        """Without a router: RSUniVLM's substring rule. With one: a leading tag decides; untagged prompts go
+        through the learned router in one batch."""
+        if not self.config.router:
+            return [Routing(expert_by_rule(prompt), "rule") for prompt in prompts]
         routings: list[Routing | None] = []
         untagged: list[int] = []
         for i, prompt in enumerate(prompts):
@@ -109,15 +138,25 @@ class Generator:
         return [r for r in routings if r is not None]
 
     # ------------------------------------------------------------------ inputs
-    def prompt_ids(self, request: Request) -> list[int]:
-        """Chat-template token ids with each ``<image>`` expanded to the model's visual-token count; user text is
+    def prompt(self, request: Request) -> PromptIds:
+        """The template's token ids with each image slot expanded to the model's visual-token count; user text is
         encoded as text only, so it cannot add turns or image slots."""
-        segments = prompt_segments(request.history + [Turn(request.prompt)], num_images=len(request.pixels))
-        ids: list[int] = []
-        image_id, nv = self.tokenizer.image_id, self.config.num_visual_tokens
-        for tok in self.tokenizer.encode_segments(segments):
-            ids.extend([image_id] * nv if tok == image_id else [tok])
-        return ids
+        turns = request.history + [Turn(request.prompt)]
+        segments = self.template.segments(turns, num_images=len(request.pixels))
+        return self.template.encode(self.tokenizer, segments, self.config.num_visual_tokens)
+
+    def prompt_ids(self, request: Request) -> list[int]:
+        return self.prompt(request).ids
+
+    def embed_prompts(self, ids: np.ndarray, slots: np.ndarray, visual: list[np.ndarray]) -> np.ndarray:
+        """(B, S) ids -> (B, S, D) embeddings with each row's image slots (``slots``, bool (B, S)) overwritten by
+        that row's visual tokens (n_images * Nv, D), images in order."""
+        embeds = self.backend.embed(ids)
+        for row, tokens in enumerate(visual):
+            if int(slots[row].sum()) != tokens.shape[0]:
+                raise ValueError(f"prompt has {int(slots[row].sum())} image slots for {tokens.shape[0]} visual tokens")
+            embeds[row, slots[row]] = tokens
+        return embeds
 
     def _pad(self, seqs: list[list[int]], left: bool = True) -> tuple[np.ndarray, np.ndarray]:
         width = max(len(s) for s in seqs)
@@ -148,10 +187,11 @@ class Generator:
     def uses_pointer(self, prompt: str, num_images: int) -> bool:
         return self.backend.has_box_pointer and num_images == 1 and split_tag(prompt)[0] in POINTER_TAGS
 
-    def patch_states(self, ids: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-        """The hidden states of the image's patch tokens (grid^2, D; the newline token is left out) of one row."""
+    def patch_states(self, image_slots: np.ndarray, hidden: np.ndarray) -> np.ndarray:
+        """The hidden states of the first image's patch tokens (grid^2, D; the newline token is left out) of one
+        row; ``image_slots`` is the row's bool slot mask (the positions :func:`patch_positions` finds by id)."""
         n = self.config.grid_size ** 2
-        slots = patch_positions(ids, self.tokenizer.image_id, self.config.grid_size)
+        slots = np.nonzero(image_slots)[0][:n]
         if len(slots) < n:
             raise ValueError(f"the box pointer needs {n} image patch tokens, the prompt has {len(slots)}")
         return hidden[slots]
@@ -175,7 +215,7 @@ class Generator:
 
     def _generate(self, requests: list[Request], sampling: SamplingConfig | None = None,
                   on_token: TokenCallback | None = None) -> list[Generation]:
-        sampling = (sampling or SamplingConfig()).validate()
+        sampling = self.sampling(sampling)
         if not requests:
             return []
         t0 = time.perf_counter()
@@ -202,14 +242,13 @@ class Generator:
         t0 = time.perf_counter()
         visual = self._visual_tokens(requests)
         t_vision = time.perf_counter()
-        seqs = [self.prompt_ids(req) for req in requests]
+        prompts = [self.prompt(req) for req in requests]
+        seqs = [p.ids for p in prompts]
         ids, mask = self._pad(seqs)
-        embeds = backend.embed(ids)
-        for row, tokens in enumerate(visual):
-            slots = ids[row] == tok.image_id
-            if int(slots.sum()) != tokens.shape[0]:
-                raise ValueError(f"prompt has {int(slots.sum())} image slots for {tokens.shape[0]} visual tokens")
-            embeds[row, slots] = tokens
+        slots = np.zeros(ids.shape, dtype=bool)
+        for row, p in enumerate(prompts):  # left padding: each prompt sits at the row's end
+            slots[row, ids.shape[1] - len(p):] = p.image_slots
+        embeds = self.embed_prompts(ids, slots, visual)
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         capacity = ids.shape[1] + sampling.max_new_tokens
         if capacity > self.config.max_position_embeddings:
@@ -217,8 +256,8 @@ class Generator:
                              f"model's context of {self.config.max_position_embeddings}")
         cache = backend.new_cache(len(requests), capacity, expert)
         samplers = [TokenSampler(sampling, self.config.vocab_size) for _ in requests]
-        for sampler, seq in zip(samplers, seqs):
-            sampler.observe([t for t in seq if t != tok.image_id])
+        for sampler, p in zip(samplers, prompts):
+            sampler.observe_prompt(np.asarray(p.ids)[~p.image_slots])
         full_mask = np.ones((len(requests), capacity), dtype=np.float32)  # grows by a view per step, never copied
         full_mask[:, : mask.shape[1]] = mask
         pointed = [row for row, req in enumerate(requests) if self.uses_pointer(req.prompt, len(req.pixels))]
@@ -226,7 +265,7 @@ class Generator:
         pointings: dict[int, Pointing] = {}
         if pointed:
             logits, hidden = backend.forward_hidden(cache, embeds, positions, mask)
-            answers = self.point(hidden[pointed, -1], np.stack([self.patch_states(ids[r], hidden[r]) for r in pointed]))
+            answers = self.point(hidden[pointed, -1], np.stack([self.patch_states(slots[r], hidden[r]) for r in pointed]))
             for row, (answer_ids, pointing) in zip(pointed, answers):
                 forced[row], pointings[row] = answer_ids, pointing
         else:
@@ -259,7 +298,7 @@ class Generator:
         then the row stops (with ``ignore_stop``, sampling goes on after them)."""
         tok, backend = self.tokenizer, self.backend
         rows = len(samplers)
-        stop = set() if sampling.ignore_stop else set(sampling.stop_ids) | {tok.end_id}
+        stop = set() if sampling.ignore_stop else set(sampling.stop_ids) | self.stop_ids
         streams = [StreamDecoder(tok) for _ in range(rows)]
         generated: list[list[int]] = [[] for _ in range(rows)]
         finished = [False] * rows
@@ -305,8 +344,9 @@ class Generator:
 
 
 class ChatSession:
-    """Multi-turn dialogue about one tile (or pair). The KV cache is reused while the expert stays the same;
-    a turn routed to another expert re-prefills the whole conversation (a cache is only valid for its expert)."""
+    """Multi-turn dialogue about one tile (or pair). The KV cache is reused while the expert stays the same and
+    the turn fits; a turn routed to another expert re-prefills the whole conversation (a cache is only valid for its
+    expert), and so does one that outgrows the cache (a new one of :func:`chat_capacity` is allocated)."""
 
     def __init__(self, generator: Generator, pixels: list[np.ndarray], sensor: str):
         self.generator, self.pixels, self.sensor = generator, pixels, sensor
@@ -315,47 +355,57 @@ class ChatSession:
         self.position = 0  # next position id
         self.pending: list[int] = []  # a generated token not yet in the cache (answer cut by max_new_tokens)
         self.patches: np.ndarray | None = None  # the image's patch states for the box pointer (from the prefill)
-        self.counters = {"turns": 0, "reprefills": 0, "reused_tokens": 0}
+        self.counters = {"turns": 0, "reprefills": 0, "reused_tokens": 0, "cache_grows": 0}
 
     def ask(self, text: str, sampling: SamplingConfig | None = None,
             on_token: TokenCallback | None = None) -> Generation:
         with self.generator.backend.lock:  # a turn runs like one request (see rsvlm_edge.backends.base)
             return self._ask(text, sampling, on_token)
 
+    def _continuation(self, text: str) -> list[int]:
+        """The new turn's ids after the cached conversation (the last answer's uncached token first)."""
+        gen = self.generator
+        segments = gen.template.next_turn(text)
+        return self.pending + gen.template.encode(gen.tokenizer, segments, gen.config.num_visual_tokens).ids
+
     def _ask(self, text: str, sampling: SamplingConfig | None = None,
              on_token: TokenCallback | None = None) -> Generation:
         gen = self.generator
-        sampling = (sampling or SamplingConfig()).validate()
+        sampling = gen.sampling(sampling)
         routing = gen.route([text])[0]
         t0 = time.perf_counter()
-        capacity = gen.config.max_position_embeddings
-        prefill = not (self.cache is not None and self.cache.expert == routing.expert)
-        if not prefill:
-            assert self.cache is not None
-            tok = gen.tokenizer
-            # close the last answer, open the new turn (its text is encoded as text only)
-            segments = [(END, True), ("\n", False)] + user_segments(text, 0) + [(ASSISTANT, True), ("\n", False)]
-            ids = self.pending + tok.encode_segments(segments)
-            if self.cache.length + len(ids) + sampling.max_new_tokens > capacity:
-                raise ValueError(f"conversation exceeds the model's context of {capacity} tokens; start a new chat")
-            embeds = gen.backend.embed(np.asarray([ids], dtype=np.int32))
-            self.counters["reused_tokens"] += self.cache.length
-        else:
+        context = gen.config.max_position_embeddings
+        overflow = ValueError(f"conversation exceeds the model's context of {context} tokens; start a new chat")
+        ids = self._continuation(text) if self.cache is not None and self.cache.expert == routing.expert else None
+        if ids is not None and self.cache is not None:
+            needed = self.cache.length + len(ids) + sampling.max_new_tokens
+            if needed > context:
+                raise overflow
+            if needed > self.cache.capacity:
+                self.counters["cache_grows"] += 1
+                ids = None  # re-prefill into a bigger cache
+        prefill = ids is None
+        image_slots = None
+        if ids is None:
             if self.cache is not None:
                 self.counters["reprefills"] += 1
             request = Request(pixels=self.pixels, sensor=self.sensor, prompt=text, history=self.turns)
-            ids = gen.prompt_ids(request)
-            if len(ids) + sampling.max_new_tokens > capacity:
-                raise ValueError(f"conversation exceeds the model's context of {capacity} tokens; start a new chat")
+            prompt = gen.prompt(request)
+            needed = len(prompt) + sampling.max_new_tokens
+            if needed > context:
+                raise overflow
             gen.backend.prefetch_expert(routing.expert)
-            visual = gen._visual_tokens([request])[0]
-            arr = np.asarray([ids], dtype=np.int32)
-            embeds = gen.backend.embed(arr)
-            embeds[0, arr[0] == gen.tokenizer.image_id] = visual
-            self.cache = gen.backend.new_cache(1, capacity, routing.expert)
+            visual = gen._visual_tokens([request])
+            ids, image_slots = prompt.ids, prompt.image_slots
+            embeds = gen.embed_prompts(np.asarray([ids], dtype=np.int32), image_slots[None], visual)
+            self.cache = gen.backend.new_cache(1, chat_capacity(needed, context), routing.expert)
             self.position = 0
+        else:
+            assert self.cache is not None
+            embeds = gen.backend.embed(np.asarray([ids], dtype=np.int32))
+            self.counters["reused_tokens"] += self.cache.length
         positions = np.arange(self.position, self.position + len(ids), dtype=np.int32)[None]
-        full_mask = np.ones((1, capacity), dtype=np.float32)
+        full_mask = np.ones((1, self.cache.capacity), dtype=np.float32)
         step_mask = full_mask[:, : self.cache.length + len(ids)]
         pointing: Pointing | None = None
         forced: dict[int, list[int]] = {}
@@ -363,8 +413,8 @@ class ChatSession:
         if gen.backend.has_box_pointer and (prefill or pointed):
             # a prefill keeps the patch states: the image precedes every instruction, so later turns can point too
             logits, hidden = gen.backend.forward_hidden(self.cache, embeds, positions, step_mask)
-            if prefill:
-                self.patches = gen.patch_states(np.asarray(ids), hidden[0])
+            if image_slots is not None:
+                self.patches = gen.patch_states(image_slots, hidden[0])
             if pointed and self.patches is not None:
                 (answer_ids, pointing), = gen.point(hidden[:, -1], self.patches[None])
                 forced[0] = answer_ids
@@ -372,7 +422,7 @@ class ChatSession:
             logits = gen.backend.forward(self.cache, embeds, positions, step_mask)
         t_first = time.perf_counter()
         sampler = TokenSampler(sampling, gen.config.vocab_size)
-        sampler.observe([t for t in ids if t != gen.tokenizer.image_id])
+        sampler.observe_prompt(np.asarray(ids) if image_slots is None else np.asarray(ids)[~image_slots])
         generated, reasons, steps = gen.decode(self.cache, logits, full_mask, positions[:, -1] + 1, [sampler],
                                                sampling, on_token, [0], forced)
         self.position = int(positions[0, -1]) + 1 + steps

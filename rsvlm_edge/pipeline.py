@@ -15,8 +15,9 @@ from rsvlm_edge.config import EXPERT_NAMES, PRESETS
 from rsvlm_edge.generation import Generation, Generator, Request, TokenCallback
 from rsvlm_edge.imageio import read_image_with_meta
 from rsvlm_edge.preprocess import guess_sensor, prepare_image
-from rsvlm_edge.sampling import SamplingConfig
+from rsvlm_edge.sampling import GenerationDefaults, SamplingConfig
 from rsvlm_edge.tasks import check_image_count, make_instruction, split_tag
+from rsvlm_edge.templates import get_template
 from rsvlm_edge.tokenizer import Tokenizer
 from rsvlm_edge.validate import cap_threads, require_text
 
@@ -44,8 +45,10 @@ def load_backend(model_dir: str | Path, backend: str = "ort", **options: Any) ->
     raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    return Tokenizer.load(Path(model_dir) / "tokenizer.json")
+def load_tokenizer(model_dir: str | Path, template: str = "rsvlm") -> Tokenizer:
+    """``<model_dir>/tokenizer.json``, checked for the control tokens of the prompt template the model uses
+    (``config.prompt_template``)."""
+    return Tokenizer.load(Path(model_dir) / "tokenizer.json", get_template(template).control)
 
 
 @dataclass
@@ -172,8 +175,8 @@ class Pipeline:
         try:
             self.config = self.backend.config
             check_context(self.config, self.model_dir)
-            self.tokenizer = load_tokenizer(model_dir)
-            self.generator = Generator(self.backend, self.tokenizer)
+            self.tokenizer = load_tokenizer(model_dir, self.config.prompt_template)
+            self.generator = Generator(self.backend, self.tokenizer, GenerationDefaults.load(model_dir))
         except BaseException:
             self.close()
             raise

@@ -1,11 +1,17 @@
-"""Next-token selection in numpy: greedy, temperature, top-k, top-p and repetition penalty, seeded per request."""
+"""Next-token selection in numpy: greedy, temperature, top-k, top-p and repetition penalty, seeded per request;
+and the per-model defaults a converted model dir's ``generation_config.json`` sets."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 @dataclass
@@ -14,7 +20,11 @@ class SamplingConfig:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    repetition_penalty: float = 1.0  # 1 = off (CTRL-style: divide positive logits, multiply negative ones)
+    # 1 = off (CTRL-style: divide positive logits, multiply negative ones); None = the model's default (1, or its
+    # generation_config.json's value)
+    repetition_penalty: float | None = None
+    # whether the penalty also counts the prompt's ids; None = as the model's reference does (its prompt template)
+    penalize_prompt: bool | None = None
     seed: int = 0
     stop_ids: list[int] = field(default_factory=list)
     ignore_stop: bool = False  # benchmarks: never stop early, so every run decodes exactly max_new_tokens
@@ -28,6 +38,8 @@ class SamplingConfig:
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
+            if value is None and name == "repetition_penalty":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value):
@@ -40,7 +52,9 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if self.penalize_prompt is not None and not isinstance(self.penalize_prompt, bool):
+            raise ValueError(f"penalize_prompt must be True, False or None, got {self.penalize_prompt!r}")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
@@ -49,6 +63,49 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """A model's own generation settings: what a request leaves unset (None) takes from here.
+
+    Models trained here have none (penalty 1). A converted model dir carries the checkpoint's HF
+    ``generation_config.json``: its ``eos_token_id`` (one id or a list) stop generation besides the template's end
+    token, and its ``repetition_penalty`` applies even to greedy decoding, as HF ``generate`` applies it."""
+
+    eos_token_ids: tuple[int, ...] = ()
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> GenerationDefaults:
+        """``<model_dir>/generation_config.json``, or no defaults when the dir has none."""
+        path = Path(model_dir) / GENERATION_CONFIG_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        eos = data.get("eos_token_id")
+        eos_ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in eos_ids):
+            raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        penalty = data.get("repetition_penalty", 1.0)
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty) \
+                or penalty <= 0:
+            raise ValueError(f"{path}: repetition_penalty must be a positive number, got {penalty!r}")
+        return cls(tuple(eos_ids), float(penalty))
+
+    def resolve(self, sampling: SamplingConfig, penalize_prompt: bool) -> SamplingConfig:
+        """``sampling`` with its unset fields taken from these defaults (``penalize_prompt``: the template's)."""
+        return dataclasses.replace(
+            sampling,
+            repetition_penalty=self.repetition_penalty if sampling.repetition_penalty is None
+            else sampling.repetition_penalty,
+            penalize_prompt=penalize_prompt if sampling.penalize_prompt is None else sampling.penalize_prompt,
+        ).validate()
 
 
 def penalize_repeats(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -86,11 +143,19 @@ class TokenSampler:
         self.seen = np.zeros(vocab_size, dtype=bool)
 
     def observe(self, token_ids) -> None:
+        """Ids now in the context: the repetition penalty applies to them."""
         self.seen[np.asarray(token_ids, dtype=np.int64)] = True
+
+    def observe_prompt(self, token_ids) -> None:
+        """The prompt's text ids: observed unless ``penalize_prompt`` is False (the penalty then covers the
+        generated ids only, as HF ``generate`` over ``inputs_embeds`` does)."""
+        if self.config.penalize_prompt is not False:
+            self.observe(token_ids)
 
     def __call__(self, logits: np.ndarray) -> int:
         cfg = self.config
-        logits = penalize_repeats(np.asarray(logits, dtype=np.float32), self.seen, cfg.repetition_penalty)
+        penalty = 1.0 if cfg.repetition_penalty is None else cfg.repetition_penalty
+        logits = penalize_repeats(np.asarray(logits, dtype=np.float32), self.seen, penalty)
         if cfg.greedy:
             token = int(np.argmax(logits))
         else:

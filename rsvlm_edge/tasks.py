@@ -62,6 +62,16 @@ def expert_for_tag(tag: str) -> int:
     return _TAG_EXPERT.get(tag, IMAGE_EXPERT)
 
 
+def expert_by_rule(text: str) -> int:
+    """RSUniVLM's routing (its ``app.py``), for models without a learned router: a substring test on the whole
+    message, wherever the tag stands. ``[SEG]`` -> pixel, else ``[VG]`` or ``[REF]`` -> region, else image."""
+    if "[SEG]" in text:
+        return PIXEL_EXPERT
+    if "[VG]" in text or "[REF]" in text:
+        return REGION_EXPERT
+    return IMAGE_EXPERT
+
+
 def expert_name(index: int) -> str:
     return EXPERT_NAMES[index]
 

@@ -1,4 +1,12 @@
-"""The runtime tokenizer: a thin wrapper on a HF ``tokenizers`` byte-level BPE (``tokenizer.json``). Torch-free.
+"""The runtime tokenizer: a thin wrapper on a HF ``tokenizers`` tokenizer (any ``tokenizer.json``). Torch-free.
+
+What is generic and what is ours
+--------------------------------
+:class:`Tokenizer` loads any ``tokenizer.json`` (ours, or a converted model's, e.g. Qwen2's byte-level BPE whose
+merges are ``"a b"`` strings or ``["a", "b"]`` pairs: ``tokenizers`` reads both). The only model-specific knowledge
+is a :class:`ControlTokens`: the control tokens the model's prompt template (:mod:`rsvlm_edge.templates`) gives a
+role - what pads a batch, what ends a turn, what marks an image slot - checked at load. :data:`RSVLM_CONTROL`, the
+default, is the template of the models trained here.
 
 Layout of a tokenizer trained by :meth:`Tokenizer.train`
 -------------------------------------------------------
@@ -19,6 +27,7 @@ from __future__ import annotations
 import codecs
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
@@ -27,7 +36,8 @@ from tokenizers import Tokenizer as _HFTokenizer
 from rsvlm_edge.fileio import atomic_write_text
 from rsvlm_edge.tasks import END, IMAGE, PAD, SPECIAL_TOKENS
 
-__all__ = ["NUMBER_TOKENS", "TOKENIZER_FILE", "StreamDecoder", "Tokenizer", "TokenizerError"]
+__all__ = ["NUMBER_TOKENS", "RSVLM_CONTROL", "TOKENIZER_FILE", "ControlTokens", "StreamDecoder", "Tokenizer",
+           "TokenizerError"]
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -43,6 +53,21 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256 + (len(NUMBER_TOKENS) - 10)
 
 class TokenizerError(ValueError):
     """A tokenizer file is missing, corrupt or incomplete, or a token is unknown."""
+
+
+@dataclass(frozen=True)
+class ControlTokens:
+    """The control tokens a prompt template relies on, by role. Each must be a *special* added token of the
+    tokenizer (atomic, recognised only where the template puts it, skipped when decoding answers)."""
+
+    pad: str  # fills batch padding (masked out) and image slots before the visual tokens overwrite them
+    end: str  # ends every turn; generation stops on it
+    image: str | None  # the token that marks an image slot, or None when the template's image slots have no token
+    required: tuple[str, ...]  # every control token the template emits (pad, end and image included)
+
+
+#: The template of the models trained here: :data:`rsvlm_edge.tasks.SPECIAL_TOKENS`.
+RSVLM_CONTROL = ControlTokens(pad=PAD, end=END, image=IMAGE, required=SPECIAL_TOKENS)
 
 
 def _byte_symbols() -> dict[str, int]:
@@ -92,15 +117,18 @@ def _training_pieces(texts: Iterable[str]) -> Iterator[str]:
 
 
 class Tokenizer:
-    """Encode / decode text; ``Tokenizer.train`` builds one, ``load`` / ``save`` use ``tokenizer.json``."""
+    """Encode / decode text; ``Tokenizer.train`` builds one, ``load`` / ``save`` use ``tokenizer.json``.
 
-    def __init__(self, backend: _HFTokenizer):
+    ``control`` names the prompt template's control tokens; loading refuses a file that lacks one of them."""
+
+    def __init__(self, backend: _HFTokenizer, control: ControlTokens = RSVLM_CONTROL):
         self._tk = backend
+        self.control = control
         self._check_special_tokens()
         self._special_ids = frozenset(i for i, tok in backend.get_added_tokens_decoder().items() if tok.special)
-        self._pad_id = self.token_id(PAD)
-        self._end_id = self.token_id(END)
-        self._image_id = self.token_id(IMAGE)
+        self._pad_id = self.token_id(control.pad)
+        self._end_id = self.token_id(control.end)
+        self._image_id = None if control.image is None else self.token_id(control.image)
         self._size = backend.get_vocab_size(with_added_tokens=True)
         self._bytes_cache: dict[int, bytes] = {}
         # A second copy that reads special-token strings as plain text: user text goes through it (prompt injection).
@@ -140,16 +168,16 @@ class Tokenizer:
         return cls(tk)
 
     @classmethod
-    def from_str(cls, text: str) -> Tokenizer:
+    def from_str(cls, text: str, control: ControlTokens = RSVLM_CONTROL) -> Tokenizer:
         """From the JSON text of a ``tokenizer.json``."""
         try:
             backend = _HFTokenizer.from_str(text)
         except Exception as exc:  # tokenizers raises a plain Exception on bad JSON
             raise TokenizerError(f"not a valid tokenizer.json: {exc}") from exc
-        return cls(backend)
+        return cls(backend, control)
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
+    def load(cls, path: str | Path, control: ControlTokens = RSVLM_CONTROL) -> Tokenizer:
         """Load ``tokenizer.json`` (or ``<dir>/tokenizer.json`` when ``path`` is a directory)."""
         path = Path(path)
         if path.is_dir():
@@ -161,7 +189,7 @@ class Tokenizer:
         except (OSError, UnicodeDecodeError) as exc:
             raise TokenizerError(f"cannot read tokenizer file {path}: {exc}") from exc
         try:
-            return cls.from_str(text)
+            return cls.from_str(text, control)
         except TokenizerError as exc:
             raise TokenizerError(f"{path}: {exc}") from None
 
@@ -176,10 +204,11 @@ class Tokenizer:
 
     def _check_special_tokens(self) -> None:
         added = {tok.content: tok for tok in self._tk.get_added_tokens_decoder().values()}
-        missing = [t for t in SPECIAL_TOKENS if self._tk.token_to_id(t) is None]
+        required = self.control.required
+        missing = [t for t in required if self._tk.token_to_id(t) is None]
         if missing:
             raise TokenizerError(f"tokenizer lacks required special token(s): {' '.join(missing)}")
-        not_special = [t for t in SPECIAL_TOKENS if t not in added or not added[t].special]
+        not_special = [t for t in required if t not in added or not added[t].special]
         if not_special:
             raise TokenizerError(f"token(s) not registered as special (atomic) tokens: {' '.join(not_special)}")
 
@@ -204,17 +233,19 @@ class Tokenizer:
 
     @property
     def end_id(self) -> int:
-        """``<|end|>``: ends every turn; generation stops on it."""
+        """The template's end-of-turn token (``<|end|>``, ``<|im_end|>``): generation stops on it."""
         return self._end_id
 
     @property
     def image_id(self) -> int:
-        """``<image>``: the placeholder the visual tokens replace."""
+        """``<image>``: the token of an image slot, for templates that have one (the models trained here)."""
+        if self._image_id is None:
+            raise TokenizerError("this prompt template marks image slots without a token (no image_id)")
         return self._image_id
 
     @property
     def special_ids(self) -> frozenset[int]:
-        """Ids of every special token (all of ``SPECIAL_TOKENS``, plus any other special token in the file)."""
+        """Ids of every special token (the template's control tokens, plus any other special token in the file)."""
         return self._special_ids
 
     def token_id(self, token: str) -> int:
@@ -241,11 +272,21 @@ class Tokenizer:
 
     def encode_segments(self, segments: Iterable[tuple[str, bool]]) -> list[int]:
         """Ids of a rendered prompt (:func:`rsvlm_edge.tasks.prompt_segments`): control pieces become their special
-        token, the rest is encoded by :meth:`encode_text`. Equals :meth:`encode` of the joined string when no text
-        piece holds a special token, because the tokenizer cuts a text at special tokens before anything else."""
+        token; the text between two control pieces is joined and encoded by :meth:`encode_text`. Equals
+        :meth:`encode` of the joined string when no text piece holds a special token, because the tokenizer cuts a
+        text at special tokens before anything else."""
         ids: list[int] = []
+        text: list[str] = []
         for piece, control in segments:
-            ids.extend([self.token_id(piece)] if control else self.encode_text(piece))
+            if not control:
+                text.append(piece)
+                continue
+            if text:
+                ids.extend(self.encode_text("".join(text)))
+                text.clear()
+            ids.append(self.token_id(piece))
+        if text:
+            ids.extend(self.encode_text("".join(text)))
         return ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
