@@ -51,7 +51,7 @@ def calibration_requests(files: list[Path], config, sensor: str | None = None) -
     tiles = []
     for f in files:
         try:
-            tiles.append(read_tile([f], sensor, config.image_size, config.sensors))
+            tiles.append(read_tile([f], sensor, config.image_size, config.sensors, config.image_preprocess))
         except (OSError, ValueError) as exc:
             raise CalibrationInputError(f"cannot use {f} for calibration: {exc}") from None
     requests = []

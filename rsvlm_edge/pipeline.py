@@ -113,17 +113,20 @@ class InferenceResult:
         return out
 
 
-def read_tile(paths: list[str | Path], sensor: str | None, image_size: int, known_sensors: dict[str, int]) -> Tile:
+def read_tile(paths: list[str | Path], sensor: str | None, image_size: int, known_sensors: dict[str, int],
+              image_preprocess: str = "rsvlm") -> Tile:
+    """Read and prepare one request's images; ``image_preprocess`` is the model config's (see preprocess.py)."""
     arrays, sizes, nodatas = [], [], []
     for path in paths:
         array, meta = read_image_with_meta(path)
         arrays.append(array)
         nodatas.append(meta.get("nodata"))
         sizes.append((array.shape[1], array.shape[0]))
-    chosen = sensor or guess_sensor(arrays[0])
+    chosen = sensor or guess_sensor(arrays[0], image_preprocess)
     if chosen not in known_sensors:
         raise ValueError(f"sensor {chosen!r} is not one this model has a stem for ({', '.join(known_sensors)})")
-    pixels = [prepare_image(a, chosen, image_size, nodata=nd, source=p) for a, nd, p in zip(arrays, nodatas, paths)]
+    pixels = [prepare_image(a, chosen, image_size, nodata=nd, source=p, mode=image_preprocess)
+              for a, nd, p in zip(arrays, nodatas, paths)]
     return Tile(paths=[str(p) for p in paths], sensor=chosen, pixels=pixels, sizes=sizes)
 
 
@@ -187,7 +190,8 @@ class Pipeline:
 
     def tile(self, paths: Sequence[str | Path] | str | Path, sensor: str | None = None) -> Tile:
         self._check_open()
-        return read_tile(image_list(paths), sensor, self.config.image_size, self.config.sensors)
+        return read_tile(image_list(paths), sensor, self.config.image_size, self.config.sensors,
+                         self.config.image_preprocess)
 
     def run(self, tiles: list[Tile], instruction: str, sampling: SamplingConfig | None = None,
             on_token: TokenCallback | None = None, history=None) -> list[InferenceResult]:

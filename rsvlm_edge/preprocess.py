@@ -30,6 +30,20 @@ Per sensor (``rsvlm_edge.config.DEFAULT_SENSORS``):
     float data whose 99th percentile is at most 2 is reflectance already. Reflectance is clipped to [0, 1.5] and
     normalised as ``(r - 0.3) / 0.3``: typical land reflectance (0..0.6) lands in [-1, 1], bright clouds and snow
     up to +4.
+
+Models converted from SigLIP-based checkpoints (RSUniVLM) name another ``mode`` in their config's
+``image_preprocess``, and get exactly what their reference computes (RSUniVLM's ``SigLipImageProcessor``):
+
+``siglip-square``
+    8-bit RGB -> Pillow ``resize((size, size), BICUBIC)`` on the uint8 image (antialiased, rounded back to uint8)
+    -> ``x * (1/255)`` in float64, cast to float32 -> ``(x - 0.5) / 0.5``. The aspect ratio is not kept.
+``siglip-pad``
+    The same after LLaVA's ``expand2square``: the image centred on a square of grey (127, 127, 127).
+
+These models were trained on 8-bit RGB only, so anything else is refused, not guessed at: 16-bit and float data
+(pick a stretch and convert to 8 bits first, e.g. ``gdal_translate -ot Byte -scale``), 2 or more than 3 bands
+(SAR, multispectral). A 1-band 8-bit image is grey and becomes RGB by repeating it, as Pillow's ``convert("RGB")``
+in the reference's image loading does. ``nodata`` is not used: the reference has no notion of it.
 """
 
 from __future__ import annotations
@@ -53,6 +67,11 @@ MS_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09"
 MS_BANDS_L1C = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 L1C_CIRRUS_INDEX = 10
 
+#: ``image_preprocess`` modes of SigLIP-based converted models (RSUniVLM); "rsvlm" is everything above.
+SIGLIP_MODES = ("siglip-square", "siglip-pad")
+#: expand2square's fill: LLaVA passes ``int(mean * 255)`` for SigLIP's mean 0.5.
+SIGLIP_PAD_GREY = (127, 127, 127)
+
 #: Percentiles are computed on at most this many values (a fixed stride subsample: deterministic and fast).
 _PERCENTILE_SAMPLE = 1 << 18
 
@@ -64,8 +83,11 @@ class PreprocessError(ValueError):
 # --------------------------------------------------------------------------------------------------- public API
 
 
-def guess_sensor(array: np.ndarray) -> str:
-    """3 bands -> rgb, 2 -> sar, 1 -> ir (sar when float with negative values, i.e. dB), >= 4 -> ms."""
+def guess_sensor(array: np.ndarray, mode: str = "rsvlm") -> str:
+    """3 bands -> rgb, 2 -> sar, 1 -> ir (sar when float with negative values, i.e. dB), >= 4 -> ms. Models with a
+    SigLIP ``mode`` read RGB only: always rgb (:func:`prepare_image` then says what is wrong with other data)."""
+    if mode in SIGLIP_MODES:
+        return "rgb"
     a = np.asarray(array)
     bands = 1 if a.ndim == 2 else a.shape[-1]
     if bands == 3:
@@ -89,10 +111,18 @@ def prepare_for_model(array: np.ndarray, sensor: str | None, size: int, *, nodat
 
 
 def prepare_image(array: np.ndarray, sensor: str, size: int, *, nodata: float | None = None,
-                  source: str | os.PathLike | None = None) -> np.ndarray:
+                  source: str | os.PathLike | None = None, mode: str = "rsvlm") -> np.ndarray:
     """Sensor-native ``H x W x C`` (or ``H x W``) array -> float32 ``(C, size, size)``; see the module docstring.
 
-    ``source`` (the file the array came from) is named in the errors that depend on the pixels."""
+    ``mode`` is the model config's ``image_preprocess``. ``source`` (the file the array came from) is named in the
+    errors that depend on the pixels."""
+    if mode in SIGLIP_MODES:
+        if sensor != "rgb":
+            raise PreprocessError(f"this model reads 8-bit RGB images only (image_preprocess {mode}), not sensor "
+                                  f"{sensor!r}")
+        return prepare_siglip(array, size, pad=mode == "siglip-pad", source=source)
+    if mode != "rsvlm":
+        raise PreprocessError(f"unknown image_preprocess {mode!r}; choose one of rsvlm, {', '.join(SIGLIP_MODES)}")
     if sensor not in SENSORS:
         raise PreprocessError(f"unknown sensor {sensor!r}; choose one of {', '.join(SENSORS)}")
     if not isinstance(size, (int, np.integer)) or size < 1:
@@ -126,6 +156,53 @@ def prepare_image(array: np.ndarray, sensor: str, size: int, *, nodata: float | 
     for c in range(x.shape[2]):
         out[c] = resize_band(x[:, :, c], size, size)
     return out
+
+
+def prepare_siglip(array: np.ndarray, size: int, *, pad: bool = False,
+                   source: str | os.PathLike | None = None) -> np.ndarray:
+    """8-bit RGB ``H x W x 3`` (or grey ``H x W``) -> float32 ``(3, size, size)`` as RSUniVLM's
+    SigLipImageProcessor computes it (``siglip-square``; ``pad``: ``siglip-pad``). See the module docstring."""
+    from PIL import Image
+
+    where = f" ({source})" if source is not None else ""
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise PreprocessError(f"size must be a positive integer, got {size!r}")
+    a = np.asarray(array)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or 0 in a.shape:
+        raise PreprocessError(f"expected a non-empty HxWx3 image array{where}, got shape {a.shape}")
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.dtype != np.uint8:
+        raise PreprocessError(f"this model was trained on 8-bit RGB images; the image{where} is {a.dtype}: convert "
+                              f"it to 8 bits with the stretch you want first (e.g. gdal_translate -ot Byte -scale)")
+    bands = a.shape[2]
+    if bands == 1:
+        a = np.repeat(a, 3, axis=2)  # grey -> RGB, as Pillow's convert("RGB")
+    elif bands != 3:
+        raise PreprocessError(f"this model reads 8-bit RGB images; the image{where} has {bands} bands (SAR, "
+                              f"infrared and multispectral data are not something it was trained on)")
+    image = Image.fromarray(np.ascontiguousarray(a), "RGB")
+    if pad:
+        image = expand2square(image, SIGLIP_PAD_GREY)
+    image = image.resize((int(size), int(size)), Image.Resampling.BICUBIC, reducing_gap=None)
+    x = (np.asarray(image).astype(np.float64) * (1 / 255)).astype(np.float32)  # HF rescale: float64 product
+    x = (x - np.float32(MEAN)) / np.float32(STD)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def expand2square(image, fill: tuple[int, int, int]):
+    """LLaVA's ``expand2square``: ``image`` centred (offset rounded down) on a square canvas of colour ``fill``."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
 
 
 # --------------------------------------------------------------------------------------------------- bands

@@ -282,3 +282,117 @@ def test_real_tiles_prepare(data_root):
     vv = read_image(next(s1.glob("*_VV.tif")))
     assert guess_sensor(vv) == "sar"
     assert prepare_image(vv, "sar", 32).shape == (2, 32, 32)
+
+
+# --------------------------------------------------------------------------------------------------- SigLIP modes
+# Converted RSUniVLM models: uint8 RGB -> Pillow bicubic in uint8 -> /255 -> (x - 0.5) / 0.5, as the reference's
+# SigLipImageProcessor (siglip_encoder.py) computes it with transformers' image transforms.
+
+
+def _rsunivlm_reference(array: np.ndarray, size: int, pad: bool) -> np.ndarray:
+    """RSUniVLM's SigLipImageProcessor.preprocess (and process_images' 'pad' branch), built from transformers'
+    own resize / rescale / normalize as siglip_encoder.py chains them."""
+    pytest.importorskip("transformers")
+    from PIL import Image
+    from transformers.image_transforms import normalize, rescale, resize
+    from transformers.image_utils import ChannelDimension, PILImageResampling
+
+    image = Image.fromarray(array).convert("RGB")
+    if pad:  # llava/mm_utils.py expand2square with tuple(int(x * 255) for x in image_mean)
+        w, h = image.size
+        if w > h:
+            canvas = Image.new(image.mode, (w, w), (127, 127, 127))
+            canvas.paste(image, (0, (w - h) // 2))
+            image = canvas
+        elif h > w:
+            canvas = Image.new(image.mode, (h, h), (127, 127, 127))
+            canvas.paste(image, ((h - w) // 2, 0))
+            image = canvas
+    first = ChannelDimension.FIRST
+    x = resize(np.array(image), size=(size, size), resample=PILImageResampling.BICUBIC, data_format=first)
+    x = rescale(x, scale=1 / 255, data_format=first)
+    return normalize(x, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), data_format=first)
+
+
+@pytest.mark.parametrize("mode", ["siglip-square", "siglip-pad"])
+@pytest.mark.parametrize("shape", [(384, 384, 3), (300, 517, 3), (517, 301, 3), (64, 40, 3), (999, 1001, 3), (50, 70)])
+def test_siglip_modes_equal_rsunivlm_reference(mode, shape):
+    rng = np.random.default_rng(sum(shape))
+    array = rng.integers(0, 256, shape, dtype=np.uint8)
+    ours = prepare_image(array, "rgb", 384, mode=mode)
+    ref = _rsunivlm_reference(array, 384, pad=mode == "siglip-pad")
+    assert ours.shape == ref.shape == (3, 384, 384) and ours.dtype == ref.dtype == np.float32
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_siglip_square_without_resize_is_the_formula():
+    array = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    out = prepare_image(array, "rgb", 24, mode="siglip-square")
+    expected = ((array.astype(np.float64) / 255).astype(np.float32) - np.float32(0.5)) / np.float32(0.5)
+    np.testing.assert_array_equal(out, expected.transpose(2, 0, 1))
+    assert out.min() >= -1.0 and out.max() <= 1.0
+
+
+def test_siglip_square_rounds_to_uint8_before_scaling():
+    """Bicubic overshoot at a sharp edge is clipped to 0..255 by the uint8 resize, so values stay in [-1, 1] and
+    every output is k/255 mapped to [-1, 1] for an integer k."""
+    array = np.zeros((40, 40, 3), np.uint8)
+    array[:, 20:] = 255
+    out = prepare_image(array, "rgb", 17, mode="siglip-square")
+    k = (out.astype(np.float64) * 0.5 + 0.5) * 255
+    np.testing.assert_allclose(k, np.rint(k), atol=1e-4)
+    assert out.min() == -1.0 and out.max() == 1.0
+
+
+def test_siglip_pad_centres_on_grey_with_llava_offsets():
+    array = np.full((51, 100, 3), 200, np.uint8)  # wider than high: pasted at y = (100 - 51) // 2 = 24
+    out = prepare_image(array, "rgb", 100, mode="siglip-pad")
+    grey = (np.float32(127 / 255) - np.float32(0.5)) / np.float32(0.5)
+    white = (np.float32(200 / 255) - np.float32(0.5)) / np.float32(0.5)
+    rows = out[0, :, 50]
+    assert (rows[:24] == grey).all() and (rows[24:75] == white).all() and (rows[75:] == grey).all()
+    tall = prepare_image(np.full((100, 51, 3), 200, np.uint8), "rgb", 100, mode="siglip-pad")
+    np.testing.assert_array_equal(tall, out.transpose(0, 2, 1))
+
+
+def test_siglip_grey_image_becomes_rgb():
+    grey = np.random.default_rng(1).integers(0, 256, (30, 45), dtype=np.uint8)
+    out = prepare_image(grey, "rgb", 32, mode="siglip-square")
+    rgb = prepare_image(np.repeat(grey[:, :, None], 3, axis=2), "rgb", 32, mode="siglip-square")
+    np.testing.assert_array_equal(out, rgb)
+
+
+@pytest.mark.parametrize("array,words", [
+    (np.zeros((8, 8, 3), np.uint16), "uint16"),
+    (np.zeros((8, 8, 3), np.float32), "float32"),
+    (np.zeros((8, 8, 2), np.uint8), "2 bands"),
+    (np.zeros((8, 8, 12), np.uint8), "12 bands"),
+    (np.zeros((0, 8, 3), np.uint8), "non-empty"),
+])
+def test_siglip_refuses_what_the_model_was_not_trained_on(array, words):
+    with pytest.raises(PreprocessError, match=words) as info:
+        prepare_image(array, "rgb", 16, mode="siglip-square", source="tile.tif")
+    assert "tile.tif" in str(info.value) or words == "non-empty"
+
+
+def test_siglip_modes_read_rgb_only():
+    with pytest.raises(PreprocessError, match="8-bit RGB"):
+        prepare_image(np.zeros((8, 8, 2), np.uint8), "sar", 16, mode="siglip-square")
+    assert guess_sensor(np.zeros((8, 8), np.uint16), "siglip-pad") == "rgb"
+    with pytest.raises(PreprocessError, match="unknown image_preprocess"):
+        prepare_image(np.zeros((8, 8, 3), np.uint8), "rgb", 16, mode="bilinear")
+
+
+def test_read_tile_dispatches_on_image_preprocess(tmp_path):
+    from PIL import Image
+
+    from rsvlm_edge.pipeline import read_tile
+
+    array = np.random.default_rng(2).integers(0, 256, (33, 47, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "t.png")
+    tile = read_tile([tmp_path / "t.png"], None, 40, {"rgb": 3}, "siglip-pad")
+    assert tile.sensor == "rgb" and tile.sizes == [(47, 33)]
+    np.testing.assert_array_equal(tile.pixels[0], prepare_image(array, "rgb", 40, mode="siglip-pad"))
+    Image.fromarray(array[:, :, 0].astype(np.uint16) * 200).save(tmp_path / "deep.png")
+    with pytest.raises(PreprocessError, match="deep.png.*uint16"):
+        read_tile([tmp_path / "deep.png"], None, 40, {"rgb": 3}, "siglip-square")
