@@ -2,7 +2,7 @@
 
 Step 1 (record): the generator runs each calibration request (tile + instruction, the expert forced) through a
 recording wrapper around :class:`~rsvlm_edge.backends.ort_backend.OrtBackend`; it keeps the exact feeds of the
-vision encoder (stem outputs) and of every decoder call (prefill and the first decode steps, with their KV cache).
+vision encoder (stem outputs, or the RGB of models without stems) and of every decoder call (prefill and the first decode steps, with their KV cache).
 Step 2 (measure): each component's graph, with the tensors to quantize added as outputs, runs on those feeds
 (``amax`` pass, then a histogram pass for percentile / entropy). The augmented graph is loaded from bytes and
 its weights are fed as memory-mapped initializers, so no weight is copied or parsed into a protobuf.
@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 
 from rsvlm_edge.calibration.qdq import activation_tensors
 from rsvlm_edge.calibration.ranges import RangeObserver
-from rsvlm_edge.manifest import KV_LAYOUT_SHARED, Manifest
+from rsvlm_edge.manifest import KV_LAYOUT_SHARED, Manifest, encoder_input
 
 Feeds = dict[str, np.ndarray]
 
@@ -51,8 +51,10 @@ class RecordingBackend:
         return getattr(self.inner, name)
 
     def encode_images(self, pixels: np.ndarray, sensor: str) -> np.ndarray:
-        stem = self.inner._session(f"vision_stem_{sensor}").run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})[0]
-        self.recording.add("vision_encoder", {"stem_pixels": stem})
+        encoder_pixels = np.ascontiguousarray(pixels, np.float32)
+        if self.config.vision_stems:  # models without stems feed the preprocessed RGB to the encoder itself
+            encoder_pixels = self.inner._session(f"vision_stem_{sensor}").run(None, {"pixels": encoder_pixels})[0]
+        self.recording.add("vision_encoder", {encoder_input(self.config): encoder_pixels})
         return self.inner.encode_images(pixels, sensor)
 
     def forward(self, cache, embeds, position_ids, attention_mask):

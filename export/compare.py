@@ -40,7 +40,8 @@ def _greedy(backend: Backend, embeds: np.ndarray, expert: int, steps: int, force
 
 def compare_backends(reference: Backend, candidate: Backend, prompts: int = 3, steps: int = 8, text_tokens: int = 12,
                      seed: int = 0, sensor: str | None = None) -> dict[str, Any]:
-    """Max abs diffs (visual tokens, embeddings, router logits, decoder logits) and greedy agreement.
+    """Max abs diffs (visual tokens, embeddings, router logits of models with a router, decoder logits) and greedy
+    agreement.
 
     ``token_agreement``: fraction of positions where the two free-running greedy sequences agree (up to the first
     divergence everything after counts as disagreement). ``teacher_forced_agreement``: both fed the reference's
@@ -49,7 +50,7 @@ def compare_backends(reference: Backend, candidate: Backend, prompts: int = 3, s
     cfg = reference.config
     rng = np.random.default_rng(seed)
     sensor = sensor or next(iter(cfg.sensors))
-    diffs = {"visual_tokens": 0.0, "embedding": 0.0, "router_logits": 0.0, "logits": 0.0}
+    diffs = {"visual_tokens": 0.0, "embedding": 0.0, **({"router_logits": 0.0} if cfg.router else {}), "logits": 0.0}
     same_seq = agree = forced_agree = total = 0
     for p in range(prompts):
         expert = p % cfg.num_experts
@@ -60,9 +61,10 @@ def compare_backends(reference: Backend, candidate: Backend, prompts: int = 3, s
         diffs["visual_tokens"] = max(diffs["visual_tokens"], float(np.abs(ref_visual - cand_visual).max()))
         text = ids[None, cfg.num_visual_tokens:]
         diffs["embedding"] = max(diffs["embedding"], float(np.abs(reference.embed(text) - candidate.embed(text)).max()))
-        mask = np.ones(text.shape, dtype=np.float32)
-        r = reference.route(reference.embed(text), mask) - candidate.route(candidate.embed(text), mask)
-        diffs["router_logits"] = max(diffs["router_logits"], float(np.abs(r).max()))
+        if cfg.router:
+            mask = np.ones(text.shape, dtype=np.float32)
+            r = reference.route(reference.embed(text), mask) - candidate.route(candidate.embed(text), mask)
+            diffs["router_logits"] = max(diffs["router_logits"], float(np.abs(r).max()))
         ref_tokens, ref_logits = _greedy(reference, ref_embeds, expert, steps)
         forced_tokens, forced_logits = _greedy(candidate, cand_embeds, expert, steps, forced=ref_tokens)
         free_tokens, _ = _greedy(candidate, cand_embeds, expert, steps)
@@ -81,8 +83,9 @@ def compare_backends(reference: Backend, candidate: Backend, prompts: int = 3, s
 
 def format_comparison(report: dict[str, Any], what: str = "fp16 vs fp32") -> str:
     d, g = report["max_abs_diff"], report["greedy"]
+    router = f"router logits {d['router_logits']:.3g}, " if "router_logits" in d else ""
     return (f"{what}: max abs diff visual tokens {d['visual_tokens']:.3g}, embedding {d['embedding']:.3g}, "
-            f"router logits {d['router_logits']:.3g}, decoder logits {d['logits']:.3g}; greedy: "
+            f"{router}decoder logits {d['logits']:.3g}; greedy: "
             f"{g['sequences_identical']}/{g['prompts']} sequences identical, token agreement "
             f"{g['token_agreement']:.1%}, teacher-forced top-1 agreement {g['teacher_forced_agreement']:.1%} "
             f"({g['steps']} steps each)")

@@ -9,9 +9,12 @@ Split (see also DESIGN.md "Engines and manifest"):
 * ``vision_stem_<sensor>``: pixels (B, bands, H, W) -> (B, 3, H, W). One small graph per sensor.
 * ``vision_encoder``: (B, 3, H, W) -> (B, num_visual_tokens, hidden). ViT + CNN branch + projector + newline,
   stored once and shared by every sensor. The CNN branch reads the stem output too, so cutting at the stem output
-  is the only cut that keeps all encoder weights in one graph.
+  is the only cut that keeps all encoder weights in one graph. Its input is ``stem_pixels``; models without stems
+  (``ModelConfig.vision_stems`` false, RSUniVLM) export no stem graphs and the encoder takes the preprocessed RGB
+  as ``pixels`` (:func:`rsvlm_edge.manifest.encoder_input`).
 * ``embedding``: input_ids (B, S) int32 -> (B, S, hidden).
-* ``router``: embeds (B, S, hidden) + mask (B, S) -> logits (B, num_experts).
+* ``router``: embeds (B, S, hidden) + mask (B, S) -> logits (B, num_experts). Absent for models without a router
+  (``ModelConfig.router`` false): their expert comes from the prompt's tags.
 * ``decoder_expert<e>``: one step (prefill or decode) with expert e; last-position logits and this call's K/V
   (models with a box pointer: also ``hidden_states``, the final-norm states of this call's positions).
 * ``box_pointer`` (models with one): answer query state (B, hidden) + patch states (B, grid^2, hidden) -> pointer
@@ -29,6 +32,7 @@ import torch.nn as nn
 
 from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.export.names import HIDDEN_STATES, POINTER_COMPONENT
+from rsvlm_edge.manifest import encoder_input
 
 #: Parameters of the decoder that belong to one expert (everything else in the decoder is the shared trunk).
 EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.experts\.(\d+)\.")
@@ -55,16 +59,14 @@ class StemGraph(nn.Module):
 
 
 class VisionEncoderGraph(nn.Module):
-    """The shared encoder after the stem: the reference VisionEncoder with an identity stem."""
-
-    SENSOR = "__stem_output__"
+    """The shared encoder after the stem: ``VisionEncoder.encode`` on a copy without the stems."""
 
     def __init__(self, vision: nn.Module):
         super().__init__()
-        self.vision = shallow(vision, stems=nn.ModuleDict({self.SENSOR: nn.Identity()}))
+        self.vision = shallow(vision, keep=tuple(k for k in vision._modules if k != "stems"))
 
     def forward(self, stem_pixels: torch.Tensor) -> torch.Tensor:
-        return self.vision(stem_pixels, self.SENSOR)
+        return self.vision.encode(stem_pixels)
 
 
 class EmbeddingGraph(nn.Module):
@@ -177,7 +179,7 @@ def component_specs(model: Any, names: list[str] | None = None, batch: int = 2, 
     gen = torch.Generator().manual_seed(seed)
     size = cfg.image_size
     specs: list[ComponentSpec] = []
-    for sensor, bands in cfg.sensors.items():
+    for sensor, bands in (cfg.sensors.items() if cfg.vision_stems else ()):
         specs.append(ComponentSpec(
             f"vision_stem_{sensor}", "vision_stem", StemGraph(model.vision.stems[sensor]),
             (torch.randn(batch, bands, size, size, generator=gen),),
@@ -186,20 +188,21 @@ def component_specs(model: Any, names: list[str] | None = None, batch: int = 2, 
     specs.append(ComponentSpec(
         "vision_encoder", "vision_encoder", VisionEncoderGraph(model.vision),
         (torch.randn(batch, 3, size, size, generator=gen),),
-        [T("stem_pixels", "float32", "batch", 3, size, size)],
+        [T(encoder_input(cfg), "float32", "batch", 3, size, size)],
         [T("visual_tokens", "float32", "batch", cfg.num_visual_tokens, cfg.hidden_size)], _strip("vision."), {}))
     specs.append(ComponentSpec(
         "embedding", "embedding", EmbeddingGraph(model.embed_tokens),
         (torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen, dtype=torch.int32),),
         [T("input_ids", "int32", "batch", "seq")], [T("inputs_embeds", "float32", "batch", "seq", cfg.hidden_size)],
         lambda n: n, {}))
-    mask = torch.ones(batch, seq)
-    mask[0, 0] = 0
-    specs.append(ComponentSpec(
-        "router", "router", RouterGraph(model.router),
-        (torch.randn(batch, seq, cfg.hidden_size, generator=gen), mask),
-        [T("embeds", "float32", "batch", "seq", cfg.hidden_size), T("mask", "float32", "batch", "seq")],
-        [T("logits", "float32", "batch", cfg.num_experts)], lambda n: n, {}))
+    if cfg.router:
+        mask = torch.ones(batch, seq)
+        mask[0, 0] = 0
+        specs.append(ComponentSpec(
+            "router", "router", RouterGraph(model.router),
+            (torch.randn(batch, seq, cfg.hidden_size, generator=gen), mask),
+            [T("embeds", "float32", "batch", "seq", cfg.hidden_size), T("mask", "float32", "batch", "seq")],
+            [T("logits", "float32", "batch", cfg.num_experts)], lambda n: n, {}))
     inputs, outputs = decoder_io(cfg)
     kv, hd = cfg.num_kv_heads, cfg.head_dim
     sample = (torch.randn(batch, seq, cfg.hidden_size, generator=gen),

@@ -3,10 +3,10 @@
 Directory written (``--precision fp32``; the fp16 layout is the same)::
 
     manifest.json  config.json  tokenizer.json
-    vision_stem_<sensor>.onnx + .bin     one per sensor
+    vision_stem_<sensor>.onnx + .bin     one per sensor (none when model_config.vision_stems is false)
     vision_encoder.onnx + .bin           shared ViT/CNN/projector
     embedding.onnx + .bin
-    router.onnx + .bin
+    router.onnx + .bin                   absent when model_config.router is false (tag-routed models)
     decoder_expert<e>.onnx               e = 0..2, identical graphs except where their expert weights live
     decoder_trunk.bin                    attention, norms, final norm, lm_head: referenced by all three graphs
     decoder_expert<e>.bin                expert e's FFN weights (same tensor layout in every expert file)
@@ -285,6 +285,11 @@ def select_specs(model, components: tuple[str, ...] | None) -> list[ComponentSpe
     unknown = [c for c in components if c not in GROUPS]
     if unknown:
         raise ExportError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+    empty = [c for c in components if not any(s.name.startswith(GROUPS[c]) for s in specs)]
+    if empty:
+        raise ExportError(f"{model.cfg.name} has no {', '.join(empty)} component (model_config: vision_stems = "
+                          f"{str(model.cfg.vision_stems).lower()}, router = {str(model.cfg.router).lower()}, "
+                          f"box_pointer = {str(model.cfg.box_pointer).lower()}); leave it out of --components")
     prefixes = tuple(p for c in components for p in GROUPS[c])
     return [s for s in specs if s.name.startswith(prefixes)]
 
@@ -324,9 +329,7 @@ def export_model(model, out_dir: str | Path, tokenizer_file: str | Path | None, 
                             experts=writer.experts, engine={"kind": "onnx", "trt_version": None, "compute_capability": None},
                             extra={"export": export_info}, directory=staging)
         comparison = None
-        if options.check and options.precision == "fp16" and {"vision_encoder", "embedding", "router",
-                                                               "decoder_expert0"} <= set(writer.components) \
-                and any(c.startswith("vision_stem_") for c in writer.components):
+        if options.check and options.precision == "fp16" and _complete(model.cfg, writer.components):
             comparison = fp16_report(model, staging, manifest, options, progress)
             export_info["fp16_vs_fp32"] = comparison
         manifest.save(staging)
@@ -334,6 +337,12 @@ def export_model(model, out_dir: str | Path, tokenizer_file: str | Path | None, 
         elapsed = time.perf_counter() - t0
     manifest.directory = out_dir
     return ExportResult(out_dir, manifest, elapsed, peak_rss_mb(), writer.timings, writer.checks, comparison)
+
+
+def _complete(cfg, components: dict[str, Component]) -> bool:
+    """Whether the export holds every component a request runs (what the fp16 report compares)."""
+    needed = {"vision_encoder", "embedding", "decoder_expert0"} | ({"router"} if cfg.router else set())
+    return needed <= set(components) and (not cfg.vision_stems or any(c.startswith("vision_stem_") for c in components))
 
 
 def fp16_report(model, directory: Path, manifest: Manifest, options: ExportOptions,
@@ -347,7 +356,8 @@ def fp16_report(model, directory: Path, manifest: Manifest, options: ExportOptio
     progress("fp16 check: comparing with the fp32 PyTorch reference (greedy decoding)")
     # one resident expert at a time: on CPU, ONNX Runtime upcasts FP16 weights, so this bounds the check's memory
     candidate = OrtBackend.from_dir(directory, threads=options.threads, verify=False, expert_budget_experts=1)
-    sensor = next(c.extra["sensor"] for c in manifest.components.values() if c.extra.get("kind") == "vision_stem")
+    sensor = next((c.extra["sensor"] for c in manifest.components.values() if c.extra.get("kind") == "vision_stem"),
+                  next(iter(model.cfg.sensors)))
     try:
         report = compare_backends(TorchBackend(model), candidate, prompts=options.compare_prompts,
                                   steps=options.compare_steps, sensor=sensor)

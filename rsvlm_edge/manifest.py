@@ -33,6 +33,11 @@ Layout (``format_version`` 1)::
       "engine": {"kind": "onnx" | "tensorrt", "trt_version": null | "10.3.0", "compute_capability": null | "8.7"}
     }
 
+Models without sensor stems (``model_config.vision_stems`` false, e.g. RSUniVLM) have no ``vision_stem_<sensor>``
+components and their ``vision_encoder`` takes the preprocessed RGB as ``pixels`` (:func:`encoder_input`); models
+without a router (``model_config.router`` false) have no ``router`` component: the prompt's tags pick the expert.
+:meth:`Manifest.check_shapes` refuses a directory whose components contradict these flags.
+
 TensorRT engine dirs (``rsvlm_edge.engines.trt_build``) have one ``<name>.plan`` per component (no external data)
 and add per component ``profiles`` (``[{"name", "shapes": {input: [min, opt, max]}}]``, what the backend may run),
 ``builder_flags``, ``strongly_typed``, ``dla_core`` and ``source_sha256`` (the ONNX graph it was built from); the
@@ -76,6 +81,14 @@ KV_LAYOUTS = (KV_LAYOUT_SEQUENCE_MAJOR, KV_LAYOUT_SHARED)
 #: Models with a box pointer (``ModelConfig.box_pointer``): its component, and the decoder output it reads.
 POINTER_COMPONENT = "box_pointer"
 HIDDEN_STATES = "hidden_states"
+#: The router component; models with ``model_config.router`` false have none (the prompt's tags pick the expert).
+ROUTER_COMPONENT = "router"
+
+
+def encoder_input(cfg) -> str:
+    """Input name of the ``vision_encoder`` graph: a stem's output, or (``model_config.vision_stems`` false: no
+    ``vision_stem_*`` components) the preprocessed RGB image itself."""
+    return "stem_pixels" if cfg.vision_stems else "pixels"
 
 Verify = bool | Literal["size", "sha256"]
 
@@ -321,12 +334,23 @@ class Manifest:
         rules: list[tuple[str, str, int, tuple[str, int]]] = [  # component, tensor, axis, (config key, value)
             ("embedding", "inputs_embeds", -1, hidden), ("router", "embeds", -1, hidden),
             ("router", "logits", -1, ("num_experts", cfg.num_experts)),
-            ("vision_encoder", "stem_pixels", -1, ("image_size", cfg.image_size)),
+            ("vision_encoder", encoder_input(cfg), -1, ("image_size", cfg.image_size)),
             ("vision_encoder", "visual_tokens", 1, ("image_size / patch_size (visual tokens)", cfg.num_visual_tokens)),
             ("vision_encoder", "visual_tokens", -1, hidden),
             (POINTER_COMPONENT, "query", -1, hidden), (POINTER_COMPONENT, "patches", -1, hidden),
             (POINTER_COMPONENT, "patches", 1, ("image_size / patch_size (patches)", cfg.grid_size ** 2)),
         ]
+        for unexpected, flag in ((not cfg.vision_stems and [n for n in self.components if n.startswith("vision_stem_")],
+                                  "vision_stems"),
+                                 (not cfg.router and ROUTER_COMPONENT in self.components and [ROUTER_COMPONENT], "router")):
+            if unexpected:
+                raise ManifestError(f"{where(MANIFEST_FILE)} lists {', '.join(unexpected)}, but its model_config has "
+                                    f"{flag} = false: the config does not match the graphs; re-export the model")
+        encoder = self.components.get("vision_encoder")
+        if encoder is not None and encoder_input(cfg) not in [t.name for t in encoder.inputs]:
+            raise ManifestError(f"{where(encoder.file)} does not take {encoder_input(cfg)!r}, but {MANIFEST_FILE}'s "
+                                f"model_config has vision_stems = {str(cfg.vision_stems).lower()}: the config does "
+                                f"not match the graphs; re-export the model")
         for name in self.components:
             sensor = name.removeprefix("vision_stem_")
             if name.startswith("vision_stem_") and sensor in cfg.sensors:

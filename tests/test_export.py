@@ -218,3 +218,63 @@ def test_trt_checker_flags_problems():
     assert len(v85.int64) == 1 and "data cast to INT64 'as_int' feeds ReduceSum" in v85.int64[0]
     assert v103.int64 == []
     assert "unsupported ops: LayerNormalization" in report.format()
+
+
+@pytest.fixture(scope="module")
+def rgb_only_engine(tmp_path_factory):
+    """A model as RSUniVLM is built (no stems, no feature norm, no router, tied lm_head), exported with checks on."""
+    from rsvlm_edge.config import ModelConfig
+
+    cfg = ModelConfig(sensors={"rgb": 3}, vision_stems=False, vision_feature_norm=False, router=False,
+                      cnn_branch=False, vision_feature_layers=[-1], tie_word_embeddings=True).validate()
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("rgb-ckpt"), cfg)
+    return checkpoint, export_checkpoint(checkpoint, tmp_path_factory.mktemp("engines") / "rgb", check=True)
+
+
+def test_models_without_stems_or_router_export_neither(rgb_only_engine):
+    """No stem or router graphs; the encoder takes the preprocessed RGB as ``pixels``; the export's own checks
+    (ONNX Runtime vs PyTorch, TensorRT op rules) passed on every graph; the tied lm_head reads the embedding."""
+    from rsvlm_edge.backends.base import BackendError
+    from rsvlm_edge.backends.ort_backend import OrtBackend
+
+    checkpoint, engine = rgb_only_engine
+    manifest = Manifest.load(engine)
+    assert set(manifest.components) == {"vision_encoder", "embedding"} | {f"decoder_expert{e}" for e in range(3)}
+    assert [(t.name, t.shape) for t in manifest.component("vision_encoder").inputs] == [
+        ("pixels", ["batch", 3, manifest.config().image_size, manifest.config().image_size])]
+    checks = manifest.extra["export"]["checks"]
+    assert set(checks) == set(manifest.components) and all(c["parity"] for c in checks.values())
+    model = load_model(checkpoint)
+    backend = OrtBackend.from_dir(engine)
+    try:
+        pixels = np.random.default_rng(0).normal(size=(2, 3, model.cfg.image_size, model.cfg.image_size))
+        with torch.no_grad():
+            want = model.encode_images(torch.from_numpy(pixels.astype(np.float32)), "rgb").numpy()
+        np.testing.assert_allclose(backend.encode_images(pixels, "rgb"), want, atol=TOL, rtol=0)
+        with pytest.raises(BackendError, match="unknown sensor 'sar'; this model takes only rgb"):
+            backend.encode_images(pixels[:, :2], "sar")
+        with pytest.raises(BackendError, match="no instruction router"):
+            backend.route(np.zeros((1, 2, model.cfg.hidden_size), np.float32), np.ones((1, 2), np.float32))
+    finally:
+        backend.close()
+
+
+def test_stem_and_router_components_are_refused_where_the_model_has_none(rgb_only_engine, tmp_path):
+    from rsvlm_edge.export.exporter import ExportError, select_specs
+
+    checkpoint, engine = rgb_only_engine
+    with pytest.raises(ExportError, match="has no router, stems component"):
+        select_specs(load_model(checkpoint), ("router", "stems"))
+    copy = tmp_path / "copy"
+    shutil.copytree(engine, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["components"]["vision_stem_rgb"] = dict(data["components"]["embedding"])
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="lists vision_stem_rgb, but its model_config has vision_stems = false"):
+        Manifest.load(copy)
+    data["components"].pop("vision_stem_rgb")
+    data["model_config"]["vision_stems"] = True
+    data["model_config"]["sensors"] = {"rgb": 3}
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="does not take 'stem_pixels'"):
+        Manifest.load(copy)

@@ -152,3 +152,80 @@ def test_configs_without_token_pos_embed_load_as_before():
     old = ModelConfig.from_dict(data)
     assert old.token_pos_embed is False
     assert "vision.token_pos_embed" not in dict(build_model(old, seed=0).named_parameters())
+
+
+def rgb_only_config(**changes) -> ModelConfig:
+    """The tiny shape as RSUniVLM is built: no stems, no feature norm, no router."""
+    return ModelConfig(sensors={"rgb": 3}, vision_stems=False, vision_feature_norm=False, router=False,
+                       cnn_branch=False, vision_feature_layers=[-1], **changes).validate()
+
+
+def test_models_without_stems_feature_norm_or_router_have_no_such_weights():
+    model = build_model(rgb_only_config(), seed=0).eval()
+    names = list(model.state_dict())
+    assert not [n for n in names if n.startswith(("vision.stems.", "vision.feature_norm.", "router."))]
+    pixels = torch.randn(2, 3, model.cfg.image_size, model.cfg.image_size)
+    with torch.no_grad():
+        # the encoder reads the RGB itself and the projector the last ViT layer's output, un-normalised
+        h = model.vision.patch_embed(pixels).flatten(2).transpose(1, 2) + model.vision.pos_embed
+        for block in model.vision.blocks:
+            h = block(h)
+        want = model.vision.proj2(torch.nn.functional.gelu(model.vision.proj1(h)))
+        got = model.encode_images(pixels, "rgb")
+    torch.testing.assert_close(got[:, :-1], want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[:, -1], model.vision.newline.expand(2, -1), atol=0, rtol=0)
+    with pytest.raises(KeyError, match="unknown sensor 'sar'"):
+        model.encode_images(torch.randn(1, 2, model.cfg.image_size, model.cfg.image_size), "sar")
+    with pytest.raises(ValueError, match="no instruction router"):
+        model.route(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
+    counts = parameter_counts(model)
+    assert counts["stored"] - counts["active"] == 2 * counts["per_expert"]
+
+
+def test_rsunivlm_1b_preset_is_the_real_architecture():
+    cfg = rsunivlm_1b_config()
+    assert (cfg.vision_stems, cfg.vision_feature_norm, cfg.router, cfg.cnn_branch) == (False, False, False, False)
+    assert cfg.sensors == {"rgb": 3} and cfg.image_preprocess == "siglip-square" and cfg.prompt_template == "qwen_1_5"
+    assert (cfg.vision_layers, cfg.vision_feature_layers, cfg.vision_feature_dim) == (26, [-1], 1152)
+    assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.max_position_embeddings) == (1e6, 1e-6, 32768)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size, cfg.tie_word_embeddings) == (14, 2, 151936, False)
+
+
+def test_tied_lm_head_is_the_embedding_and_saves_once(tmp_path):
+    model = build_model(rgb_only_config(tie_word_embeddings=True), seed=0).eval()
+    assert model.lm_head.weight is model.embed_tokens.weight
+    save_model(model, tmp_path, dtype=torch.float32)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "embed_tokens.weight" in f.keys()
+    loaded = load_model(tmp_path)
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    torch.testing.assert_close(loaded.embed_tokens.weight, model.embed_tokens.weight, atol=0, rtol=0)
+
+
+def test_new_config_fields_are_validated():
+    cases = [({"vision_stems": False}, "vision_stems false needs sensors {'rgb': 3}"),
+             ({"image_preprocess": "bilinear"}, "image_preprocess must be one of rsvlm, siglip-square, siglip-pad"),
+             ({"image_preprocess": "siglip-square"}, "reads RGB images only"),
+             ({"prompt_template": "chatml"}, "prompt_template must be one of rsvlm, qwen_1_5"),
+             ({"router": "no"}, "router must be true or false"),
+             ({"vision_feature_norm": 0}, "vision_feature_norm must be true or false"),
+             ({"rope_theta": 0.0}, "rope_theta must be a positive number"),
+             ({"max_position_embeddings": "32768"}, "max_position_embeddings must be a positive integer")]
+    for change, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
+            ModelConfig.from_dict(change)
+
+
+def test_configs_without_the_rsunivlm_fields_load_as_before(tmp_path):
+    """config.json files written before vision_stems / vision_feature_norm / router / image_preprocess /
+    prompt_template existed keep their stems, feature norm, router, preprocessing and template."""
+    data = tiny_config().to_dict()
+    for key in ("vision_stems", "vision_feature_norm", "router", "image_preprocess", "prompt_template"):
+        data.pop(key)
+    old = ModelConfig.from_dict(data)
+    assert old == tiny_config()
+    model = build_model(old, seed=0)
+    assert set(model.vision.stems) == set(old.sensors) and model.router is not None
+    assert isinstance(model.vision.feature_norm, torch.nn.LayerNorm)

@@ -160,7 +160,7 @@ def batch_loss(model: RSVLM, batch: Batch, image_token_id: int, router_weight: f
     lm = F.cross_entropy(logits, targets[where])
     stats = {"lm_loss": float(lm.detach()), "tokens": int(where.sum())}
     loss = lm
-    if router_weight > 0:
+    if router_weight > 0 and model.router is not None:  # tag-routed models (config.router false) have no router
         router_logits = model.route(torch.from_numpy(batch.instruction_ids), torch.from_numpy(batch.instruction_mask))
         rl = F.cross_entropy(router_logits, experts)
         loss = loss + router_weight * rl

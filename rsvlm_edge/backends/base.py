@@ -64,7 +64,22 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def encode_images(self, pixels: np.ndarray, sensor: str) -> np.ndarray:
-        """(B, C, H, W) float32 prepared pixels -> (B, num_visual_tokens, hidden) visual tokens."""
+        """(B, C, H, W) float32 prepared pixels -> (B, num_visual_tokens, hidden) visual tokens.
+
+        Models with stems run ``sensor``'s stem first; models without (``config.vision_stems`` false) take the
+        preprocessed RGB (``sensor`` "rgb") straight into the encoder.
+        """
+
+    def check_pixels(self, pixels: np.ndarray, sensor: str) -> np.ndarray:
+        """``pixels`` as contiguous float32, refused unless they are (B, bands of ``sensor``, size, size)."""
+        if sensor not in self.config.sensors:
+            what = "has stems for" if self.config.vision_stems else "takes only"
+            raise BackendError(f"unknown sensor {sensor!r}; this model {what} {', '.join(self.config.sensors)}")
+        bands, size = self.config.sensors[sensor], self.config.image_size
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        if pixels.ndim != 4 or pixels.shape[1:] != (bands, size, size):
+            raise BackendError(f"{sensor} pixels must be (B, {bands}, {size}, {size}), got {pixels.shape}")
+        return pixels
 
     @abc.abstractmethod
     def embed(self, ids: np.ndarray) -> np.ndarray:
@@ -72,7 +87,15 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def route(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Instruction embeddings (B, S, hidden) + 1/0 mask (B, S) -> router logits (B, num_experts)."""
+        """Instruction embeddings (B, S, hidden) + 1/0 mask (B, S) -> router logits (B, num_experts).
+
+        Refused (:meth:`check_router`) on models without a router, whose expert comes from the prompt's tags.
+        """
+
+    def check_router(self) -> None:
+        if not self.config.router:
+            raise BackendError(f"{self.config.name} has no instruction router (model_config.router is false): its "
+                               f"expert comes from the prompt's tags ([SEG] -> pixel, [VG]/[REF] -> region, else image)")
 
     @abc.abstractmethod
     def new_cache(self, batch: int, capacity: int, expert: int) -> CacheHandle:

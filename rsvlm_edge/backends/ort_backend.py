@@ -45,6 +45,7 @@ from rsvlm_edge.manifest import (
     Manifest,
     ManifestError,
     Verify,
+    encoder_input,
 )
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -369,19 +370,16 @@ class OrtBackend(Backend):
 
     # ------------------------------------------------------------------ Backend interface
     def encode_images(self, pixels: np.ndarray, sensor: str) -> np.ndarray:
-        if sensor not in self.config.sensors:
-            raise BackendError(f"unknown sensor {sensor!r}; this model has stems for {', '.join(self.config.sensors)}")
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        bands, size = self.config.sensors[sensor], self.config.image_size
-        if pixels.ndim != 4 or pixels.shape[1:] != (bands, size, size):
-            raise BackendError(f"{sensor} pixels must be (B, {bands}, {size}, {size}), got {pixels.shape}")
-        stem = self._call(f"vision_stem_{sensor}", {"pixels": pixels})[0]
-        return self._call("vision_encoder", {"stem_pixels": stem})[0]
+        pixels = self.check_pixels(pixels, sensor)
+        if self.config.vision_stems:
+            pixels = self._call(f"vision_stem_{sensor}", {"pixels": pixels})[0]
+        return self._call("vision_encoder", {encoder_input(self.config): pixels})[0]
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         return self._call("embedding", {"input_ids": np.ascontiguousarray(ids, dtype=np.int32)})[0]
 
     def route(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        self.check_router()
         return self._call("router", {"embeds": np.ascontiguousarray(embeds, dtype=np.float32),
                                      "mask": np.ascontiguousarray(mask, dtype=np.float32)})[0]
 

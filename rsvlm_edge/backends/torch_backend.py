@@ -40,14 +40,16 @@ class TorchBackend(Backend):
         return tensor if dtype is None else tensor.to(dtype)
 
     def encode_images(self, pixels: np.ndarray, sensor: str) -> np.ndarray:
+        pixels = self.check_pixels(pixels, sensor)
         with self.torch.inference_mode():
-            return self.model.encode_images(self._t(pixels, self.torch.float32), sensor).numpy()
+            return self.model.encode_images(self._t(pixels), sensor).numpy()
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
             return self.model.embed_tokens(self._t(ids, self.torch.long)).numpy()
 
     def route(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        self.check_router()
         with self.torch.inference_mode():
             return self.model.router(self._t(embeds), self._t(mask, self.torch.float32)).numpy()
 

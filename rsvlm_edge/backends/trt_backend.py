@@ -41,6 +41,7 @@ from rsvlm_edge.manifest import (
     ManifestError,
     Verify,
     check_engine_compat,
+    encoder_input,
 )
 
 if TYPE_CHECKING:
@@ -181,14 +182,10 @@ class TrtBackend(Backend):
             return self._encode_images(pixels, sensor)
 
     def _encode_images(self, pixels: np.ndarray, sensor: str) -> np.ndarray:
-        if sensor not in self.config.sensors:
-            raise BackendError(f"unknown sensor {sensor!r}; this model has stems for {', '.join(self.config.sensors)}")
-        bands, size = self.config.sensors[sensor], self.config.image_size
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        if pixels.ndim != 4 or pixels.shape[1:] != (bands, size, size):
-            raise BackendError(f"{sensor} pixels must be (B, {bands}, {size}, {size}), got {pixels.shape}")
-        stem = self._run(f"vision_stem_{sensor}", {"pixels": pixels})
-        return self._run("vision_encoder", {"stem_pixels": stem})
+        pixels = self.check_pixels(pixels, sensor)
+        if self.config.vision_stems:
+            pixels = self._run(f"vision_stem_{sensor}", {"pixels": pixels})
+        return self._run("vision_encoder", {encoder_input(self.config): pixels})
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int32)
@@ -196,6 +193,7 @@ class TrtBackend(Backend):
             return self._run("embedding", {"input_ids": ids}, {"seq": ids.shape[1]})
 
     def route(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        self.check_router()
         with self.lock:
             return self._run("router", {"embeds": embeds, "mask": mask}, {"seq": embeds.shape[1]})
 

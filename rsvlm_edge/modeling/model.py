@@ -1,10 +1,15 @@
 """The PyTorch reference MoE VLM, whole in one file (nanoGPT style).
 
-Vision: per-sensor stem -> ViT (multi-layer features) + optional CNN branch (multi-scale) -> fused -> mlp2x_gelu
-projector -> visual tokens (+ one learned newline token, as in RSUniVLM).
+Vision: per-sensor stem -> ViT (multi-layer features) + optional CNN branch (multi-scale) -> fused (+ LayerNorm)
+-> mlp2x_gelu projector -> visual tokens (+ one learned newline token, as in RSUniVLM).
 Decoder: Qwen2 style (RoPE, GQA with q/k/v bias, RMSNorm, SwiGLU) whose FFN in every layer is one of 3 granularity
 experts (image, region, pixel), chosen once per request (top-1). An instruction router (small MLP on the pooled
 instruction embedding) predicts the expert when the request carries no task tag.
+
+RSUniVLM itself (``vision_stems``, ``vision_feature_norm`` and ``router`` off) is the same code path with those
+modules absent: SigLIP-so400m (transformers ``SiglipVisionModel``, 26 layers, ``hidden_states[-1]``, no
+post-layernorm) -> Linear-GELU(erf)-Linear -> newline, and transformers' ``Qwen2`` decoder layers whose ``mlp`` is the
+tag-chosen expert; tests/test_rsunivlm_parity.py checks this against transformers' own modules.
 
 KV cache layout is sequence-major ``(T, B, kv_heads, head_dim)`` so a runtime can pass ``cache[:t]`` of a
 preallocated buffer as a contiguous, zero-copy view. Only torch (no transformers) is needed.
@@ -108,12 +113,17 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 
 
 class VisionEncoder(nn.Module):
-    """Pixels of one sensor -> visual tokens in the decoder's embedding space."""
+    """Pixels of one sensor -> visual tokens in the decoder's embedding space.
+
+    ``stem`` maps a sensor's bands to 3 channels (the identity on RGB-only models without stems); ``encode`` is the
+    shared rest, which the exported ``vision_encoder`` graph holds.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.stems = nn.ModuleDict({name: SensorStem(bands) for name, bands in cfg.sensors.items()})
+        self.stems = (nn.ModuleDict({name: SensorStem(bands) for name, bands in cfg.sensors.items()})
+                      if cfg.vision_stems else None)
         self.patch_embed = nn.Conv2d(3, cfg.vision_width, cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_patches, cfg.vision_width) * 0.02)
         self.blocks = nn.ModuleList(
@@ -121,7 +131,8 @@ class VisionEncoder(nn.Module):
         )
         self.feature_layers = [(i if i > 0 else cfg.vision_layers + 1 + i) for i in cfg.vision_feature_layers]
         self.cnn = CNNBranch(cfg) if cfg.cnn_branch else None
-        self.feature_norm = nn.LayerNorm(cfg.vision_feature_dim, eps=cfg.vision_norm_eps)
+        self.feature_norm = (nn.LayerNorm(cfg.vision_feature_dim, eps=cfg.vision_norm_eps) if cfg.vision_feature_norm
+                             else nn.Identity())
         self.proj1 = nn.Linear(cfg.vision_feature_dim, cfg.hidden_size)  # mlp2x_gelu projector
         self.proj2 = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.newline = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02) if cfg.image_newline else None
@@ -129,9 +140,18 @@ class VisionEncoder(nn.Module):
                                 if cfg.token_pos_embed else None)
 
     def forward(self, pixels: torch.Tensor, sensor: str) -> torch.Tensor:
-        if sensor not in self.stems:
-            raise KeyError(f"unknown sensor {sensor!r}; this model has stems for {', '.join(self.stems)}")
-        x = self.stems[sensor](pixels)
+        return self.encode(self.stem(pixels, sensor))
+
+    def stem(self, pixels: torch.Tensor, sensor: str) -> torch.Tensor:
+        """(B, bands, H, W) of ``sensor`` -> (B, 3, H, W) encoder input."""
+        if sensor not in self.cfg.sensors:
+            raise KeyError(f"unknown sensor {sensor!r}; this model takes {', '.join(self.cfg.sensors)}")
+        if self.stems is None:
+            return pixels  # RGB-only model: the preprocessed image is the encoder input
+        return self.stems[sensor](pixels)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) stem output (or preprocessed RGB) -> (B, num_visual_tokens, hidden)."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         feats = []
         for i, block in enumerate(self.blocks, start=1):
@@ -317,7 +337,7 @@ class RSVLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.router = InstructionRouter(cfg)
+        self.router = InstructionRouter(cfg) if cfg.router else None
         self.box_pointer = BoxPointer(cfg) if cfg.box_pointer else None
         self.apply(self._init_weights)
 
@@ -334,6 +354,8 @@ class RSVLM(nn.Module):
 
     def route(self, instruction_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Router logits (B, num_experts) for tokenised instructions (tag removed)."""
+        if self.router is None:
+            raise ValueError(f"{self.cfg.name} has no instruction router: its expert comes from the prompt's tags")
         return self.router(self.embed_tokens(instruction_ids), mask)
 
     def empty_cache(self, batch: int, device=None, dtype=torch.float32) -> KVCache:
@@ -406,7 +428,7 @@ def parameter_counts(model: RSVLM) -> dict[str, int]:
 
     total = count(model)
     per_expert = sum(count(layer.experts[0]) for layer in model.layers)
-    stems = [count(stem) for stem in model.vision.stems.values()]
+    stems = [count(stem) for stem in model.vision.stems.values()] if model.vision.stems is not None else [0]
     # A request runs one expert of three and one sensor stem.
     active = total - per_expert * (model.cfg.num_experts - 1) - (sum(stems) - max(stems))
     return {"stored": total, "active": active, "per_expert": per_expert}
