@@ -2,7 +2,8 @@
 
 Step 1 (record): the generator runs each calibration request (tile + instruction, the expert forced) through a
 recording wrapper around :class:`~rsvlm_edge.backends.ort_backend.OrtBackend`; it keeps the exact feeds of the
-vision encoder (stem outputs, or the RGB of models without stems) and of every decoder call (prefill and the first decode steps, with their KV cache).
+vision encoder (stem outputs, or the RGB of models without stems) and of every decoder call (prefill and the
+first decode steps, with their KV cache).
 Step 2 (measure): each component's graph, with the tensors to quantize added as outputs, runs on those feeds
 (``amax`` pass, then a histogram pass for percentile / entropy). The augmented graph is loaded from bytes and
 its weights are fed as memory-mapped initializers, so no weight is copied or parsed into a protobuf.
