@@ -123,7 +123,8 @@ def from_float_array(values: np.ndarray, dtype: str) -> bytes:
     if dtype == "F32":
         return values.astype("<f4", copy=False).tobytes()
     if dtype == "F16":
-        return values.astype("<f2").tobytes()
+        with np.errstate(over="ignore"):  # values beyond float16 become inf; callers that care check for it
+            return values.astype("<f2").tobytes()
     if dtype == "BF16":
         bits = values.astype("<f4", copy=False).view(np.uint32)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16

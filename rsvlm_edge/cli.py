@@ -182,6 +182,7 @@ def _register_optional_commands() -> None:
         ("rsvlm_edge.training.cli", "train"),
         ("rsvlm_edge.training.cli", "eval"),
         ("rsvlm_edge.export.cli", "export"),
+        ("rsvlm_edge.export.convert_cli", "convert"),
         ("rsvlm_edge.engines.cli", "build"),
         ("rsvlm_edge.calibration.cli", "calibrate"),
         ("rsvlm_edge.chat_command", "chat"),
