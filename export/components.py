@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn as nn
@@ -33,12 +33,16 @@ import torch.nn as nn
 from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.export.names import HIDDEN_STATES, POINTER_COMPONENT
 from rsvlm_edge.manifest import encoder_input
+from rsvlm_edge.modeling.model import VisionEncoder
 
 #: Parameters of the decoder that belong to one expert (everything else in the decoder is the shared trunk).
 EXPERT_PARAM = re.compile(r"^layers\.(\d+)\.experts\.(\d+)\.")
 
 
-def shallow(module: nn.Module, keep: tuple[str, ...] | None = None, **children: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def shallow(module: M, keep: tuple[str, ...] | None = None, **children: nn.Module) -> M:
     """A copy of ``module`` sharing its parameters, with some children replaced (and, with ``keep``, others dropped)."""
     new = object.__new__(type(module))
     new.__dict__ = dict(module.__dict__)
@@ -61,7 +65,7 @@ class StemGraph(nn.Module):
 class VisionEncoderGraph(nn.Module):
     """The shared encoder after the stem: ``VisionEncoder.encode`` on a copy without the stems."""
 
-    def __init__(self, vision: nn.Module):
+    def __init__(self, vision: VisionEncoder):
         super().__init__()
         self.vision = shallow(vision, keep=tuple(k for k in vision._modules if k != "stems"))
 
