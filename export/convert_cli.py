@@ -16,7 +16,8 @@ def convert_command() -> None:
     export, infer --backend torch, chat, eval and bench take like any other."""
 
 
-@convert_command.command("rsunivlm", context_settings=CONTEXT)
+@convert_command.command("rsunivlm", context_settings=CONTEXT,
+                          short_help="RSUniVLM (liux-cyber/RSUniVLM, llava_qwen_gmoe) -> a model dir.")
 @click.argument("src_dir", type=click.Path())
 @click.argument("out_dir", type=click.Path())
 @click.option("--dtype", type=click.Choice(["fp16", "fp32", "bf16"]), default="fp16", show_default=True,
