@@ -342,17 +342,22 @@ def test_map_state_dict_works_on_numpy(small_src):
 
 @pytest.mark.slow
 def test_full_shape_checkpoint_converts(tmp_path):
-    """RSUniVLM's real shapes (3.3 GB BF16 on disk): the converter streams it and the dir loads as rsunivlm-1b."""
-    src = make_rsunivlm_checkpoint(tmp_path / "src", full=True)
-    out = _converted(src, tmp_path)
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["name"] == "rsunivlm-1b" and cfg["vocab_size"] == 151647
-    from rsvlm_edge.modeling import load_model
-
-    model = load_model(out)
+    """RSUniVLM's real shapes (3.3 GB BF16 on disk): the converter streams it into an rsunivlm-1b dir whose tensors
+    are our model's state dict (checked from the header, without loading 3.3 GB) and equal the source's."""
     from safetensors import safe_open
 
-    with safe_open(str(src / "model.safetensors"), "pt") as st:
-        for ours, theirs in (("layers.23.experts.1.gate_proj.weight", "model.layers.23.mlp.1.gate_proj.weight"),
-                             ("vision.blocks.25.fc2.weight", f"{SIGLIP}encoder.layers.25.mlp.fc2.weight")):
-            assert torch.equal(model.state_dict()[ours], st.get_tensor(theirs).half().float())
+    from rsvlm_edge.config import ModelConfig
+    from rsvlm_edge.export.safetensors_stream import read_index
+    from rsvlm_edge.modeling import build_model
+
+    src = make_rsunivlm_checkpoint(tmp_path / "src", full=True)
+    out = _converted(src, tmp_path)
+    cfg = ModelConfig.load(out / "config.json")
+    assert cfg.name == "rsunivlm-1b" and cfg.vocab_size == 151647 and cfg.num_visual_tokens == 730
+    ours = {k: tuple(v.shape) for k, v in build_model(cfg, device="meta", seed=None).state_dict().items()}
+    assert {k: t.shape for k, t in read_index(out / "model.safetensors").items()} == ours
+    with safe_open(str(src / "model.safetensors"), "pt") as theirs, safe_open(str(out / "model.safetensors"), "pt") as st:
+        for mine, name in (("layers.23.experts.1.gate_proj.weight", "model.layers.23.mlp.1.gate_proj.weight"),
+                           ("vision.blocks.25.fc2.weight", f"{SIGLIP}encoder.layers.25.mlp.fc2.weight")):
+            assert torch.equal(st.get_tensor(mine), theirs.get_tensor(name).half())
+        assert torch.equal(st.get_tensor("lm_head.weight"), theirs.get_tensor("lm_head.weight")[:151647].half())
