@@ -255,7 +255,7 @@ class Generator:
             raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the "
                              f"model's context of {self.config.max_position_embeddings}")
         cache = backend.new_cache(len(requests), capacity, expert)
-        samplers = [TokenSampler(sampling, self.config.vocab_size) for _ in requests]
+        samplers = [TokenSampler(sampling, tok.vocab_size) for _ in requests]
         for sampler, p in zip(samplers, prompts):
             sampler.observe_prompt(np.asarray(p.ids)[~p.image_slots])
         full_mask = np.ones((len(requests), capacity), dtype=np.float32)  # grows by a view per step, never copied
@@ -421,7 +421,7 @@ class ChatSession:
         else:
             logits = gen.backend.forward(self.cache, embeds, positions, step_mask)
         t_first = time.perf_counter()
-        sampler = TokenSampler(sampling, gen.config.vocab_size)
+        sampler = TokenSampler(sampling, gen.tokenizer.vocab_size)
         sampler.observe_prompt(np.asarray(ids) if image_slots is None else np.asarray(ids)[~image_slots])
         generated, reasons, steps = gen.decode(self.cache, logits, full_mask, positions[:, -1] + 1, [sampler],
                                                sampling, on_token, [0], forced)

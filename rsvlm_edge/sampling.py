@@ -135,7 +135,10 @@ def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarr
 
 
 class TokenSampler:
-    """Picks tokens for one sequence; owns its RNG so batched requests stay reproducible one by one."""
+    """Picks tokens for one sequence; owns its RNG so batched requests stay reproducible one by one.
+
+    Only ids below ``vocab_size`` are ever picked: logits past it (embedding rows a tokenizer has no token for)
+    are ignored, as a reference that truncates its embeddings to ``len(tokenizer)`` never produces them."""
 
     def __init__(self, config: SamplingConfig, vocab_size: int, seed_offset: int = 0):
         self.config = config.validate()
@@ -155,7 +158,7 @@ class TokenSampler:
     def __call__(self, logits: np.ndarray) -> int:
         cfg = self.config
         penalty = 1.0 if cfg.repetition_penalty is None else cfg.repetition_penalty
-        logits = penalize_repeats(np.asarray(logits, dtype=np.float32), self.seen, penalty)
+        logits = penalize_repeats(np.asarray(logits, dtype=np.float32)[: self.seen.size], self.seen, penalty)
         if cfg.greedy:
             token = int(np.argmax(logits))
         else:

@@ -250,3 +250,15 @@ def test_chat_grows_its_cache_by_re_prefilling(qwen_gen):
     fresh = ChatSession(qwen_gen, [pixels(8)], "rgb")
     fresh.turns = session.turns[:1]
     assert fresh.ask("[VQA] Is there a ship?", long_turn).token_ids == grown.token_ids
+
+
+def test_ids_the_tokenizer_lacks_are_never_sampled(qwen_gen, monkeypatch):
+    """The tiny model has 4096 embedding rows for a 600-token tokenizer; a converted model's reference truncates
+    its rows to len(tokenizer), so rows past it must never win."""
+    tok, vocab = qwen_gen.tokenizer, qwen_gen.config.vocab_size
+    assert len(tok) < vocab
+    word = tok.encode_text(" ship")[0]
+    scripted_logits(monkeypatch, qwen_gen.backend, [one_hot(vocab, (vocab - 1, 9.0), (len(tok), 8.0), (word, 1.0))])
+    out = qwen_gen.generate([Request([pixels(4)], "rgb", "[CAP] Describe.")],
+                            SamplingConfig(max_new_tokens=2, repetition_penalty=1.0))[0]
+    assert out.token_ids == [word, word]
