@@ -86,7 +86,7 @@ def record(engine_dir: str | Path, requests: list, decode_steps: int = 4, thread
     backend = OrtBackend.from_dir(engine_dir, threads=threads, verify="size")
     try:
         recorder = RecordingBackend(backend, recording, decode_steps)
-        gen = Generator(recorder, load_tokenizer(engine_dir))  # type: ignore[arg-type]
+        gen = Generator(recorder, load_tokenizer(engine_dir, backend.config.prompt_template))  # type: ignore[arg-type]
         sampling = SamplingConfig(max_new_tokens=decode_steps + 1, ignore_stop=True)
         for request in requests:
             recorder.reset()
