@@ -8,13 +8,14 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import AddedToken, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from rsvlm_edge.tasks import END, IMAGE, PAD, SPECIAL_TOKENS, Turn, build_prompt
 from rsvlm_edge.tokenizer import (
     MIN_VOCAB_SIZE,
     NUMBER_TOKENS,
+    ControlTokens,
     StreamDecoder,
     Tokenizer,
     TokenizerError,
@@ -237,6 +238,30 @@ def test_load_lacking_special_token(tmp_path):
         Tokenizer.load(path)
     path.write_text(_hf_tokenizer(list(SPECIAL_TOKENS)).to_str())
     assert Tokenizer.load(path).pad_id == 0
+
+
+def test_any_tokenizer_loads_with_its_own_templates_control_tokens(tmp_path):
+    """Nothing of ours is required of a foreign tokenizer.json: only the control tokens its template names."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    hf = HFTokenizer(models.BPE({ch: i for i, ch in enumerate(alphabet)}, []))  # bytes only, no merges
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "</turn>", "<unused>")])
+    path = tmp_path / "tokenizer.json"
+    path.write_text(hf.to_str())
+    with pytest.raises(TokenizerError, match="<pad>"):
+        Tokenizer.load(path)  # our template's tokens are the default
+    control = ControlTokens(pad="<s>", end="</turn>", image=None, required=("<s>", "</turn>"))
+    foreign = Tokenizer.load(path, control)
+    assert (foreign.pad_id, foreign.end_id, foreign.special_ids) == (256, 257, {256, 257, 258})
+    with pytest.raises(TokenizerError, match="without a token"):
+        _ = foreign.image_id
+    # text between control pieces is encoded as one piece, as when the joined string is encoded
+    segments = [("</turn>", True), ("a", False), ("b c", False), ("</turn>", True)]
+    assert foreign.encode_segments(segments) == foreign.encode("</turn>ab c</turn>")
+    assert foreign.decode(foreign.encode_segments(segments), skip_special_tokens=False) == "</turn>ab c</turn>"
+    assert 257 not in foreign.encode_text("say </turn>") and foreign.decode(foreign.encode_text("say </turn>")) \
+        == "say </turn>"  # typed by a user it is text
 
 
 def test_edited_file_without_special_token_refused(tok, tmp_path):
