@@ -33,7 +33,7 @@ def rsunivlm(src_dir: str, out_dir: str, dtype: str, overwrite: bool, progress: 
     \b
     Every tensor is checked against the architecture config.json describes (names, shapes, one float dtype) and
     settings this runtime does not implement (anyres tiling, image start/end tokens, resamplers) are refused.
-    Nothing is downloaded; weights are streamed tensor by tensor (memory: one 64 MB chunk plus the tokenizer).
+    Nothing is downloaded; weights are streamed in 16 MB chunks, so memory stays well under 1 GB.
     OUT_DIR also gets convert.json (source sizes and sha256, the config fields read) and generation_config.json.
 
     \b

@@ -23,7 +23,7 @@ FLOAT_DTYPES = ("BF16", "F16", "F32")
 #: A header larger than this is not a model's (the real 861-tensor header is ~100 kB): refuse before reading it.
 MAX_HEADER_BYTES = 100 << 20
 #: Bytes converted per step: bounds the memory a conversion needs, whatever the tensor size.
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 16 << 20
 
 
 class SafetensorsError(ValueError):
