@@ -48,11 +48,11 @@ def forced_agreement(gen: Generator, request: Request, expert: int, reference: l
 
 
 def agreement(gen_b: Generator, preds_a: list[Prediction], progress: Callable[[int], None] | None = None) -> dict[str, float]:
-    size = gen_b.config.image_size
+    size, mode = gen_b.config.image_size, gen_b.config.image_preprocess  # the model's own preprocessing
     end = gen_b.tokenizer.end_id
     agree = total = exact = 0
     for p in preds_a:
-        request = Request(pixels=[prepare_image(im, p.sample.sensor, size) for im in p.sample.images],
+        request = Request(pixels=[prepare_image(im, p.sample.sensor, size, mode=mode) for im in p.sample.images],
                           sensor=p.sample.sensor, prompt=p.sample.prompt, expert=p.expert)
         reference = list(p.token_ids) + ([end] if p.finish_reason == "stop" else [])
         a, t = forced_agreement(gen_b, request, p.expert, reference)

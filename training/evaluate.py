@@ -38,13 +38,13 @@ class Prediction:
 
 def predict(generator: Generator, samples: list[Sample], batch_size: int = 8, max_new_tokens: int = 320,
             progress: Callable[[int], None] | None = None) -> list[Prediction]:
-    size = generator.config.image_size
+    size, mode = generator.config.image_size, generator.config.image_preprocess  # the model's own preprocessing
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     order = sorted(range(len(samples)), key=lambda i: (len(samples[i].images), samples[i].tag))  # similar lengths batch
     results: dict[int, Prediction] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        requests = [Request(pixels=[prepare_image(im, samples[i].sensor, size) for im in samples[i].images],
+        requests = [Request(pixels=[prepare_image(im, samples[i].sensor, size, mode=mode) for im in samples[i].images],
                             sensor=samples[i].sensor, prompt=samples[i].prompt) for i in idx]
         for i, gen in zip(idx, generator.generate(requests, sampling)):
             results[i] = Prediction(samples[i], gen.text, formats.parse_answer(samples[i].tag, gen.text), gen.routing.expert,
