@@ -131,6 +131,9 @@ def fuse_rotary(model: onnx.ModelProto, head_dim: int, theta: float, max_positio
 #: (The exported graphs' layout, "sequence-major", is the manifest's default: past (P, B, kv_heads, head_dim) in, this
 #: step's (S, B, kv_heads, head_dim) out.) Both names live in :mod:`rsvlm_edge.manifest`, which owns the format.
 SEQLENS_K, TOTAL_LENGTH = "attention/seqlens_k", "attention/total_sequence_length"
+#: ONNX Runtime's GroupQueryAttention takes head sizes that are multiples of this only ("head_size shall be a
+#: multiple of 16"); other decoders keep their exported attention.
+GQA_HEAD_MULTIPLE = 16
 
 
 def _attention_region(graph: onnx.GraphProto, producer: dict[str, onnx.NodeProto], layer: int):
@@ -193,6 +196,8 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int, kv_heads: int, head_d
     depend only on position differences and the generation loop's positions are the cache index minus a constant per
     row (a left-padded row's pad count), so the fused graph no longer reads ``position_ids``.
     """
+    if head_dim % GQA_HEAD_MULTIPLE:
+        return 0  # the kernel refuses such heads at run time; the unfused attention serves them
     graph = model.graph
     producer = _tensor_producers(graph)
     regions = [_attention_region(graph, producer, i) for i in range(num_layers)]
