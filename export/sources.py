@@ -46,6 +46,7 @@ def small_corpus() -> list[str]:
 
 def random_init_tokenizer(cfg: ModelConfig, seed: int = 0, directory: str | Path | None = None) -> Path:
     """Train a small tokenizer for a random-init model (the synthetic corpus when present, else a built-in one)."""
+    from rsvlm_edge.templates import get_template
     from rsvlm_edge.tokenizer import MIN_VOCAB_SIZE, Tokenizer
 
     vocab = max(MIN_VOCAB_SIZE, min(cfg.vocab_size, 4096))
@@ -55,11 +56,29 @@ def random_init_tokenizer(cfg: ModelConfig, seed: int = 0, directory: str | Path
         tokenizer = train_tokenizer(vocab, n_synthetic=300, seed=seed)
     except ImportError:
         tokenizer = Tokenizer.train(small_corpus(), vocab_size=min(vocab, 1024))
+    control = get_template(cfg.prompt_template).control
+    tokenizer = with_special_tokens(tokenizer, control.required)  # e.g. ChatML's for a qwen_1_5 model
     if tokenizer.vocab_size > cfg.vocab_size:
         raise SourceError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's {cfg.vocab_size}")
     out = Path(directory or tempfile.mkdtemp(prefix="rsvlm-tokenizer-")) / "tokenizer.json"
     tokenizer.save(out)
     return out
+
+
+def with_special_tokens(tokenizer, tokens: tuple[str, ...]):
+    """``tokenizer`` with ``tokens`` added as special tokens where it lacks them (a random-init model whose prompt
+    template uses other control tokens than the trained tokenizer's)."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from rsvlm_edge.tokenizer import Tokenizer
+
+    backend = HFTokenizer.from_str(tokenizer.to_str())
+    missing = [t for t in tokens if backend.token_to_id(t) is None]
+    if not missing:
+        return tokenizer
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return Tokenizer.from_str(backend.to_str(), tokenizer.control)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0):

@@ -278,3 +278,15 @@ def test_stem_and_router_components_are_refused_where_the_model_has_none(rgb_onl
     (copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="does not take 'stem_pixels'"):
         Manifest.load(copy)
+
+
+def test_random_init_tokenizer_has_the_templates_control_tokens(tmp_path):
+    """A random-init rsunivlm-1b export (benchmarks) gets a tokenizer its qwen_1_5 template can load."""
+    from rsvlm_edge.config import preset
+    from rsvlm_edge.export.sources import random_init_tokenizer
+    from rsvlm_edge.pipeline import load_tokenizer
+
+    cfg = preset("rsunivlm-1b")
+    random_init_tokenizer(cfg, 0, tmp_path)
+    tokenizer = load_tokenizer(tmp_path, cfg.prompt_template)
+    assert tokenizer.end_id == tokenizer.token_id("<|im_end|>") and tokenizer.vocab_size <= cfg.vocab_size
