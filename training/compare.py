@@ -22,9 +22,9 @@ def prefill(gen: Generator, request: Request, expert: int, extra_capacity: int =
     """Run one request's prompt (image tokens spliced in) through ``expert``: (cache with room for
     ``extra_capacity`` more tokens, the first step's logits (1, V), prompt length)."""
     backend = gen.backend
-    ids = np.asarray([gen.prompt_ids(request)], dtype=np.int32)
-    embeds = backend.embed(ids)
-    embeds[0, ids[0] == gen.tokenizer.image_id] = gen._visual_tokens([request])[0]
+    prompt = gen.prompt(request)
+    ids = np.asarray([prompt.ids], dtype=np.int32)
+    embeds = gen.embed_prompts(ids, prompt.image_slots[None], gen._visual_tokens([request]))
     n = ids.shape[1]
     cache = backend.new_cache(1, n + extra_capacity, expert)
     logits = backend.forward(cache, embeds, np.arange(n, dtype=np.int32)[None], np.ones((1, n), np.float32))
@@ -37,9 +37,9 @@ def forced_agreement(gen: Generator, request: Request, expert: int, reference: l
         return 0, 0
     backend = gen.backend
     cache, logits, n = prefill(gen, request, expert, len(reference))
-    agree = 0
+    agree, vocab = 0, gen.tokenizer.vocab_size  # the sampler never picks ids past the tokenizer's vocabulary
     for k, token in enumerate(reference):
-        agree += int(int(np.argmax(logits[0])) == token)
+        agree += int(int(np.argmax(logits[0, :vocab])) == token)
         if k + 1 == len(reference):
             break
         logits = backend.forward(cache, backend.embed(np.asarray([[token]], np.int32)),
