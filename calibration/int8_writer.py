@@ -22,7 +22,7 @@ from rsvlm_edge.calibration.collect import external_arrays
 from rsvlm_edge.calibration.qdq import QuantizedGraph, quantize_graph
 from rsvlm_edge.export.weights import DataFileWriter
 from rsvlm_edge.fileio import staged_dir
-from rsvlm_edge.manifest import KV_LAYOUT_SHARED, Component, Manifest, TensorSpec, sha256_file
+from rsvlm_edge.manifest import KV_LAYOUT_SHARED, Component, Manifest, TensorSpec, copy_side_files, sha256_file
 
 LM_HEAD = re.compile(r"lm_head")
 COPIED_KINDS = ("stem", "router", "box_pointer")  # the pointer is tiny and its boxes need FP32 precision
@@ -257,9 +257,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
         if progress:
             progress("decoder")
         experts = writer.decoder()
-        for name in ("tokenizer.json", "config.json"):
-            if src.path(name).exists():
-                shutil.copy2(src.path(name), staging / name)
+        copy_side_files(src, staging)
         for name, data in (extra_files or {}).items():
             atomic_write_bytes(staging / name, data)
         extra = dict(src.extra)
@@ -267,6 +265,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
                                  "components": writer.report, **(info or {})}
         components = {name: writer.components[name] for name in src.components}
         manifest = Manifest(model_config=src.model_config, components=components, tokenizer=src.tokenizer,
+                            generation_config=src.generation_config,
                             experts=experts, engine=dict(src.engine), extra=extra)
         manifest.save(staging)
         if scheme == "qdq":

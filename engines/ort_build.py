@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rsvlm_edge.calibration.int8_writer import Int8WriteError
 from rsvlm_edge.fileio import staged_dir
-from rsvlm_edge.manifest import Component, Manifest, sha256_file
+from rsvlm_edge.manifest import Component, Manifest, copy_side_files, sha256_file
 
 PRECISIONS = ("fp32", "int8")
 
@@ -56,12 +56,10 @@ def build_ort_fp32(onnx_dir: str | Path, out_dir: str | Path, overwrite: bool = 
                 components[comp.name] = comp
             else:
                 components[comp.name] = optimize_component(src, comp, staging, level)
-        for name in ("tokenizer.json", "config.json"):
-            if src.path(name).exists():
-                shutil.copy2(src.path(name), staging / name)
+        copy_side_files(src, staging)
         extra = {**src.extra, "ort_build": {"precision": "fp32", "optimization": level}}
         Manifest(model_config=src.model_config, components=components, tokenizer=src.tokenizer, experts=src.experts,
-                 engine=dict(src.engine), extra=extra).save(staging)
+                 engine=dict(src.engine), extra=extra, generation_config=src.generation_config).save(staging)
     return Manifest.load(out_dir, verify="size")
 
 

@@ -13,7 +13,6 @@ embeds the shared trunk (TensorRT plans own their weights), so ``decoder_expert<
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from rsvlm_edge.engines.trt_settings import (
     resolve_strongly_typed,
 )
 from rsvlm_edge.fileio import atomic_write_bytes
-from rsvlm_edge.manifest import Component, Manifest, ManifestError, Verify, sha256_file
+from rsvlm_edge.manifest import Component, Manifest, ManifestError, Verify, copy_side_files, sha256_file
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -153,6 +152,7 @@ def trt_manifest(source: Manifest, components: dict[str, Component], version: st
     experts: dict[str, Any] = {k: source.experts[k] for k in ("num_experts", "names", "components") if k in source.experts}
     return Manifest(model_config=dict(source.model_config), components=components,
                     tokenizer=dict(source.tokenizer) if source.tokenizer else None, experts=experts,
+                    generation_config=dict(source.generation_config) if source.generation_config else None,
                     engine={"kind": "tensorrt", "trt_version": version, "compute_capability": cc,
                             "version_compatible": False, "hardware_compatible": False},
                     extra={"build": {"preset": asdict(preset), "precision": precision, "source": str(source.directory)}})
@@ -211,8 +211,7 @@ def build_trt_engines(onnx_dir: str | Path, out_dir: str | Path, preset: str | B
         name = plan_file(comp.name)
         atomic_write_bytes(out_dir / name, plan)
         built[comp.name] = plan_component(comp, name, out_dir / name, settings, profiles)
-    if source.tokenizer:
-        shutil.copyfile(source.path(source.tokenizer["file"]), out_dir / source.tokenizer["file"])
+    copy_side_files(source, out_dir)
     if cache_path is not None:
         save_timing_cache(shared_cache, cache_path)
     manifest = trt_manifest(source, built, version, cc, preset, precision)

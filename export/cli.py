@@ -15,6 +15,7 @@ import click
 
 from rsvlm_edge.config import PRESETS
 from rsvlm_edge.export.names import COMPONENT_CHOICES
+from rsvlm_edge.sampling import GENERATION_CONFIG_FILE
 
 COMPONENT_HELP = ("vision (stems + encoder), stems, encoder, embedding, router, decoder; repeat or comma-separate. "
                   "Default: all")
@@ -134,7 +135,9 @@ def export_command(paths, precision, components, check, opset, trt_versions, con
             raise ExportUsageError(f"{checkpoint} has no tokenizer.json; pass --tokenizer PATH")
         options = ExportOptions(precision=precision, opset=opset, components=chosen, check=check,
                                 fp16_lm_head=fp16_lm_head, overwrite=overwrite, threads=threads, trt_versions=trt)
-        result = export_model(model, out_dir, tokenizer, options, progress=echo, source=source)
+        generation = Path(checkpoint) / GENERATION_CONFIG_FILE if checkpoint is not None else None
+        result = export_model(model, out_dir, tokenizer, options, progress=echo, source=source,
+                              generation_config_file=generation if generation and generation.is_file() else None)
     except (ExportError, ExportCheckError, SourceError, ConfigError, OSError) as exc:
         raise ExportUsageError(str(exc)) from None
     finally:

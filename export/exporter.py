@@ -52,7 +52,8 @@ from rsvlm_edge.export.names import GROUPS, TRUNK_FILE, decoder_component, exper
 from rsvlm_edge.export.static_shapes import static_shapes
 from rsvlm_edge.export.weights import DataFileWriter, materialize, point_to_external, write_graph
 from rsvlm_edge.fileio import staged_dir
-from rsvlm_edge.manifest import Component, Manifest, TensorSpec, sha256_file
+from rsvlm_edge.manifest import Component, Manifest, TensorSpec, file_entry, sha256_file
+from rsvlm_edge.sampling import GENERATION_CONFIG_FILE
 
 #: FP32 parity tolerance of the export check, relative to the reference's magnitude (tests use 1e-4 absolute).
 FP32_TOLERANCE = 1e-4
@@ -295,8 +296,12 @@ def select_specs(model, components: tuple[str, ...] | None) -> list[ComponentSpe
 
 
 def export_model(model, out_dir: str | Path, tokenizer_file: str | Path | None, options: ExportOptions | None = None,
-                 progress: Callable[[str], None] = lambda s: None, source: str | None = None) -> ExportResult:
-    """Export ``model`` (an :class:`~rsvlm_edge.modeling.RSVLM`) into ``out_dir``; see the module docstring."""
+                 progress: Callable[[str], None] = lambda s: None, source: str | None = None,
+                 generation_config_file: str | Path | None = None) -> ExportResult:
+    """Export ``model`` (an :class:`~rsvlm_edge.modeling.RSVLM`) into ``out_dir``; see the module docstring.
+
+    ``generation_config_file`` (a converted model's ``generation_config.json``: eos ids, repetition penalty) is copied
+    and listed in the manifest, so engines answer with the model's own generation defaults."""
     options = options or ExportOptions()
     if options.precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be fp32 or fp16, got {options.precision!r}")
@@ -320,12 +325,17 @@ def export_model(model, out_dir: str | Path, tokenizer_file: str | Path | None, 
             shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
             tokenizer = {"file": "tokenizer.json", "sha256": sha256_file(staging / "tokenizer.json"),
                          "bytes": (staging / "tokenizer.json").stat().st_size}
+        generation = None
+        if generation_config_file is not None:
+            shutil.copyfile(generation_config_file, staging / GENERATION_CONFIG_FILE)
+            generation = file_entry(staging / GENERATION_CONFIG_FILE)
         model.cfg.save(staging / "config.json")
         export_info = {"tool": f"rsvlm-edge {__version__}", "torch": torch.__version__, "onnx": onnx.__version__,
                        "exporter": "torch.onnx (TorchScript) + rsvlm_edge.export graph passes", "opset": options.opset,
                        "precision": options.precision, "source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                        "checks": writer.checks}
         manifest = Manifest(model_config=model.cfg.to_dict(), components=writer.components, tokenizer=tokenizer,
+                            generation_config=generation,
                             experts=writer.experts, engine={"kind": "onnx", "trt_version": None, "compute_capability": None},
                             extra={"export": export_info}, directory=staging)
         comparison = None

@@ -25,8 +25,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, precision: st
     """Export a checkpoint dir (reloaded with ``load_model``, so the weights are exactly what the torch backend uses)."""
     from rsvlm_edge.export.exporter import ExportOptions, export_model
     from rsvlm_edge.modeling import load_model
+    from rsvlm_edge.sampling import GENERATION_CONFIG_FILE
 
     checkpoint = Path(checkpoint)
+    generation = checkpoint / GENERATION_CONFIG_FILE
     export_model(load_model(checkpoint), out_dir, checkpoint / "tokenizer.json",
-                 ExportOptions(precision=precision, check=check, **options))
+                 ExportOptions(precision=precision, check=check, **options),
+                 generation_config_file=generation if generation.is_file() else None)
     return Path(out_dir)

@@ -6,6 +6,8 @@ Layout (``format_version`` 1)::
       "format_version": 1,
       "model_config": {...ModelConfig.to_dict()...},
       "tokenizer": {"file": "tokenizer.json", "sha256": "<hex>", "bytes": 1234},
+      "generation_config": {"file": "generation_config.json", "sha256": ..., "bytes": ...},   # optional: HF-style
+                                                   # generation defaults of converted models (eos ids, repetition_penalty)
       "components": {
         "<name>": {
           "file": "<name>.onnx",                      # graph (ONNX) or plan (TensorRT)
@@ -281,6 +283,33 @@ def _check_experts(experts: Any, components: dict[str, Component]) -> dict[str, 
     return experts
 
 
+def _side_file(data: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """A top-level ``{"file", "sha256", "bytes"}`` entry (tokenizer, generation config), checked; None when absent."""
+    entry = data.get(key)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not {"file", "sha256"} <= set(entry) or not isinstance(entry["file"], str):
+        raise ManifestError(f"manifest {key} entry needs file and sha256")
+    _check_relative(entry["file"], key)
+    return dict(entry)
+
+
+def copy_side_files(source: "Manifest", out_dir: Path) -> None:
+    """Copy the files a build keeps from its source dir unchanged: the side files the manifest lists (tokenizer,
+    generation config) and ``config.json``."""
+    import shutil
+
+    names = [entry["file"] for entry in source.side_files()] + ["config.json"]
+    for name in names:
+        if (source.directory is not None) and (source.directory / name).exists():
+            shutil.copy2(source.path(name), Path(out_dir) / name)
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """The manifest entry of a side file: its name, sha256 and size."""
+    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
 @dataclass
 class Manifest:
     model_config: dict[str, Any]
@@ -291,6 +320,7 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)  # other top-level fields (e.g. "export": tool versions, checks)
     format_version: int = FORMAT_VERSION
     directory: Path | None = None
+    generation_config: dict[str, Any] | None = None  # the model dir's generation_config.json, carried into engine dirs
 
     # ------------------------------------------------------------------ derived
     @property
@@ -399,11 +429,15 @@ class Manifest:
                                 f"refusing to read it; copy the file into the directory")
         return path
 
+    def side_files(self) -> list[dict[str, Any]]:
+        """The entries of files that are not graphs: the tokenizer and, when present, the generation config."""
+        return [entry for entry in (self.tokenizer, self.generation_config) if entry]
+
     def all_files(self) -> dict[str, str]:
-        """file -> expected sha256 for every file the manifest vouches for (tokenizer included)."""
+        """file -> expected sha256 for every file the manifest vouches for (tokenizer and generation config included)."""
         files: dict[str, str] = {}
-        if self.tokenizer:
-            files[self.tokenizer["file"]] = self.tokenizer["sha256"]
+        for entry in self.side_files():
+            files[entry["file"]] = entry["sha256"]
         for comp in self.components.values():
             for f, digest in comp.sha256.items():
                 if files.setdefault(f, digest) != digest:
@@ -413,8 +447,9 @@ class Manifest:
     def file_sizes(self) -> dict[str, int]:
         """file -> recorded size in bytes, where the manifest records one."""
         sizes: dict[str, int] = {}
-        if self.tokenizer and "bytes" in self.tokenizer:
-            sizes[self.tokenizer["file"]] = int(self.tokenizer["bytes"])
+        for entry in self.side_files():
+            if "bytes" in entry:
+                sizes[entry["file"]] = int(entry["bytes"])
         for comp in self.components.values():
             sizes.update({f: int(n) for f, n in (comp.extra.get("bytes") or {}).items()})
         return sizes
@@ -424,6 +459,8 @@ class Manifest:
         out: dict[str, Any] = {"format_version": self.format_version, "model_config": copy.deepcopy(self.model_config)}
         if self.tokenizer is not None:
             out["tokenizer"] = dict(self.tokenizer)
+        if self.generation_config is not None:
+            out["generation_config"] = dict(self.generation_config)
         out["components"] = {name: comp.to_dict() for name, comp in self.components.items()}
         out["experts"] = copy.deepcopy(self.experts)
         out["engine"] = dict(self.engine)
@@ -442,12 +479,7 @@ class Manifest:
         for key in ("model_config", "components"):
             if not isinstance(data.get(key), dict):
                 raise ManifestError(f"manifest lacks {key!r} (an object)")
-        tokenizer = data.get("tokenizer")
-        if tokenizer is not None:
-            if not isinstance(tokenizer, dict) or not {"file", "sha256"} <= set(tokenizer):
-                raise ManifestError("manifest tokenizer entry needs file and sha256")
-            tokenizer = dict(tokenizer)
-            _check_relative(tokenizer["file"], "tokenizer")
+        tokenizer, generation = (_side_file(data, key) for key in ("tokenizer", "generation_config"))
         engine = data.get("engine") or {"kind": "onnx"}
         if not isinstance(engine, dict) or engine.get("kind") not in ENGINE_KINDS:
             raise ManifestError(f"manifest engine.kind must be one of {', '.join(ENGINE_KINDS)}, got {engine!r}")
@@ -459,9 +491,9 @@ class Manifest:
                                 f"got {engine['compute_capability']!r}")
         components = {name: Component.from_dict(name, comp) for name, comp in data["components"].items()}
         experts = _check_experts(data.get("experts"), components)
-        known = {"format_version", "model_config", "tokenizer", "components", "experts", "engine"}
+        known = {"format_version", "model_config", "tokenizer", "generation_config", "components", "experts", "engine"}
         return cls(model_config=data["model_config"], components=components, tokenizer=tokenizer,
-                   experts=experts, engine=engine,
+                   generation_config=generation, experts=experts, engine=engine,
                    extra={k: v for k, v in data.items() if k not in known}, format_version=version, directory=directory)
 
     def save(self, directory: str | Path | None = None) -> Path:

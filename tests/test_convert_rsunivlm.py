@@ -361,3 +361,29 @@ def test_full_shape_checkpoint_converts(tmp_path):
                            ("vision.blocks.25.fc2.weight", f"{SIGLIP}encoder.layers.25.mlp.fc2.weight")):
             assert torch.equal(st.get_tensor(mine), theirs.get_tensor(name).half())
         assert torch.equal(st.get_tensor("lm_head.weight"), theirs.get_tensor("lm_head.weight")[:151647].half())
+
+
+def test_engine_dirs_keep_the_checkpoints_generation_config(small_src, tmp_path):
+    """convert -> export -> build INT8: the generation defaults (eos ids, repetition penalty) travel into every engine
+    dir, hashed like the graphs, and the pipeline over the engines answers with them."""
+    from rsvlm_edge.manifest import Manifest
+    from rsvlm_edge.pipeline import Pipeline
+
+    model = _converted(small_src, tmp_path)
+    engines, int8 = tmp_path / "engines", tmp_path / "int8"
+    runner = CliRunner()
+    result = runner.invoke(main, ["export", str(model), str(engines), "--no-check"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["build", str(engines), str(int8), "--precision", "int8", "--scheme", "weight-only"])
+    assert result.exit_code == 0, result.output
+    source = json.loads((small_src / "generation_config.json").read_text())
+    for directory in (engines, int8):
+        manifest = Manifest.load(directory)
+        assert manifest.generation_config is not None and "generation_config.json" in manifest.all_files()
+        assert json.loads((directory / "generation_config.json").read_text()) == source
+        with Pipeline(directory) as pipe:
+            assert pipe.generator.defaults.repetition_penalty == source["repetition_penalty"]
+            assert set(pipe.generator.defaults.eos_token_ids) == set(source["eos_token_id"])
+    (engines / "generation_config.json").write_text(json.dumps({**source, "repetition_penalty": 9.0}))
+    with pytest.raises(Exception, match="generation_config.json"):
+        Manifest.load(engines)  # altered after export: refused like any other listed file
