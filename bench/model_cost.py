@@ -57,9 +57,10 @@ def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
 
 
 def vision_flops(cfg: ModelConfig, bands: int = 3) -> float:
-    """One image through the sensor stem, ViT (up to the last fused layer), CNN branch and projector."""
+    """One image through the sensor stem (models that have one), ViT (up to the last fused layer), CNN branch and
+    projector."""
     s, n, w = cfg.image_size, cfg.num_patches, cfg.vision_width
-    stem = 2.0 * s * s * (bands * 3 + bands * 9 * 16 + 16 * 3)
+    stem = 2.0 * s * s * (bands * 3 + bands * 9 * 16 + 16 * 3) if cfg.vision_stems else 0.0
     patch = 2.0 * n * 3 * cfg.patch_size**2 * w
     layers = [i if i > 0 else cfg.vision_layers + 1 + i for i in cfg.vision_feature_layers]
     block = 2.0 * n * (w * 3 * w + w * w + 2 * w * cfg.vision_mlp) + 4.0 * n * n * w
