@@ -45,6 +45,7 @@ from rsvlm_edge.modeling import load_model
 
 TOLERANCE = 1e-4
 STEPS = 32  # greedy steps compared (issue 19)
+INT8_LOGIT_BOUND = 0.25  # weight-only INT8 vs the FP32 reference, max abs logit difference (see the INT8 test)
 SPACE_ID = 7  # the id between two images (" " in Qwen2's vocabulary is 220; any text id serves here)
 
 
@@ -375,9 +376,12 @@ def test_ort_greedy_tokens_match_the_reference_for_32_steps(reduced, fp32_engine
 def test_weight_only_int8_engine_of_a_converted_model(reduced, fp32_engine, tmp_path):
     """`rsvlm-edge build --precision int8 --scheme weight-only` on the stem-less, router-less engine: same
     components, INT8 decoders (head size 8 here: too small for ONNX Runtime's GroupQueryAttention, so the exported
-    attention stays), and the reference's logits up to the weights' quantization. The bound is loose on purpose:
-    blockwise INT8 weights carry a relative error of ~1/254 per block, which leaves logits correlated far above
-    0.99 on any CPU; random weights give greedy paths with near-ties, so the tokens themselves are not compared."""
+    attention stays), and the reference's greedy tokens for 32 steps wherever quantization cannot flip them.
+
+    Blockwise INT8 weights carry a relative error of ~1/254 per block; the logits stay within ``INT8_LOGIT_BOUND``
+    of the reference's (a bound well above that error, not fitted to one CPU), so the argmax of every step whose
+    top-2 gap exceeds twice the bound is the reference's. Random weights give some steps with near-ties (those are
+    the only steps where tokens may differ), so the free-running tokens are compared up to the first of them."""
     from click.testing import CliRunner
 
     from rsvlm_edge.cli import main
@@ -393,12 +397,18 @@ def test_weight_only_int8_engine_of_a_converted_model(reduced, fp32_engine, tmp_
         assert set(manifest.components) == set(Manifest.load(fp32_engine).components)
         assert all(manifest.component(f"decoder_expert{e}").precision == "int8" for e in range(3))
         for expert in range(cfg.num_experts):
-            want, want_logits = reference_greedy(ref, pixels, ids, expert, steps=8)
-            forced, got_logits = backend_greedy(backend, pixels, ids, expert, forced=want, steps=8)
+            want, want_logits = reference_greedy(ref, pixels, ids, expert)
+            forced, got_logits = backend_greedy(backend, pixels, ids, expert, forced=want)
             corr = min(float(np.corrcoef(a, b)[0, 1]) for a, b in zip(want_logits, got_logits))
+            diff = max(float(np.abs(a - b).max()) for a, b in zip(want_logits, got_logits))
+            decided = margins(want_logits[:STEPS]) > 2 * INT8_LOGIT_BOUND
             agree = sum(a == b for a, b in zip(forced, want))
-            print(f"int8 weight-only expert {expert}: logits correlation >= {corr:.5f}, teacher-forced top-1 "
-                  f"{agree}/8, max abs diff {max(float(np.abs(a - b).max()) for a, b in zip(want_logits, got_logits)):.3g}")
-            assert corr > 0.99
+            print(f"int8 weight-only expert {expert}: logits correlation >= {corr:.5f}, max abs diff {diff:.3g}, "
+                  f"teacher-forced top-1 {agree}/{STEPS}, {int(decided.sum())} steps beyond the near-tie bound")
+            assert corr > 0.99 and diff <= INT8_LOGIT_BOUND
+            assert [t for t, d in zip(forced, decided) if d] == [t for t, d in zip(want, decided) if d]
+            free, _ = backend_greedy(backend, pixels, ids, expert)
+            clear = int(np.argmin(decided)) if not decided.all() else STEPS
+            assert free[:clear] == want[:clear]
     finally:
         backend.close()
