@@ -328,6 +328,12 @@ def _pillow_output(mode: str) -> tuple[int, Any]:
     return 3, np.uint8
 
 
+def pillow_to_array(image: Any) -> np.ndarray:
+    """An in-memory Pillow image as the readers return a decoded file: HxW or HxWxC, mode conversions as above
+    (alpha dropped, palette and CMYK to RGB, ``I;16`` as ``uint16``, ``F`` as ``float32``)."""
+    return _pillow_to_array(image)
+
+
 def _pillow_to_array(image: Any) -> np.ndarray:
     """Pillow image -> HxW(xC) array with the mode conversions of the module docstring."""
     mode = image.mode

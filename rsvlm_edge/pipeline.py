@@ -1,22 +1,53 @@
-"""High-level inference: files in, parsed answers out. The CLI and the Python API both go through here."""
+"""High-level inference: images in, parsed answers out. The CLI and the Python API both go through here.
+
+A :class:`Pipeline` opens a model directory once and answers requests: one image (a path, a PIL image or a numpy
+array ``H x W x C`` of any band count and dtype), a ``(before, after)`` tuple, or a list of either (a batch, run
+through the engines ``batch_size`` requests at a time). Each answer is a :class:`~rsvlm_edge.results.Result`.
+
+>>> import numpy as np
+>>> from rsvlm_edge import Pipeline
+>>> rng = np.random.default_rng(0)
+>>> tile = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)       # an 8-bit RGB tile, channels last
+>>> with Pipeline("models/tiny-demo", threads=1) as pipe:
+...     r = pipe(tile, task="cls", max_new_tokens=8)
+...     batch = pipe([tile, tile[:, :, 0]], task="cap", max_new_tokens=4)   # a list: a batch of two requests
+...     pair = pipe((tile, tile), task="ccd", max_new_tokens=4)             # a tuple: one before/after request
+...     ms = pipe(rng.integers(0, 10000, (64, 64, 12), dtype=np.uint16), task="cls", max_new_tokens=4)
+...     routed = pipe(tile, prompt="Is there a ship?", max_new_tokens=4)   # no task: the router picks the expert
+>>> type(r).__name__, r.task, r.expert, r.expert_source, r.images
+('Result', '[CLS]', 'image', 'tag', ['<array 0>'])
+>>> sorted(r.to_dict())[:3]
+['expert', 'expert_source', 'finish_reason']
+>>> [(b.images, b.sensor) for b in batch]                           # a 1-band array is guessed infrared
+[(['<array 0>'], 'rgb'), (['<array 1>'], 'ir')]
+>>> pair.images, ms.sensor, routed.expert_source
+(['<array 0>', '<array 1>'], 'ms', 'router')
+
+Files and PIL images work the same way; a PIL image is converted by its mode as a file of that mode would be read
+(``I;16`` stays 16-bit, alpha is dropped):
+
+>>> from PIL import Image
+>>> with Pipeline("models/tiny-demo", threads=1) as pipe:
+...     r = pipe(Image.fromarray(tile).convert("RGBA"), task="seg", max_new_tokens=4)
+>>> r.images, r.sensor, r.task
+(['<PIL 0>'], 'rgb', '[SEG]')
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, overload
 
-import numpy as np
-
-from rsvlm_edge import formats
 from rsvlm_edge.backends.base import Backend, BackendError
-from rsvlm_edge.config import EXPERT_NAMES, PRESETS
+from rsvlm_edge.config import PRESETS
 from rsvlm_edge.generation import Generation, Generator, Request, TokenCallback
-from rsvlm_edge.imageio import read_image_with_meta
-from rsvlm_edge.preprocess import guess_sensor, prepare_image
+from rsvlm_edge.inputs import ImageInput, RequestInput, Tile, image_names, load, prepare_tile, read_tile, split_requests
+from rsvlm_edge import formats
+from rsvlm_edge.results import InferenceResult, Result, save_mask_png
 from rsvlm_edge.sampling import GenerationDefaults, SamplingConfig
-from rsvlm_edge.tasks import check_image_count, make_instruction, split_tag
+from rsvlm_edge.tasks import PAIR_TASKS, TaskError, check_image_count, make_instruction, split_tag
 from rsvlm_edge.templates import get_template
 from rsvlm_edge.tokenizer import Tokenizer
 from rsvlm_edge.validate import cap_threads, require_text
@@ -51,85 +82,6 @@ def load_tokenizer(model_dir: str | Path, template: str = "rsvlm") -> Tokenizer:
     return Tokenizer.load(Path(model_dir) / "tokenizer.json", get_template(template).control)
 
 
-@dataclass
-class Tile:
-    """One request's images, read and prepared."""
-
-    paths: list[str]
-    sensor: str
-    pixels: list[np.ndarray]
-    sizes: list[tuple[int, int]]  # (width, height) of each original image
-
-
-@dataclass
-class InferenceResult:
-    tile: Tile
-    instruction: str
-    generation: Generation
-    parsed: formats.ParsedAnswer
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def expert_name(self) -> str:
-        return EXPERT_NAMES[self.generation.routing.expert]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: boxes in pixels of the (first) input image, masks as file paths when saved."""
-        width, height = self.tile.sizes[0]
-        parsed = self.parsed
-        out: dict[str, Any] = {
-            "images": self.tile.paths,
-            "sensor": self.tile.sensor,
-            "instruction": self.instruction,
-            "task": parsed.task,
-            "text": self.generation.text,
-            "expert": self.expert_name,
-            "expert_source": self.generation.routing.source,
-            "finish_reason": self.generation.finish_reason,
-            "prompt_tokens": self.generation.prompt_tokens,
-            "generated_tokens": len(self.generation.token_ids),
-            "timings_ms": {k: round(v, 3) for k, v in self.generation.timings.items()},
-        }
-        if self.generation.routing.probs is not None:
-            out["router_probs"] = dict(zip(EXPERT_NAMES, (round(p, 4) for p in self.generation.routing.probs)))
-        if self.generation.pointer is not None:  # the box came from the box pointer, not from sampled text
-            pointing = self.generation.pointer
-            out["pointer"] = {"patch": pointing.patch, "probability": round(pointing.probability, 4)}
-        if parsed.error:
-            out["parse_error"] = parsed.error
-        if parsed.boxes is not None:
-            out["boxes_px"] = [list(formats.box_to_pixels(b, width, height)) for b in parsed.boxes]
-        if parsed.detections is not None:
-            out["detections"] = [{"label": lab, "box_px": list(formats.box_to_pixels(b, width, height))}
-                                 for lab, b in parsed.detections]
-        if parsed.obbs is not None:
-            out["oriented_detections"] = [{"label": lab, "obb_px": list(formats.obb_to_pixels(o, width, height))}
-                                          for lab, o in parsed.obbs]
-        if parsed.labels is not None:
-            out["labels"] = parsed.labels
-        if parsed.mask is not None:
-            out["mask_labels"] = formats.grid_labels(parsed.mask)
-        out.update(self.extras)
-        return out
-
-
-def read_tile(paths: list[str | Path], sensor: str | None, image_size: int, known_sensors: dict[str, int],
-              image_preprocess: str = "rsvlm") -> Tile:
-    """Read and prepare one request's images; ``image_preprocess`` is the model config's (see preprocess.py)."""
-    arrays, sizes, nodatas = [], [], []
-    for path in paths:
-        array, meta = read_image_with_meta(path)
-        arrays.append(array)
-        nodatas.append(meta.get("nodata"))
-        sizes.append((array.shape[1], array.shape[0]))
-    chosen = sensor or guess_sensor(arrays[0], image_preprocess)
-    if chosen not in known_sensors:
-        raise ValueError(f"sensor {chosen!r} is not one this model has a stem for ({', '.join(known_sensors)})")
-    pixels = [prepare_image(a, chosen, image_size, nodata=nd, source=p, mode=image_preprocess)
-              for a, nd, p in zip(arrays, nodatas, paths)]
-    return Tile(paths=[str(p) for p in paths], sensor=chosen, pixels=pixels, sizes=sizes)
-
-
 def list_images(folder: str | Path) -> list[Path]:
     files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
@@ -137,23 +89,12 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def save_mask_png(grid: list[list[str]], label: str | None, size: tuple[int, int], path: str | Path) -> None:
-    """Write a parsed 24x24 mask, upsampled to the input's pixel size, as an 8-bit PNG (255 = label / foreground)."""
-    from PIL import Image
-
-    from rsvlm_edge.fileio import atomic_path
-
-    labels = formats.grid_labels(grid)
-    mask24 = np.zeros((formats.MASK_SIZE, formats.MASK_SIZE), dtype=bool)
-    for lab in labels if label is None else [label]:
-        mask24 |= formats.grid_to_mask(grid, lab)
-    full = formats.upsample_grid_mask(mask24, size[1], size[0])
-    with atomic_path(path) as tmp:
-        Image.fromarray((full * 255).astype(np.uint8)).save(tmp, format="PNG")
-
-
 class Pipeline:
-    """Model dir + backend + tokenizer, ready to answer tiles.
+    """Model dir + backend + tokenizer, ready to answer images.
+
+    ``backend``: ``ort`` (ONNX Runtime engine dir), ``trt`` (TensorRT engine dir) or ``torch`` (a checkpoint dir;
+    needs PyTorch). ``threads``: the backend's thread count (None: the backend's default). Other ``options`` go
+    to the backend (``expert_budget_experts``, ``expert_budget_bytes``, ``verify`` ...).
 
     Use it as a context manager (``with Pipeline(dir) as pipe:``) or call :meth:`close`; a closed pipeline
     refuses further calls.
@@ -162,16 +103,17 @@ class Pipeline:
     give the answers they give alone. They take turns on the backend (its ``lock``, held for a whole request
     batch), each using all the backend's threads; an expert is never evicted while a decoder step runs on it,
     so a one-expert budget holds under threads too. For requests that run in parallel, open one pipeline per
-    worker (each loads its own sessions) or batch the tiles into one :meth:`run` call. :meth:`close` waits for
-    the request in flight on the ort and trt backends.
+    worker (each loads its own sessions) or batch the tiles into one call. :meth:`close` waits for the request
+    in flight on the ort and trt backends.
     """
 
-    def __init__(self, model_dir: str | Path, backend: str = "ort", **options: Any):
+    def __init__(self, model_dir: str | Path, backend: str = "ort", threads: int | None = None, **options: Any):
         if not isinstance(model_dir, (str, os.PathLike)):
             raise TypeError(f"Pipeline(model_dir): give the model directory as a path, got {type(model_dir).__name__} "
                             f"(images go to the call: pipe('tile.png', task='cap'))")
-        if "threads" in options:
-            options["threads"] = cap_threads(options["threads"])
+        threads = cap_threads(threads)
+        if threads is not None:
+            options["threads"] = threads
         self.model_dir = Path(model_dir)
         self.backend = load_backend(model_dir, backend, **options)
         self._closed = False
@@ -188,13 +130,59 @@ class Pipeline:
         if self._closed:
             raise RuntimeError("pipeline is closed; create a new Pipeline to run more requests")
 
+    @overload
+    def __call__(self, images: list[RequestInput], task: str | None = None, prompt: str | None = None,
+                 sensor: str | None = None, sampling: SamplingConfig | None = None, batch_size: int = 4,
+                 **sampling_options: Any) -> list[Result]: ...
+
+    @overload
+    def __call__(self, images: RequestInput, task: str | None = None, prompt: str | None = None,
+                 sensor: str | None = None, sampling: SamplingConfig | None = None, batch_size: int = 4,
+                 **sampling_options: Any) -> Result: ...
+
+    def __call__(self, images, task=None, prompt=None, sensor=None, sampling=None, batch_size=4, **sampling_options):
+        """Answer ``images``: one image (path, PIL image, numpy array), a ``(before, after)`` tuple, or a list of
+        those (a batch: a list of results, in order).
+
+        ``task``: ``cap``, ``vqa``, ``cls``, ``vg``, ``ref``, ``seg``, ``ccd``, ``det``, ``obb`` (or ``[CAP]`` ...);
+        ``prompt``: the instruction (each task has a default one). With no task, the router (or the model's tag
+        rule) picks the expert. ``sensor``: ``rgb``, ``sar``, ``ir`` or ``ms``, for every image of the call;
+        None guesses it per request from its first image's bands and dtype. ``sampling`` (a
+        :class:`~rsvlm_edge.sampling.SamplingConfig`) and keyword overrides of its fields (``max_new_tokens=8``,
+        ``temperature=0.7`` ...) set the decoding; the default is greedy."""
+        self._check_open()
+        batched, requests = split_requests(images)
+        if prompt is not None:
+            require_text(prompt, "prompt")
+        instruction = make_instruction(task, prompt)
+        sampling = _sampling(sampling, sampling_options)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        _check_counts(split_tag(instruction)[0], requests, batched)
+        names = image_names(requests)
+        results: list[Result] = []
+        for start in range(0, len(requests), batch_size):
+            tiles = [self.prepare(request, row, sensor) for request, row in
+                     zip(requests[start:start + batch_size], names[start:start + batch_size])]
+            results += self.run(tiles, instruction, sampling)
+        return results if batched else results[0]
+
+    def prepare(self, images: Sequence[ImageInput], names: Sequence[str], sensor: str | None = None) -> Tile:
+        """One request's images (paths, PIL images, arrays), read and prepared for this model; ``names`` name
+        them in errors and results."""
+        self._check_open()
+        return prepare_tile([load(image, name) for image, name in zip(images, names)], sensor,
+                            self.config.image_size, self.config.sensors, self.config.image_preprocess)
+
     def tile(self, paths: Sequence[str | Path] | str | Path, sensor: str | None = None) -> Tile:
+        """One request's image files (one path, or a list of one or two), read and prepared."""
         self._check_open()
         return read_tile(image_list(paths), sensor, self.config.image_size, self.config.sensors,
                          self.config.image_preprocess)
 
     def run(self, tiles: list[Tile], instruction: str, sampling: SamplingConfig | None = None,
-            on_token: TokenCallback | None = None, history=None) -> list[InferenceResult]:
+            on_token: TokenCallback | None = None, history=None) -> list[Result]:
+        """Answer prepared tiles with one instruction, as one batch through the engines."""
         self._check_open()
         require_text(instruction, "the prompt")
         tag, _ = split_tag(instruction)
@@ -206,18 +194,8 @@ class Pipeline:
         results = []
         for tile, gen in zip(tiles, gens):
             answer_tag = tag or _tag_for_expert_guess(gen)
-            results.append(InferenceResult(tile, instruction, gen, formats.parse_answer(answer_tag, gen.text)))
+            results.append(Result(tile, instruction, gen, formats.parse_answer(answer_tag, gen.text)))
         return results
-
-    def __call__(self, images: Sequence[str | Path] | str | Path, task: str | None = None, prompt: str | None = None,
-                 sensor: str | None = None, sampling: SamplingConfig | None = None) -> InferenceResult:
-        """Answer one request: ``images`` is one path, or a list of one path (two for a before/after pair)."""
-        self._check_open()
-        paths = image_list(images)
-        if prompt is not None:
-            require_text(prompt, "prompt")
-        instruction = make_instruction(task, prompt)
-        return self.run([self.tile(paths, sensor)], instruction, sampling)[0]
 
     def close(self) -> None:
         """Free the backend's sessions and memory maps; calling it again does nothing."""
@@ -231,6 +209,34 @@ class Pipeline:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _sampling(sampling: SamplingConfig | None, overrides: dict[str, Any]) -> SamplingConfig | None:
+    """``sampling`` with keyword overrides of its fields; unknown names fail as Python's own keywords do."""
+    if sampling is not None and not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling: give a SamplingConfig, got {type(sampling).__name__}")
+    if not overrides:
+        return sampling
+    fields = {f.name for f in dataclasses.fields(SamplingConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"Pipeline call got unexpected keyword argument(s) {', '.join(unknown)}; sampling options "
+                        f"are {', '.join(sorted(fields))}")
+    return dataclasses.replace(sampling or SamplingConfig(), **overrides).validate()
+
+
+def _check_counts(tag: str | None, requests: list[list[Any]], batched: bool) -> None:
+    """Each request's image count fits the task, before any image is read."""
+    for i, request in enumerate(requests):
+        try:
+            check_image_count(tag, len(request))
+        except TaskError as exc:
+            where = f"images[{i}]: " if batched else ""
+            hint = ""
+            if tag in PAIR_TASKS and len(request) == 1:
+                hint = ("; a list is a batch of separate requests, give a pair as a tuple (before, after)" if batched
+                        else "; give a pair as a tuple (before, after)")
+            raise TaskError(f"{where}{exc}{hint}") from None
 
 
 def image_list(images: Sequence[str | Path] | str | Path) -> list[str | Path]:
@@ -266,3 +272,7 @@ def _tag_for_expert_guess(gen: Generation) -> str:
     if text.lstrip().startswith("["):
         return "[VG]"
     return "[CAP]"
+
+
+__all__ = ["Pipeline", "Result", "InferenceResult", "Tile", "load_backend", "load_tokenizer", "read_tile",
+           "list_images", "save_mask_png", "BACKENDS", "IMAGE_SUFFIXES"]

@@ -1,0 +1,221 @@
+"""What a pipeline answers: :class:`Result`, the parsed answer with its geometry in the input's pixels.
+
+Boxes come out of the model in 0..100 units of the image's width and height; a result gives them in pixels of its
+first image (a before/after pair shares one frame). :meth:`Result.to_dict` is the record ``rsvlm-edge infer --json``
+prints, key for key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsvlm_edge import formats
+from rsvlm_edge.config import EXPERT_NAMES
+from rsvlm_edge.generation import Generation, Pointing
+from rsvlm_edge.inputs import Tile
+
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
+OrientedBox = tuple[float, float, float, float, float]  # cx, cy, w, h in pixels, angle in degrees (y down)
+
+
+@dataclass(frozen=True)
+class Detection:
+    label: str
+    box_px: Box
+
+
+@dataclass(frozen=True)
+class OrientedDetection:
+    label: str
+    obb_px: OrientedBox
+
+
+@dataclass
+class Result:
+    """One request's answer. ``text`` is what the model generated; the typed properties are its parsed structure
+    (None when the task has none, or when the text does not parse: then ``parse_error`` says why)."""
+
+    tile: Tile
+    instruction: str
+    generation: Generation
+    parsed: formats.ParsedAnswer
+    extras: dict[str, Any] = field(default_factory=dict)  # added to to_dict (the CLI's mask_png)
+
+    # ------------------------------------------------------------------ request and routing
+    @property
+    def images(self) -> list[str]:
+        """The request's images: file paths, or ``<array K>`` / ``<PIL K>`` for in-memory ones."""
+        return self.tile.paths
+
+    @property
+    def sensor(self) -> str:
+        return self.tile.sensor
+
+    @property
+    def task(self) -> str:
+        """The tag the answer was parsed as (``[CLS]``); untagged prompts get the tag the answer's shape suggests."""
+        return self.parsed.task
+
+    @property
+    def text(self) -> str:
+        return self.generation.text
+
+    @property
+    def expert(self) -> str:
+        """The decoder expert that answered: ``image``, ``region`` or ``pixel``."""
+        return EXPERT_NAMES[self.generation.routing.expert]
+
+    expert_name = expert  # the name earlier code used
+
+    @property
+    def expert_source(self) -> str:
+        """Who chose the expert: ``tag``, ``router``, ``rule`` (models without a router) or ``forced``."""
+        return self.generation.routing.source
+
+    @property
+    def router_probs(self) -> dict[str, float] | None:
+        probs = self.generation.routing.probs
+        return None if probs is None else dict(zip(EXPERT_NAMES, probs))
+
+    @property
+    def finish_reason(self) -> str:
+        """``stop`` (the model ended its answer) or ``length`` (max_new_tokens ran out)."""
+        return self.generation.finish_reason
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.generation.prompt_tokens
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.generation.token_ids)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """``vision_ms``, ``ttft_ms``, ``decode_ms``, ``decode_tok_s`` ... as the generation loop measured them."""
+        return dict(self.generation.timings)
+
+    @property
+    def pointer(self) -> Pointing | None:
+        """Set when the box pointer, not sampled text, wrote the box."""
+        return self.generation.pointer
+
+    # ------------------------------------------------------------------ parsed answer
+    @property
+    def parse_error(self) -> str | None:
+        return self.parsed.error
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the first image: the frame of every pixel coordinate below."""
+        return self.tile.sizes[0]
+
+    @property
+    def boxes_px(self) -> list[Box] | None:
+        """``[VG]`` boxes."""
+        if self.parsed.boxes is None:
+            return None
+        return [formats.box_to_pixels(b, *self.size) for b in self.parsed.boxes]
+
+    @property
+    def detections(self) -> list[Detection] | None:
+        """``[DET]`` labelled boxes."""
+        if self.parsed.detections is None:
+            return None
+        return [Detection(label, formats.box_to_pixels(b, *self.size)) for label, b in self.parsed.detections]
+
+    @property
+    def oriented_detections(self) -> list[OrientedDetection] | None:
+        """``[OBB]`` labelled oriented boxes."""
+        if self.parsed.obbs is None:
+            return None
+        return [OrientedDetection(label, formats.obb_to_pixels(o, *self.size)) for label, o in self.parsed.obbs]
+
+    @property
+    def labels(self) -> list[str] | None:
+        """``[CLS]`` scene labels."""
+        return None if self.parsed.labels is None else list(self.parsed.labels)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """``[SEG]``: the 24 x 24 grid of labels the model answers (row-major over the image, ``others`` =
+        background), as a numpy array of str. :meth:`mask_image` gives it at the image's pixel size."""
+        return None if self.parsed.mask is None else np.array(self.parsed.mask, dtype=str)
+
+    @property
+    def mask_labels(self) -> list[str] | None:
+        """The labels present in the ``[SEG]`` mask, background left out."""
+        return None if self.parsed.mask is None else formats.grid_labels(self.parsed.mask)
+
+    def mask_image(self, label: str | None = None) -> np.ndarray:
+        """Boolean ``(height, width)`` mask at the first image's size: cells of ``label``, or of any label but the
+        background when None. Raises ValueError when the answer has no mask."""
+        if self.parsed.mask is None:
+            raise ValueError(f"{self.images[0]}: the answer has no mask (task {self.task}"
+                             f"{'; ' + self.parse_error if self.parse_error else ''})")
+        return full_size_mask(self.parsed.mask, label, self.size)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, as ``infer --json`` prints it: boxes in pixels of the first image, numbers rounded, keys for
+        structure only when the answer has it."""
+        out: dict[str, Any] = {
+            "images": self.images,
+            "sensor": self.sensor,
+            "instruction": self.instruction,
+            "task": self.task,
+            "text": self.text,
+            "expert": self.expert,
+            "expert_source": self.expert_source,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "timings_ms": {k: round(v, 3) for k, v in self.generation.timings.items()},
+        }
+        probs = self.router_probs
+        if probs is not None:
+            out["router_probs"] = {k: round(p, 4) for k, p in probs.items()}
+        if self.pointer is not None:
+            out["pointer"] = {"patch": self.pointer.patch, "probability": round(self.pointer.probability, 4)}
+        if self.parse_error:
+            out["parse_error"] = self.parse_error
+        if self.boxes_px is not None:
+            out["boxes_px"] = [list(b) for b in self.boxes_px]
+        if self.detections is not None:
+            out["detections"] = [{"label": d.label, "box_px": list(d.box_px)} for d in self.detections]
+        if self.oriented_detections is not None:
+            out["oriented_detections"] = [{"label": d.label, "obb_px": list(d.obb_px)}
+                                          for d in self.oriented_detections]
+        if self.labels is not None:
+            out["labels"] = self.labels
+        if self.mask_labels is not None:
+            out["mask_labels"] = self.mask_labels
+        out.update(self.extras)
+        return out
+
+
+#: Earlier name of :class:`Result`.
+InferenceResult = Result
+
+
+def full_size_mask(grid: list[list[str]], label: str | None, size: tuple[int, int]) -> np.ndarray:
+    """A 24 x 24 label grid -> boolean ``(height, width)`` mask of ``label`` (any non-background label if None)."""
+    labels = formats.grid_labels(grid)
+    mask24 = np.zeros((formats.MASK_SIZE, formats.MASK_SIZE), dtype=bool)
+    for lab in labels if label is None else [label]:
+        mask24 |= formats.grid_to_mask(grid, lab)
+    return formats.upsample_grid_mask(mask24, size[1], size[0])
+
+
+def save_mask_png(grid: list[list[str]], label: str | None, size: tuple[int, int], path: str | Path) -> None:
+    """Write a parsed 24x24 mask, upsampled to the input's pixel size, as an 8-bit PNG (255 = label / foreground)."""
+    from PIL import Image
+
+    from rsvlm_edge.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(full_size_mask(grid, label, size).astype(np.uint8) * 255).save(tmp, format="PNG")
