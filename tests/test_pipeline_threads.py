@@ -57,7 +57,7 @@ def work(thread: int) -> list[tuple[str, int]]:
 
 
 def answer(pipe: Pipeline, tiles, task: str, tile: int) -> dict:
-    out = pipe([tiles[tile]], task=task, sampling=SAMPLING).to_dict()
+    out = pipe(tiles[tile], task=task, sampling=SAMPLING).to_dict()
     out.pop("timings_ms")
     return out
 
