@@ -40,11 +40,11 @@ import os
 from pathlib import Path
 from typing import Any, Sequence, overload
 
+from rsvlm_edge import formats
 from rsvlm_edge.backends.base import Backend, BackendError
 from rsvlm_edge.config import PRESETS
 from rsvlm_edge.generation import Generation, Generator, Request, TokenCallback
 from rsvlm_edge.inputs import ImageInput, RequestInput, Tile, image_names, load, prepare_tile, read_tile, split_requests
-from rsvlm_edge import formats
 from rsvlm_edge.results import InferenceResult, Result, save_mask_png
 from rsvlm_edge.sampling import GenerationDefaults, SamplingConfig
 from rsvlm_edge.tasks import PAIR_TASKS, TaskError, check_image_count, make_instruction, split_tag
@@ -93,8 +93,9 @@ class Pipeline:
     """Model dir + backend + tokenizer, ready to answer images.
 
     ``backend``: ``ort`` (ONNX Runtime engine dir), ``trt`` (TensorRT engine dir) or ``torch`` (a checkpoint dir;
-    needs PyTorch). ``threads``: the backend's thread count (None: the backend's default). Other ``options`` go
-    to the backend (``expert_budget_experts``, ``expert_budget_bytes``, ``verify`` ...).
+    needs PyTorch). ``threads``: CPU threads; None = auto on the ort backend (one for a small decoder, all free
+    cores for a large one: :func:`rsvlm_edge.threads.default_threads`), PyTorch's default on the torch backend.
+    Other ``options`` go to the backend (``expert_budget_experts``, ``expert_budget_bytes``, ``verify`` ...).
 
     Use it as a context manager (``with Pipeline(dir) as pipe:``) or call :meth:`close`; a closed pipeline
     refuses further calls.
@@ -140,7 +141,9 @@ class Pipeline:
                  sensor: str | None = None, sampling: SamplingConfig | None = None, batch_size: int = 4,
                  **sampling_options: Any) -> Result: ...
 
-    def __call__(self, images, task=None, prompt=None, sensor=None, sampling=None, batch_size=4, **sampling_options):
+    def __call__(self, images: Any, task: str | None = None, prompt: str | None = None, sensor: str | None = None,
+                 sampling: SamplingConfig | None = None, batch_size: int = 4,
+                 **sampling_options: Any) -> Result | list[Result]:
         """Answer ``images``: one image (path, PIL image, numpy array), a ``(before, after)`` tuple, or a list of
         those (a batch: a list of results, in order).
 

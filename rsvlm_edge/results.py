@@ -49,7 +49,7 @@ class Result:
     @property
     def images(self) -> list[str]:
         """The request's images: file paths, or ``<array K>`` / ``<PIL K>`` for in-memory ones."""
-        return self.tile.paths
+        return list(self.tile.paths)
 
     @property
     def sensor(self) -> str:
