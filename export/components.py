@@ -4,7 +4,7 @@ Each view reuses the reference forward code unchanged (``VisionEncoder.forward``
 *shallow copy* of the reference module whose children are swapped (an identity sensor stem; one expert per
 layer), so the graphs compute exactly what :mod:`rsvlm_edge.modeling.model` computes.
 
-Split (see also DESIGN.md "Engines and manifest"):
+Split (see also docs/design.md "Components" and "Manifest format"):
 
 * ``vision_stem_<sensor>``: pixels (B, bands, H, W) -> (B, 3, H, W). One small graph per sensor.
 * ``vision_encoder``: (B, 3, H, W) -> (B, num_visual_tokens, hidden). ViT + CNN branch + projector + newline,

@@ -15,7 +15,7 @@ from typing import Any
 #: Sensor name -> number of input bands its stem takes. ``ms`` is Sentinel-2 style (12 bands).
 DEFAULT_SENSORS: dict[str, int] = {"rgb": 3, "sar": 2, "ir": 1, "ms": 12}
 
-#: Granularity experts, in expert-index order (DESIGN.md: image=0, region=1, pixel=2).
+#: Granularity experts, in expert-index order (docs/design.md: image=0, region=1, pixel=2).
 EXPERT_NAMES: tuple[str, ...] = ("image", "region", "pixel")
 
 #: How an image becomes the encoder's input. "rsvlm": float normalise then bilinear resize (models trained here);

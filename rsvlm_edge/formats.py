@@ -1,6 +1,6 @@
 """Text formats of every task: render training targets as text and parse what the model generates.
 
-Everything the model produces is text (DESIGN.md "Text formats"), so this module is the only place that knows the
+Everything the model produces is text (docs/design.md "Text formats"), so this module is the only place that knows the
 grammar. It is torch-free (numpy only) because the edge runtime parses answers without torch.
 
 Conventions

@@ -56,7 +56,7 @@ class TaskError(ValueError):
 
 
 def expert_for_tag(tag: str) -> int:
-    """DESIGN.md routing: [SEG] -> pixel, [VG]/[REF] -> region, every other tag -> image."""
+    """docs/design.md routing: [SEG] -> pixel, [VG]/[REF] -> region, every other tag -> image."""
     if tag not in TAGS:
         raise TaskError(f"unknown task tag {tag!r}; known tags: {' '.join(TAGS)}")
     return _TAG_EXPERT.get(tag, IMAGE_EXPERT)

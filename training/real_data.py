@@ -9,7 +9,7 @@ split, items are ranked by the SHA-1 of a stable key (file name, image id, patch
 the class balance. The key is the *image*, so every question / task of an image lands in the same split. Split
 membership depends only on the set of keys, so it is stable from run to run (adding files can move a few items).
 
-Per set (answers follow DESIGN.md and are rendered with :mod:`rsvlm_edge.formats`):
+Per set (answers follow docs/design.md and are rendered with :mod:`rsvlm_edge.formats`):
 
 * ``aid``: [CLS] "Classify the scene." -> class name in lower-case words, and [CAP] "Describe the image." ->
   a caption template over the class. Target ``class_name``.

@@ -28,7 +28,7 @@ class BackendError(RuntimeError):
 
 @dataclass
 class CacheHandle:
-    """A KV cache built with one expert: it is invalid for any other (DESIGN.md), so the expert travels with it."""
+    """A KV cache built with one expert: it is invalid for any other (docs/design.md), so the expert travels with it."""
 
     batch: int
     capacity: int
