@@ -29,10 +29,9 @@ STAGE_WEIGHTS: dict[str, dict[str, float]] = {
 }
 
 #: Synthetic streams: name -> (seed offset, tasks or None for the generator's own task mix, untagged share or None for
-#: the recipe's). ``synthetic_grounding`` tops up [VG], the task that needs the most steps to learn: the box pointer
-#: probe (scripts/grounding_probe.py) needed ~48k [VG] answers to point at the right patch 83% of the time, and the
-#: previous mix (0.14 of [VG]+[REF]) gave ~12.7k. At 0.22 of [VG] alone it is ~27k; [VG] answers are short, so the
-#: stage also gets cheaper.
+#: the recipe's). ``synthetic_grounding`` tops up [VG], the task that needs the most steps to learn (choosing the box
+#: pointer's patch: docs/training.md, "Grounding"). At 0.22 of the instruction stage it is ~27k [VG] answers of the
+#: demo recipe's 4600 x 24; [VG] answers are short, so it also keeps the stage cheap.
 SYNTHETIC_STREAMS: dict[str, tuple[int, tuple[str, ...] | None, float | None]] = {
     "synthetic": (1, None, None),
     "synthetic_caption": (2, ("[CAP]", "[CLS]"), 0.0),
