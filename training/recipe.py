@@ -30,8 +30,8 @@ STAGE_WEIGHTS: dict[str, dict[str, float]] = {
 
 #: Synthetic streams: name -> (seed offset, tasks or None for the generator's own task mix, untagged share or None for
 #: the recipe's). ``synthetic_grounding`` tops up [VG], the task that needs the most steps to learn (choosing the box
-#: pointer's patch: docs/training.md, "Grounding"). At 0.22 of the instruction stage it is ~27k [VG] answers of the
-#: demo recipe's 4600 x 24; [VG] answers are short, so it also keeps the stage cheap.
+#: pointer's patch: docs/training.md, "Grounding"). At 0.22, with the [VG] share of the mixed stream, the demo
+#: recipe's 4600 x 24 answers hold ~27k [VG]; [VG] answers are short, so it also keeps the stage cheap.
 SYNTHETIC_STREAMS: dict[str, tuple[int, tuple[str, ...] | None, float | None]] = {
     "synthetic": (1, None, None),
     "synthetic_caption": (2, ("[CAP]", "[CLS]"), 0.0),
