@@ -90,7 +90,8 @@ def draw(out: Path) -> None:
 
     # Outputs.
     box(ax, 11.5, 5.6, 1.8, 1.4, "text", "caption, answer,\nclass, boxes,\n24x24 mask runs", "output")
-    box(ax, 11.5, 3.3, 1.8, 1.5, "box pointer", "box_pointer.onnx\n[VG]: answer state\nscores the patches;\nthat patch's box", "output")
+    box(ax, 11.5, 3.3, 1.8, 1.5, "box pointer",
+        "box_pointer.onnx\n[VG]: answer state\nscores the patches;\nthat patch's box", "output")
     arrow(ax, (10.8, 5.5), (11.5, 6.1), "tokens", at=(11.0, 5.95))
     arrow(ax, (10.8, 4.5), (11.5, 4.05), "states", at=(11.25, 4.35))
     arrow(ax, (12.4, 4.8), (12.4, 5.6), "box as text", at=(12.95, 5.1))
