@@ -58,7 +58,19 @@ def _cap_threads(ctx: click.Context, param: click.Parameter, value: int | None) 
 
 
 threads_option = click.option("--threads", type=click.IntRange(min=1), callback=_cap_threads,
-                              help="CPU threads for the backend (default: all cores; more than the cores is capped).")
+                              help="CPU threads for the ort backend (default: auto, from the model's size and the free "
+                                   "cores; -v shows the choice; more than the cores is capped).")
+
+
+def threads_line(pipe: Any, requested: int | None) -> str | None:
+    """What ``-v`` says about the threads a pipeline's backend runs on: the count and why, None for a backend that
+    does not take a count (TensorRT runs on the GPU; the torch backend keeps PyTorch's default unless told)."""
+    from rsvlm_edge.threads import explain
+
+    threads = getattr(pipe.backend, "threads", None)
+    if pipe.backend.name != "ort" or not threads:
+        return None
+    return f"threads: {threads} (--threads)" if requested else f"threads: {explain(pipe.config)}"
 
 
 def _utf8(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from rsvlm_edge.cli_options import UserError, message
+from rsvlm_edge.cli_options import UserError, message, threads_line
 from rsvlm_edge.pipeline import InferenceResult, Pipeline, Tile, list_images, save_mask_png
 from rsvlm_edge.sampling import SamplingConfig
 from rsvlm_edge.tasks import check_image_count, split_tag
@@ -43,7 +43,9 @@ def parse_budget(text: str | None) -> dict:
     raise ValueError(f"--expert-budget {text!r}: give a number of experts (e.g. 1) or a size (e.g. 300MB)")
 
 
-def _describe(result: InferenceResult, verbose: bool) -> str:
+def describe(result: InferenceResult, verbose: bool) -> str:
+    """The parsed structure of an answer (boxes, labels, mask file) and, with ``verbose``, routing and timings, as
+    indented lines under its text; used by ``infer`` and ``chat``."""
     lines = []
     parsed = result.parsed
     if parsed.error:
@@ -68,9 +70,12 @@ def _describe(result: InferenceResult, verbose: bool) -> str:
         if "pointer" in d:
             lines.append(f"  box from the box pointer: patch {d['pointer']['patch']}, "
                          f"probability {d['pointer']['probability']:.3f}")
-        t = d["timings_ms"]
-        lines.append(f"  vision {t['vision_ms']:.1f} ms, first token {t['ttft_ms']:.1f} ms, "
-                     f"decode {t['decode_tok_s']:.1f} tok/s, {d['generated_tokens']} tokens ({d['finish_reason']})")
+        t = d["timings_ms"]  # a chat turn that reuses the cache has no vision step
+        vision = f"vision {t['vision_ms']:.1f} ms, " if "vision_ms" in t else ""
+        steps = t.get("decode_steps", 0.0)
+        rate = t.get("decode_tok_s", steps / (t["decode_ms"] / 1e3) if steps and t.get("decode_ms") else 0.0)
+        lines.append(f"  {vision}first token {t['ttft_ms']:.1f} ms, decode {rate:.1f} tok/s, "
+                     f"{d['generated_tokens']} tokens ({d['finish_reason']})")
     return "\n".join(lines)
 
 
@@ -124,7 +129,10 @@ class MaskNames:
         self.used: set[str] = set()
 
     def __call__(self, image: str) -> Path:
-        rel = Path(image).relative_to(self.root)
+        try:
+            rel = Path(image).relative_to(self.root)
+        except ValueError:  # an image from elsewhere (chat's /image): its file name
+            rel = Path(Path(image).name)
         path, n = self.mask_dir / rel.parent / f"{rel.name}_mask.png", 1
         while str(path).casefold() in self.used:
             n += 1
@@ -142,6 +150,10 @@ def run_infer(*, model_dir: str, inputs: Inputs, instruction: str, sensor: str |
     check_image_count(split_tag(instruction)[0], len(inputs.groups[0]))  # before the model loads
     stop_on_error = fail_fast or not inputs.folder
     with Pipeline(model_dir, backend=backend, **options) as pipe:
+        if output.verbose:
+            line = threads_line(pipe, options.get("threads"))
+            if line:
+                click.echo(line, err=True)
         context = pipe.config.max_position_embeddings
         if sampling.max_new_tokens >= context:
             raise UserError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for the prompt in the "
@@ -217,10 +229,7 @@ def _report(outcome: Outcome, output: Output, masks: MaskNames | None, streamed:
             click.echo(f"== {' + '.join(outcome.paths)}\n  error: {outcome.error}")
         return
     result = outcome
-    if masks is not None and result.parsed.mask is not None:
-        path = masks(result.tile.paths[0])
-        save_mask_png(result.parsed.mask, None, result.tile.sizes[0], path)
-        result.extras["mask_png"] = str(path)
+    save_mask(result, masks)
     if output.as_json:
         click.echo(json.dumps(result.to_dict()))
         return
@@ -230,9 +239,19 @@ def _report(outcome: Outcome, output: Output, masks: MaskNames | None, streamed:
         if folder:
             click.echo(f"== {' + '.join(result.tile.paths)}")
         click.echo(result.generation.text)
-    extra = _describe(result, output.verbose)
+    extra = describe(result, output.verbose)
     if extra:
         click.echo(extra)
+
+
+def save_mask(result: InferenceResult, masks: MaskNames | None) -> None:
+    """Write a [SEG] answer's mask (input pixel size) under the name ``masks`` gives its first image, and record the
+    file as the result's ``mask_png``; nothing without a mask dir or a parsed mask."""
+    if masks is None or result.parsed.mask is None:
+        return
+    path = masks(result.tile.paths[0])
+    save_mask_png(result.parsed.mask, None, result.tile.sizes[0], path)
+    result.extras["mask_png"] = str(path)
 
 
 def resolve_inputs(images: list[str]) -> Inputs:

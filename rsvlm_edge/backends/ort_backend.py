@@ -241,6 +241,7 @@ class OrtBackend(Backend):
                  prepack_weights: bool | None = None, pinned_experts: Sequence[int] = (),
                  profile_prefix: str | None = None):
         from rsvlm_edge.expert_cache import ExpertCache
+        from rsvlm_edge.threads import default_threads
 
         try:
             config = manifest.config()
@@ -252,7 +253,8 @@ class OrtBackend(Backend):
                                f"use --backend trt")
         self.ort = _ort()
         self.manifest = manifest
-        self.threads = threads
+        # None = auto: one thread for a small decoder, all free cores for a large one (rsvlm_edge.threads).
+        self.threads = threads or default_threads(config)
         self.profile_prefix = profile_prefix  # ORT's per-node profiler on every session (rsvlm-edge profile)
         self.providers = resolve_providers(providers)
         self._sessions: dict[str, Any] = {}
