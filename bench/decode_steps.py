@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = {d: engine_active_bytes(d) for d in args.engines}
     except EngineDirError as exc:
         ap.error(str(exc))
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
         bandwidth = bandwidth_sample(args.threads)
         step_ms = {d: 1e3 * statistics.median(_in_subprocess(d, args.threads, args.prompt, args.steps))

@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def measure(k: int = 896, n: int = 4864, layers: int = 24, threads: int = 2, rep
     rng = np.random.default_rng(0)
     weights = [(rng.standard_normal((k, n)) * 0.02).astype(np.float32) for _ in range(layers)]
     x = rng.standard_normal((1, k)).astype(np.float32)
-    out = {"k": k, "n": n, "layers": layers, "threads": threads,
+    out: dict[str, Any] = {"k": k, "n": n, "layers": layers, "threads": threads,
            "copy_bandwidth_gbs": memory_bandwidth(512 << 20, threads, 5), "formats": {}}
     for name, (nodes, inits, bytes_per_weight) in _graphs(weights, block_size).items():
         session = _session(nodes, inits, k, layers, threads)

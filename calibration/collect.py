@@ -99,7 +99,8 @@ def record(engine_dir: str | Path, requests: list, decode_steps: int = 4, thread
 
 
 def external_arrays(directory: Path, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Zero-copy (memory-mapped) arrays of every external initializer of ``model``, its files in ``directory``."""
+    """Zero-copy (memory-mapped) arrays of every external initializer of ``model``, its files in ``directory`` (the
+    model file's folder: ONNX resolves external data locations against it)."""
     maps: dict[str, np.memmap] = {}
     out = {}
     for init in model.graph.initializer:
@@ -126,8 +127,9 @@ def session_with_outputs(manifest: Manifest, component: str, tensors: list[str],
     import onnxruntime as ort
 
     comp = manifest.component(component)
-    model = onnx.load(str(manifest.path(comp.file)), load_external_data=False)
-    arrays = external_arrays(manifest.directory, model)
+    path = manifest.path(comp.file)
+    model = onnx.load(str(path), load_external_data=False)
+    arrays = external_arrays(path.parent, model)
     del model.graph.output[:]
     model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tensors)
     so = ort.SessionOptions()

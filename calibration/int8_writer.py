@@ -88,8 +88,9 @@ class Int8Writer:
         self.report: dict[str, Any] = {}
 
     def _load(self, comp: Component) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-        model = onnx.load(str(self.src.path(comp.file)), load_external_data=False)
-        return model, external_arrays(self.src.directory, model)
+        path = self.src.path(comp.file)
+        model = onnx.load(str(path), load_external_data=False)
+        return model, external_arrays(path.parent, model)
 
     def _entry(self, comp: Component, files: list[str], precision: str, extra: dict | None = None,
                q: QuantizedGraph | None = None) -> Component:

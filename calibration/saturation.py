@@ -112,8 +112,9 @@ def prove_engine_dir(engine_dir: str | Path) -> dict[str, dict[str, Any]]:
     for name, comp in manifest.components.items():
         if comp.precision != "int8" or not comp.file.endswith(".onnx"):
             continue
-        model = onnx.load(str(manifest.path(comp.file)), load_external_data=False)
-        sums = graph_pair_sums(model, external_arrays(manifest.directory, model))
+        path = manifest.path(comp.file)
+        model = onnx.load(str(path), load_external_data=False)
+        sums = graph_pair_sums(model, external_arrays(path.parent, model))
         if not sums:
             continue
         worst = max(sums, key=sums.__getitem__)

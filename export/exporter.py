@@ -195,7 +195,7 @@ class _Writer:
             with DataFileWriter(self.dir / data_file) as writer:
                 for name in expert_names:
                     ref = g.weights[name]
-                    source = EXPERT_PARAM.sub(lambda m, e=e: f"layers.{m.group(1)}.experts.{e}.", ref.source)
+                    source = EXPERT_PARAM.sub(rf"layers.\g<1>.experts.{e}.", ref.source)
                     layouts[name] = (data_file, writer.add(name, materialize(ref, self.lookup, source)))
                 self._sha[data_file], expert_bytes = writer.close()
             layout = {n: layouts[n][1] for n in expert_names}
@@ -316,15 +316,14 @@ def export_model(model, out_dir: str | Path, tokenizer_file: str | Path | None, 
         try:
             for i, spec in enumerate(specs, start=1):
                 writer.run(spec, i, len(specs))
-                spec.module = None  # drop the view (and its traced state) before the next component
+                del spec.module  # drop the view (and its traced state) before the next component
                 gc.collect()
         except ExportCheckError as exc:
             raise ExportError(f"export check failed: {exc}") from None
         tokenizer = None
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
-            tokenizer = {"file": "tokenizer.json", "sha256": sha256_file(staging / "tokenizer.json"),
-                         "bytes": (staging / "tokenizer.json").stat().st_size}
+            tokenizer = file_entry(staging / "tokenizer.json")
         generation = None
         if generation_config_file is not None:
             shutil.copyfile(generation_config_file, staging / GENERATION_CONFIG_FILE)

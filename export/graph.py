@@ -148,7 +148,7 @@ def _eval_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int
         [helper.make_tensor_value_info(n, NP_TO_ONNX.get(v.dtype, TensorProto.FLOAT), v.shape) for n, v in zip(names, values)],
         [helper.make_tensor_value_info(o, TensorProto.UNDEFINED, None) for o in node.output if o])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    return ReferenceEvaluator(model).run(None, dict(zip(names, values)))
+    return list(ReferenceEvaluator(model).run(None, dict(zip(names, values))))
 
 
 def fold_constants(g: Graph, skip_ops: Iterable[str] = ()) -> int:

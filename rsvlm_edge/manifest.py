@@ -314,7 +314,7 @@ def file_entry(path: Path) -> dict[str, Any]:
 class Manifest:
     model_config: dict[str, Any]
     components: dict[str, Component]
-    tokenizer: dict[str, str] | None = None
+    tokenizer: dict[str, Any] | None = None
     experts: dict[str, Any] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=lambda: {"kind": "onnx", "trt_version": None, "compute_capability": None})
     extra: dict[str, Any] = field(default_factory=dict)  # other top-level fields (e.g. "export": tool versions, checks)

@@ -7,7 +7,7 @@ with the right names and arguments. Two things stand between the stubs and mypy,
   ``MYPYPATH``. The copy is repaired: tensorrt-stubs 10.13.0.35.1 names some parameters ``in`` (a keyword) and
   puts one required parameter after defaults, which are syntax errors to mypy;
 * ``engines/`` installs as ``rsvlm_edge.engines`` (setup.cfg package_dir), which mypy cannot follow; a symlinked
-  ``rsvlm_edge`` tree with the mapped folders inside gives it the real module names.
+  ``rsvlm_edge`` tree with the mapped folders inside (:mod:`package_tree`) gives it the real module names.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from package_tree import REPO, mirror_package
 
-REPO = Path(__file__).resolve().parents[1]
 MODULES = ["rsvlm_edge.engines.trt_build", "rsvlm_edge.engines.trt_calib", "rsvlm_edge.engines.trt_presets",
            "rsvlm_edge.engines.trt_profiles", "rsvlm_edge.engines.trt_settings", "rsvlm_edge.backends.trt_backend",
            "rsvlm_edge.backends.trt_engine", "rsvlm_edge.backends.trt_env", "rsvlm_edge.backends.trt_shapes",
            "rsvlm_edge.backends.cuda_mem"]
-MAPPED = {"engines": "engines", "export": "export", "calibration": "calibration", "training": "training"}
 
 
 def stub_files() -> list[Path]:
@@ -53,17 +52,6 @@ def copy_stubs(dest: Path) -> Path:
         target = dest / f.relative_to(top.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(repair(f.read_text()))
-    return dest
-
-
-def mirror_package(dest: Path) -> Path:
-    pkg = dest / "rsvlm_edge"
-    pkg.mkdir(parents=True)
-    for entry in (REPO / "rsvlm_edge").iterdir():
-        if entry.name != "__pycache__":
-            (pkg / entry.name).symlink_to(entry)
-    for name, folder in MAPPED.items():
-        (pkg / name).symlink_to(REPO / folder)
     return dest
 
 

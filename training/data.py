@@ -124,9 +124,9 @@ def group_by_sensor(images: Sequence[tuple[str, np.ndarray]]) -> dict[str, tuple
 
 
 def encode_by_sensor(groups: dict[str, tuple[list[int], np.ndarray]], count: int,
-                     encode: Callable[[str, list[int], np.ndarray], Sequence[Any]]) -> list[Any]:
+                     encode: Callable[[str, list[int], np.ndarray], Any]) -> list[Any]:
     """Run ``encode(sensor, positions, pixels)`` once per group of :func:`group_by_sensor` and return the outputs
-    back in batch order (``count`` images)."""
+    back in batch order (``count`` images). ``encode`` returns anything indexed by row (a tensor or a list)."""
     slots: list[Any] = [None] * count
     for sensor, (order, pixels) in groups.items():
         out = encode(sensor, order, pixels)

@@ -11,7 +11,7 @@ import numpy as np
 from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.preprocess import prepare_image
 from rsvlm_edge.tokenizer import Tokenizer
-from rsvlm_edge.training.data import Example, ListSource, Mixture, SyntheticSource, encode_all
+from rsvlm_edge.training.data import Example, ListSource, Mixture, Source, SyntheticSource, encode_all
 from rsvlm_edge.training.vision_pretrain import VisionMixture, scene_vocabulary
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class Recipe:
         if stage == "vision":
             return VisionMixture(self.cfg, self._vision_tiles("train"), seed=self.seed,
                                  heldout=self._vision_tiles("test"))
-        sources = {}
+        sources: dict[str, tuple[float, Source]] = {}
         for name, weight in STAGE_WEIGHTS[stage].items():
             if name in SYNTHETIC_STREAMS:
                 offset, tasks, untagged = SYNTHETIC_STREAMS[name]

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, cast
 
 import numpy as np
 import torch
@@ -26,10 +26,10 @@ from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.fileio import atomic_path, atomic_write_text
 from rsvlm_edge.generation import patch_positions
 from rsvlm_edge.modeling import RSVLM, build_model, save_model
-from rsvlm_edge.modeling.model import centre_patch, patch_centres
+from rsvlm_edge.modeling.model import DecoderLayer, centre_patch, patch_centres
 from rsvlm_edge.tokenizer import Tokenizer
 from rsvlm_edge.training.data import IGNORE, Batch, Mixture, encode_by_sensor
-from rsvlm_edge.training.vision_pretrain import VisionHeads, num_semantic_classes, vision_loss
+from rsvlm_edge.training.vision_pretrain import VisionHeads, VisionMixture, num_semantic_classes, vision_loss
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -179,13 +179,15 @@ def upcycle_experts(model: RSVLM) -> None:
     """Copy expert 0's FFN into the others (start of instruction tuning)."""
     with torch.no_grad():
         for layer in model.layers:
-            for other in layer.experts[1:]:
-                other.load_state_dict(layer.experts[0].state_dict())
+            experts = cast(DecoderLayer, layer).experts
+            for other in experts[1:]:
+                other.load_state_dict(experts[0].state_dict())
 
 
 class Trainer:
     def __init__(self, out_dir: str | Path, cfg: ModelConfig, tokenizer: Tokenizer, tc: TrainConfig,
-                 mixtures: Callable[[str], Mixture], progress: bool = True, num_scene_classes: int = 0):
+                 mixtures: Callable[[str], Mixture | VisionMixture], progress: bool = True,
+                 num_scene_classes: int = 0):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cfg, self.tokenizer, self.tc, self.mixtures, self.progress = cfg, tokenizer, tc, mixtures, progress
@@ -249,7 +251,8 @@ class Trainer:
         tc = self.tc
         bar = tqdm(total=tc.total_steps, initial=self.step, desc=f"train ({self.precision})", disable=not self.progress,
                    dynamic_ncols=True)
-        stream_stage, stream = None, None
+        stream_stage: str | None = None
+        stream: Iterator[Any] | None = None  # Batch, or VisionBatch in stage vision
         self._run_start = time.perf_counter()
         log = open(self.out / LOG, "a")
         try:
@@ -271,8 +274,9 @@ class Trainer:
                 self.model.train()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                     if stage == "vision":
-                        loss, stats = vision_loss(self.model.vision, self.heads, batch, self.cfg.grid_size,
-                                                  self.augment_rng)
+                        # stage vision exists only with vision_steps, which build the heads; its mixture is visual
+                        loss, stats = vision_loss(self.model.vision, cast(VisionHeads, self.heads), batch,
+                                                  self.cfg.grid_size, self.augment_rng)
                     else:
                         loss, stats = batch_loss(self.model, batch, self.tokenizer.image_id,
                                                  router_weight=tc.router_weight if stage == "instruct" else 0.0,
@@ -283,15 +287,16 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.trainable, tc.grad_clip)
                 self.opt.step()
                 self.step += 1
-                stats.update(step=self.step, stage=stage, lr=lr, sec=time.perf_counter() - t0, wall_s=round(self._wall(), 1))
+                row: dict[str, Any] = {**stats, "step": self.step, "stage": stage, "lr": lr,
+                                       "sec": time.perf_counter() - t0, "wall_s": round(self._wall(), 1)}
                 if self.step % tc.log_every == 0 or self.step == tc.total_steps:
-                    log.write(json.dumps(stats) + "\n")
+                    log.write(json.dumps(row) + "\n")
                     log.flush()
                 bar.set_postfix(stage=stage, loss=f"{stats['loss']:.3f}")
                 bar.update(1)
                 if stage == "vision" and self.step == tc.vision_steps and hasattr(mixture, "heldout_accuracy"):
                     log.write(json.dumps({"step": self.step, "stage": "vision_eval", **mixture.heldout_accuracy(
-                        self.model.vision, self.heads, self.precision == "bf16")}) + "\n")
+                        self.model.vision, cast(VisionHeads, self.heads), self.precision == "bf16")}) + "\n")
                     log.flush()
                 if self.step % tc.save_every == 0 or self.step == tc.total_steps:
                     self.save_checkpoint()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -40,13 +41,14 @@ class SensorStem(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.mix = nn.Conv2d(in_channels, 3, 1)
-        self.local = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, padding=1), nn.GELU(), nn.Conv2d(hidden, 3, 1))
-        nn.init.zeros_(self.local[2].weight)
-        nn.init.zeros_(self.local[2].bias)
+        spread, out = nn.Conv2d(in_channels, hidden, 3, padding=1), nn.Conv2d(hidden, 3, 1)
+        for p in out.parameters():  # the local path starts silent: the stem begins as its linear mix
+            nn.init.zeros_(p)
+        self.local = nn.Sequential(spread, nn.GELU(), out)
         if in_channels == 3:
             with torch.no_grad():
                 self.mix.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
-                self.mix.bias.zero_()
+                self.mix.bias.zero_()  # type: ignore[union-attr]  # Conv2d has a bias unless bias=False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(x) + self.local(x)
@@ -427,7 +429,7 @@ def parameter_counts(model: RSVLM) -> dict[str, int]:
         return sum(p.numel() for p in module.parameters())
 
     total = count(model)
-    per_expert = sum(count(layer.experts[0]) for layer in model.layers)
+    per_expert = sum(count(cast(DecoderLayer, layer).experts[0]) for layer in model.layers)
     stems = [count(stem) for stem in model.vision.stems.values()] if model.vision.stems is not None else [0]
     # A request runs one expert of three and one sensor stem.
     active = total - per_expert * (model.cfg.num_experts - 1) - (sum(stems) - max(stems))
