@@ -54,13 +54,13 @@ class ModelConfig:
     image_newline: bool = True  # RSUniVLM appends one learned token after the patch grid
     # A learned 2-D position embedding added to the projected patch tokens (2-D sin/cos at init). The decoder's RoPE
     # positions reach attention scores but not the values it reads, so without this a patch token does not say where
-    # it is and box answers fall back to language priors. Off by default: the shipped demo model predates it, and
-    # a demo-recipe run with it (shorter schedule) did not yet lift grounding (2.9% vs 1.4% Acc@0.5).
+    # it is and box answers fall back to language priors. Off by default because RSUniVLM has none (a converted
+    # checkpoint cannot carry one); the demo model turns it on (scripts/train_demo.sh --token-pos-embed).
     token_pos_embed: bool = False
-    # Grounding by pointing (training side; export and runtime are not wired yet): a pointer from the hidden state that
-    # starts a box answer to the image tokens' hidden states, and a per-patch box read at the chosen patch. A probe on
-    # the demo model scored 83.8% Acc@0.5 this way against 6.2% for boxes written as text
-    # (scripts/grounding_probe.py --pos --ptr 1.0 --box 1.0). Off: the shipped demo model predates it.
+    # Grounding by pointing: a pointer from the hidden state that starts a box answer to the image tokens' hidden
+    # states, and a per-patch box read at the chosen patch; the runtime then writes a [VG] answer from the pointed
+    # patch instead of sampling box digits, which a small decoder gets wrong far more often. Exported as its own
+    # ``box_pointer`` component. Off by default (RSUniVLM has none); the demo model turns it on (--box-pointer).
     box_pointer: bool = False
     pointer_dim: int = 128
     sensors: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SENSORS))
@@ -199,7 +199,7 @@ class ModelConfig:
 
 
 def tiny_config() -> ModelConfig:
-    """The demo model trained on CPU here and shipped in the repo."""
+    """The demo model's shapes (models/tiny-demo adds ``token_pos_embed`` and ``box_pointer``: scripts/train_demo.sh)."""
     return ModelConfig().validate()
 
 

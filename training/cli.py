@@ -36,7 +36,7 @@ def _data_root(value: str | None) -> Path | None:
               help="Add a learned 2-D position embedding to the visual tokens (default: as the preset says; tiny: off).")
 @click.option("--box-pointer/--no-box-pointer", default=None,
               help="Train a pointer from a box answer's first state to the image patches, plus a per-patch box head "
-              "(ModelConfig.box_pointer; training side only so far: export and the runtime do not use it yet).")
+              "(ModelConfig.box_pointer; exported as its own component, and the runtime writes [VG] boxes with it).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--save-every", default=100, show_default=True, help="Checkpoint every N steps (resume by re-running).")
 def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_steps, instruct_steps, batch_size, lr,
@@ -91,7 +91,8 @@ def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_s
 @click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True,
               help="Samples per suite (seeded subset).")
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime threads (0 = all cores).")
+@click.option("--threads", type=click.IntRange(min=0), default=0,
+              help="ONNX Runtime threads (0 = auto, as infer chooses for the model).")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), help="Real data root (default ../shared/data).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
 def eval_command(model_dir, compare_dirs, backend, suites, limit, batch_size, threads, data_root, out_path) -> None:

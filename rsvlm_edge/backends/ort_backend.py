@@ -296,8 +296,8 @@ class OrtBackend(Backend):
         ``profile_prefix``: turn on ONNX Runtime's profiler in every session, writing ``<prefix>_*.json`` traces
         (see :meth:`end_profiling`).
         ``prepack_weights``: None = on for INT8 decoders (without packed weights ORT's integer GEMM repacks them on
-        every call: on rsunivlm-1b INT8 `rsvlm-edge bench` went from 27.8 to 51.3 decode tok/s, for +0.45 GB per
-        resident expert session), off for FP32/FP16 (+1.9 GB per session for ~10%).
+        every call, which costs rsunivlm-1b INT8 about half its decode speed; packing takes +0.45 GB per resident
+        expert session), off for FP32/FP16 (+1.9 GB per session for ~10%).
         """
         try:
             manifest = Manifest.load(model_dir, verify=verify)
