@@ -192,6 +192,11 @@ def run_bench(engines: list[EngineSpec], settings: BenchSettings, progress: bool
 
     checked = check_engines(engines)
     cfg = checked["config"]
+    if not settings.threads:  # auto, as infer picks it; the limit probes then use the engines' count
+        from dataclasses import replace
+
+        from rsvlm_edge.threads import default_threads
+        settings = replace(settings, threads=default_threads(cfg))
     paths = tile_paths(settings)
     specs = [WorkerSpec(name=e.name, backend=e.backend, model_dir=e.path, images=paths, instruction=settings.instruction,
                         new_tokens=settings.new_tokens, batch=settings.batch, threads=settings.threads,

@@ -25,7 +25,8 @@ def _engine(value: str) -> tuple[str, str]:
 @click.option("--new-tokens", default=16, show_default=True, type=click.IntRange(1),
               help="Tokens generated per tile, exactly (greedy; stop tokens ignored).")
 @click.option("--batch", default=4, show_default=True, type=click.IntRange(1), help="Tiles per batch for tiles/s.")
-@click.option("--threads", type=click.IntRange(1), help="CPU threads per engine and for the limit probes (default: all).")
+@click.option("--threads", type=click.IntRange(1),
+              help="CPU threads per engine and for the limit probes (default: auto, as infer chooses for the model).")
 @click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Tile(s) to use, cycled to --tiles (default: AID samples from the shared data).")
 @click.option("--prompt", default="[CAP] Describe the image.", show_default=True, help="Instruction for every tile.")
@@ -81,7 +82,8 @@ def bench_command(engines, torch_dir, tiles, new_tokens, batch, threads, images,
 @click.argument("engine_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(2),
               help="Tokens generated in the profiled run (greedy; stop tokens ignored).")
-@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(1),
+              help="ONNX Runtime threads (default: auto, as infer chooses for the model).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False),
               help="Tile to use (default: the first AID sample from the shared data).")
 @click.option("--prompt", default="[CAP] Describe the image.", show_default=True, help="Instruction for the tile.")

@@ -70,7 +70,7 @@ def threads_line(pipe: Any, requested: int | None) -> str | None:
     threads = getattr(pipe.backend, "threads", None)
     if pipe.backend.name != "ort" or not threads:
         return None
-    return f"threads: {threads} (--threads)" if requested else f"threads: {explain(pipe.config)}"
+    return f"threads: {threads} (--threads)" if requested else f"threads: {explain(pipe.config, threads)}"
 
 
 def _utf8(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

@@ -32,6 +32,7 @@ The issue that asked for this rule reported the same shape on a 2-vCPU AMD EPYC 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ SMALL_DECODER_PARAMS = 50_000_000
 THREADS_ENV = "OMP_NUM_THREADS"
 
 _SYS_CPU = Path("/sys/devices/system/cpu")
+
+#: How long :func:`free_cores` watches the CPUs; only large models (those that may use more than one thread) wait.
+IDLE_WINDOW_S = 0.2
 
 
 def decoder_work(model: ModelConfig | Mapping[str, Any] | int) -> int:
@@ -64,14 +68,13 @@ def decoder_work(model: ModelConfig | Mapping[str, Any] | int) -> int:
     return p.attention + p.expert + (p.lm_head or p.embedding)
 
 
-def free_cores(cpus: set[int] | None = None) -> int:
+def physical_cores(cpus: set[int] | None = None) -> int:
     """Physical cores among the CPUs this process may run on (its affinity, which ``taskset``, cgroups' cpusets and
     job schedulers narrow). Two SMT siblings of one core count once: they share its vector units, so a second
     thread there contends rather than helps. Falls back to the CPU count where the topology is not readable."""
     if cpus is None:
-        try:
-            cpus = os.sched_getaffinity(0)
-        except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        cpus = _affinity()
+        if cpus is None:
             return available_cores()
     cores = set()
     for cpu in cpus:
@@ -84,6 +87,58 @@ def free_cores(cpus: set[int] | None = None) -> int:
     return max(1, len(cores))
 
 
+def idle_cpus(cpus: set[int], window_s: float = IDLE_WINDOW_S) -> float | None:
+    """How many of ``cpus`` sat idle over the next ``window_s`` (the sum of their idle fractions in ``/proc/stat``;
+    time stolen by the hypervisor counts as busy). None where ``/proc/stat`` is not readable (not Linux)."""
+    before = _cpu_times(cpus)
+    if before is None:
+        return None
+    time.sleep(window_s)
+    after = _cpu_times(cpus)
+    if after is None:
+        return None
+    idle = 0.0
+    for cpu, (idle0, total0) in before.items():
+        idle1, total1 = after.get(cpu, (idle0, total0))
+        idle += (idle1 - idle0) / (total1 - total0) if total1 > total0 else 1.0
+    return idle
+
+
+def free_cores(cpus: set[int] | None = None, window_s: float = IDLE_WINDOW_S) -> int:
+    """Cores free to this process: its physical cores (:func:`physical_cores`), fewer when other work keeps some
+    of its CPUs busy (:func:`idle_cpus`, rounded, at least 1). A fork/join thread pool runs at the pace of its
+    slowest thread, so a thread on a busy core holds back all the others (see the table above)."""
+    cpus = _affinity() if cpus is None else cpus
+    if cpus is None:
+        return available_cores()
+    cores = physical_cores(cpus)
+    idle = idle_cpus(cpus, window_s)
+    return cores if idle is None else max(1, min(cores, int(idle + 0.5)))
+
+
+def _affinity() -> set[int] | None:
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return None
+
+
+def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]] | None:
+    """cpu -> (idle + iowait jiffies, all jiffies) from ``/proc/stat``, for ``cpus``."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    times = {}
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user and nice]
+            fields = [int(v) for v in rest.split()[:8]]
+            times[int(name[3:])] = (fields[3] + fields[4], sum(fields))
+    return times or None
+
+
 def env_threads(env: Mapping[str, str] | None = None) -> int | None:
     """``OMP_NUM_THREADS`` as a positive whole number, or None when unset, empty or not one."""
     value = (os.environ if env is None else env).get(THREADS_ENV, "").strip()
@@ -92,29 +147,32 @@ def env_threads(env: Mapping[str, str] | None = None) -> int | None:
 
 def default_threads(model: ModelConfig | Mapping[str, Any] | int, cores: int | None = None,
                     env: Mapping[str, str] | None = None) -> int:
-    """Intra-op threads for ``model`` (a config, a config dict, or decoder multiply-adds per token) on ``cores``
-    free cores (default: :func:`free_cores`): ``OMP_NUM_THREADS`` if set, else 1 for a small decoder and all the
-    cores for a large one. The rule and its measurements are in this module's docstring."""
-    cores = free_cores() if cores is None else cores
-    if cores < 1:
+    """Intra-op threads for ``model`` (a config, a config dict, or decoder multiply-adds per token) with ``cores``
+    free cores (default: :func:`free_cores`, measured only for a large model): ``OMP_NUM_THREADS`` if set (at most
+    the physical cores), else 1 for a small decoder and the free cores for a large one. The rule and its
+    measurements are in this module's docstring."""
+    if cores is not None and cores < 1:
         raise ValueError(f"cores must be >= 1, got {cores}")
     chosen = env_threads(env)
     if chosen is not None:
-        return min(chosen, cores)
-    return 1 if decoder_work(model) < SMALL_DECODER_PARAMS else cores
+        return min(chosen, physical_cores() if cores is None else cores)
+    if decoder_work(model) < SMALL_DECODER_PARAMS:
+        return 1
+    return free_cores() if cores is None else cores
 
 
-def explain(model: ModelConfig | Mapping[str, Any] | int, cores: int | None = None,
-            env: Mapping[str, str] | None = None) -> str:
-    """One line saying what :func:`default_threads` chose and why (``-v`` output)."""
-    cores = free_cores() if cores is None else cores
-    threads = default_threads(model, cores, env)
-    if env_threads(env) is not None:
-        return f"{threads} (auto: {THREADS_ENV}={env_threads(env)}, {cores} free cores)"
+def explain(model: ModelConfig | Mapping[str, Any] | int, threads: int, env: Mapping[str, str] | None = None) -> str:
+    """Why :func:`default_threads` gave ``threads`` for ``model``, in one line (``-v`` output), without measuring
+    the cores again."""
+    value = env_threads(env)
+    if value is not None:
+        return f"{threads} (auto: {THREADS_ENV}={value})"
     work = decoder_work(model)
-    size = "small" if work < SMALL_DECODER_PARAMS else "large"
-    return (f"{threads} (auto: {size} decoder, {work / 1e6:.1f} M multiply-adds per token; {cores} free cores; "
-            f"--threads N to override)")
+    if work < SMALL_DECODER_PARAMS:
+        return f"{threads} (auto: small decoder, {work / 1e6:.1f} M multiply-adds per token; --threads N to override)"
+    return (f"{threads} (auto: large decoder, {work / 1e6:.1f} M multiply-adds per token; {threads} of "
+            f"{physical_cores()} cores free; --threads N to override)")
 
 
-__all__ = ["default_threads", "decoder_work", "free_cores", "env_threads", "explain", "SMALL_DECODER_PARAMS"]
+__all__ = ["default_threads", "decoder_work", "free_cores", "physical_cores", "idle_cpus", "env_threads", "explain",
+           "SMALL_DECODER_PARAMS"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -51,8 +52,12 @@ def test_infer_folder_of_tiles(tiny_model_dir, sample_png):
     res = run("infer", tiny_model_dir, folder, "--task", "cls", "--backend", "torch", "--json",
               "--max-new-tokens", "4", "--batch-size", "2")
     assert res.exit_code == 0, res.output
-    lines = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(lines) == len(list(folder.glob("*.png")))
+    # stderr is not a terminal here: no progress bar, and the summary line still gives the rate.
+    summary = res.stderr.strip().splitlines()
+    assert len(summary) == 1 and summary[0].startswith(f"infer: {len(lines)} answered, 0 failed of {len(lines)} tiles")
+    assert summary[0].endswith("tiles/s)")
 
 
 def test_infer_errors_are_clear(tiny_model_dir, sample_png, tmp_path):
@@ -84,3 +89,13 @@ def test_help_teaches():
     res = run("infer", "--help")
     assert res.exit_code == 0
     assert "Examples" in res.output and "--expert-budget" in res.output
+
+
+def test_infer_verbose_reports_the_automatic_thread_count(data_root, monkeypatch):
+    demo = Path(__file__).resolve().parents[1] / "models" / "tiny-demo"
+    if not (demo / "manifest.json").exists():
+        pytest.skip("demo model not built")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    res = run("infer", demo, data_root / AID_TILE, "--task", "cls", "-v", "--max-new-tokens", "4")
+    assert res.exit_code == 0, res.output
+    assert "threads: 1 (auto: small decoder" in res.stderr
