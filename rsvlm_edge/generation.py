@@ -67,6 +67,22 @@ class Pointing:
     box: list[float]  # x1, y1, x2, y2 in 0-100 units, before rounding
 
 
+@dataclass
+class PromptBatch:
+    """Prompts with their images spliced in, left-padded to one width: what :meth:`Generator.prefill` feeds."""
+
+    prompts: list[PromptIds]
+    ids: np.ndarray  # (B, S) int32, pad ids on the left
+    mask: np.ndarray  # (B, S) float32, 1 on real tokens
+    slots: np.ndarray  # (B, S) bool, where each row's visual tokens went
+    embeds: np.ndarray  # (B, S, D) token embeddings, visual tokens in the slots
+    positions: np.ndarray  # (B, S) int32 position ids, 0 at each row's first real token
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+
 #: Tasks whose answer the box pointer writes (one box about one image).
 POINTER_TAGS = ("[VG]",)
 
@@ -168,7 +184,7 @@ class Generator:
             mask[row, span] = 1.0
         return ids, mask
 
-    def _visual_tokens(self, requests: list[Request]) -> list[np.ndarray]:
+    def encode_images(self, requests: list[Request]) -> list[np.ndarray]:
         """Encode every request's images, batched per sensor; returns (n_images * Nv, D) per request."""
         flat: list[tuple[int, np.ndarray]] = [(r, px) for r, req in enumerate(requests) for px in req.pixels]
         out: list[list[np.ndarray]] = [[] for _ in requests]
@@ -182,6 +198,21 @@ class Generator:
         for k, (r, _) in enumerate(flat):
             out[r].append(encoded[k])
         return [np.concatenate(parts, axis=0) for parts in out]
+
+    def splice_images(self, prompts: list[PromptIds], visual: list[np.ndarray]) -> PromptBatch:
+        """Pad ``prompts`` on the left and put each row's visual tokens (:meth:`encode_images`) in its image slots."""
+        ids, mask = self._pad([p.ids for p in prompts])
+        slots = np.zeros(ids.shape, dtype=bool)
+        for row, p in enumerate(prompts):  # left padding: each prompt sits at the row's end
+            slots[row, ids.shape[1] - len(p):] = p.image_slots
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        return PromptBatch(prompts, ids, mask, slots, self.embed_prompts(ids, slots, visual), positions)
+
+    def new_sampler(self, sampling: SamplingConfig, ids: list[int], image_slots: np.ndarray | None = None) -> TokenSampler:
+        """A row's sampler, told the prompt's text ids (the repetition penalty's history; image slots left out)."""
+        sampler = TokenSampler(sampling, self.tokenizer.vocab_size)
+        sampler.observe_prompt(np.asarray(ids) if image_slots is None else np.asarray(ids)[~image_slots])
+        return sampler
 
     # ------------------------------------------------------------------ box pointer
     def uses_pointer(self, prompt: str, num_images: int) -> bool:
@@ -226,68 +257,68 @@ class Generator:
         for i, routing in zip(needs_route, self.route([requests[i].prompt for i in needs_route])):
             routings[i] = routing
         route_ms = (time.perf_counter() - t0) * 1e3
+        routed = [r for r in routings if r is not None]  # all of them, now
         results: list[Generation | None] = [None] * len(requests)
-        for expert in sorted({r.expert for r in routings if r is not None}):
-            group = [i for i, r in enumerate(routings) if r is not None and r.expert == expert]
+        for expert in sorted({r.expert for r in routed}):
+            group = [i for i, r in enumerate(routed) if r.expert == expert]
             self.backend.prefetch_expert(expert)  # loads while the vision encoder runs
-            outs = self._generate_group([requests[i] for i in group], expert, sampling, on_token, group)
+            outs = self._generate_group([requests[i] for i in group], [routed[i] for i in group], route_ms, sampling,
+                                        on_token, group)
             for i, out in zip(group, outs):
-                out.routing = routings[i]  # type: ignore[assignment]
-                out.timings["route_ms"] = route_ms
                 results[i] = out
         return [r for r in results if r is not None]
 
-    def _generate_group(self, requests, expert, sampling, on_token, indices) -> list[Generation]:
-        tok, backend = self.tokenizer, self.backend
+    def _generate_group(self, requests: list[Request], routings: list[Routing], route_ms: float,
+                        sampling: SamplingConfig, on_token: TokenCallback | None,
+                        indices: list[int]) -> list[Generation]:
+        """One expert's requests: encode images -> splice -> prefill (-> point) -> decode."""
+        expert = routings[0].expert
         t0 = time.perf_counter()
-        visual = self._visual_tokens(requests)
+        visual = self.encode_images(requests)
         t_vision = time.perf_counter()
-        prompts = [self.prompt(req) for req in requests]
-        seqs = [p.ids for p in prompts]
-        ids, mask = self._pad(seqs)
-        slots = np.zeros(ids.shape, dtype=bool)
-        for row, p in enumerate(prompts):  # left padding: each prompt sits at the row's end
-            slots[row, ids.shape[1] - len(p):] = p.image_slots
-        embeds = self.embed_prompts(ids, slots, visual)
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-        capacity = ids.shape[1] + sampling.max_new_tokens
+        batch = self.splice_images([self.prompt(req) for req in requests], visual)
+        capacity = batch.width + sampling.max_new_tokens
         if capacity > self.config.max_position_embeddings:
-            raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the "
+            raise ValueError(f"prompt ({batch.width} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the "
                              f"model's context of {self.config.max_position_embeddings}")
-        cache = backend.new_cache(len(requests), capacity, expert)
-        samplers = [TokenSampler(sampling, tok.vocab_size) for _ in requests]
-        for sampler, p in zip(samplers, prompts):
-            sampler.observe_prompt(np.asarray(p.ids)[~p.image_slots])
+        cache = self.backend.new_cache(len(requests), capacity, expert)
+        samplers = [self.new_sampler(sampling, p.ids, p.image_slots) for p in batch.prompts]
         full_mask = np.ones((len(requests), capacity), dtype=np.float32)  # grows by a view per step, never copied
-        full_mask[:, : mask.shape[1]] = mask
+        full_mask[:, : batch.width] = batch.mask
         pointed = [row for row, req in enumerate(requests) if self.uses_pointer(req.prompt, len(req.pixels))]
+        logits, hidden = self.prefill(cache, batch.embeds, batch.positions, batch.mask, keep_hidden=bool(pointed))
         forced: dict[int, list[int]] = {}
         pointings: dict[int, Pointing] = {}
-        if pointed:
-            logits, hidden = backend.forward_hidden(cache, embeds, positions, mask)
-            answers = self.point(hidden[pointed, -1], np.stack([self.patch_states(slots[r], hidden[r]) for r in pointed]))
-            for row, (answer_ids, pointing) in zip(pointed, answers):
+        if pointed and hidden is not None:
+            patches = np.stack([self.patch_states(batch.slots[r], hidden[r]) for r in pointed])
+            for row, (answer_ids, pointing) in zip(pointed, self.point(hidden[pointed, -1], patches)):
                 forced[row], pointings[row] = answer_ids, pointing
-        else:
-            logits = backend.forward(cache, embeds, positions, mask)
         t_first = time.perf_counter()
-        generated, reasons, steps = self.decode(cache, logits, full_mask, positions[:, -1] + 1, samplers, sampling,
-                                                on_token, indices, forced)
+        generated, reasons, steps = self.decode(cache, logits, full_mask, batch.positions[:, -1] + 1, samplers,
+                                                sampling, on_token, indices, forced)
         t_end = time.perf_counter()
-        results = []
-        for row in range(len(requests)):
-            timings = {
-                "vision_ms": (t_vision - t0) * 1e3,
-                "ttft_ms": (t_first - t0) * 1e3,
-                "prefill_ms": (t_first - t_vision) * 1e3,
-                "decode_ms": (t_end - t_first) * 1e3,
-                "decode_steps": float(steps),
-                "decode_tok_s": steps * len(requests) / (t_end - t_first) if steps else 0.0,
-            }
-            results.append(Generation(text=tok.decode(generated[row]), token_ids=generated[row], routing=None,  # type: ignore[arg-type]
-                                      prompt_tokens=len(seqs[row]), finish_reason=reasons[row], timings=timings,
-                                      pointer=pointings.get(row)))
-        return results
+        timings = {
+            "vision_ms": (t_vision - t0) * 1e3,
+            "ttft_ms": (t_first - t0) * 1e3,
+            "prefill_ms": (t_first - t_vision) * 1e3,
+            "decode_ms": (t_end - t_first) * 1e3,
+            "decode_steps": float(steps),
+            "decode_tok_s": steps * len(requests) / (t_end - t_first) if steps else 0.0,
+            "route_ms": route_ms,
+        }
+        return [Generation(text=self.tokenizer.decode(generated[row]), token_ids=generated[row], routing=routings[row],
+                           prompt_tokens=len(batch.prompts[row]), finish_reason=reasons[row], timings=dict(timings),
+                           pointer=pointings.get(row))
+                for row in range(len(requests))]
+
+    def prefill(self, cache: CacheHandle, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+                keep_hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Feed (B, S, D) ``embeds`` at (B, S) ``positions`` into ``cache`` (``mask``: (B, cache length + S), 1 on
+        real tokens): the last position's logits (B, V), and with ``keep_hidden`` the final-norm states (B, S, D)
+        that the box pointer reads; None without."""
+        if keep_hidden:
+            return self.backend.forward_hidden(cache, embeds, positions, mask)
+        return self.backend.forward(cache, embeds, positions, mask), None
 
     def decode(self, cache: CacheHandle, logits: np.ndarray, full_mask: np.ndarray, next_pos: np.ndarray,
                samplers: list[TokenSampler], sampling: SamplingConfig, on_token: TokenCallback | None,
@@ -368,61 +399,71 @@ class ChatSession:
         segments = gen.template.next_turn(text)
         return self.pending + gen.template.encode(gen.tokenizer, segments, gen.config.num_visual_tokens).ids
 
+    def _check_context(self, needed: int) -> None:
+        context = self.generator.config.max_position_embeddings
+        if needed > context:
+            raise ValueError(f"conversation exceeds the model's context of {context} tokens; start a new chat")
+
+    def _reusable_turn(self, text: str, expert: int, sampling: SamplingConfig) -> list[int] | None:
+        """The new turn's ids when the cache can take them (same expert, room left), else None (re-prefill)."""
+        if self.cache is None or self.cache.expert != expert:
+            return None
+        ids = self._continuation(text)
+        needed = self.cache.length + len(ids) + sampling.max_new_tokens
+        self._check_context(needed)
+        if needed > self.cache.capacity:
+            self.counters["cache_grows"] += 1
+            return None
+        return ids
+
+    def _prefill_inputs(self, text: str, expert: int, sampling: SamplingConfig) -> PromptBatch:
+        """The whole conversation with the image spliced in, and a fresh cache of :func:`chat_capacity` for it."""
+        gen = self.generator
+        if self.cache is not None:
+            self.counters["reprefills"] += 1
+        request = Request(pixels=self.pixels, sensor=self.sensor, prompt=text, history=self.turns)
+        prompt = gen.prompt(request)
+        needed = len(prompt) + sampling.max_new_tokens
+        self._check_context(needed)
+        gen.backend.prefetch_expert(expert)
+        batch = gen.splice_images([prompt], gen.encode_images([request]))
+        self.cache = gen.backend.new_cache(1, chat_capacity(needed, gen.config.max_position_embeddings), expert)
+        self.position = 0
+        return batch
+
     def _ask(self, text: str, sampling: SamplingConfig | None = None,
              on_token: TokenCallback | None = None) -> Generation:
         gen = self.generator
         sampling = gen.sampling(sampling)
         routing = gen.route([text])[0]
         t0 = time.perf_counter()
-        context = gen.config.max_position_embeddings
-        overflow = ValueError(f"conversation exceeds the model's context of {context} tokens; start a new chat")
-        ids = self._continuation(text) if self.cache is not None and self.cache.expert == routing.expert else None
-        if ids is not None and self.cache is not None:
-            needed = self.cache.length + len(ids) + sampling.max_new_tokens
-            if needed > context:
-                raise overflow
-            if needed > self.cache.capacity:
-                self.counters["cache_grows"] += 1
-                ids = None  # re-prefill into a bigger cache
-        prefill = ids is None
-        image_slots = None
+        ids = self._reusable_turn(text, routing.expert, sampling)
+        image_slots: np.ndarray | None = None  # set on a prefill: the conversation's image slots
         if ids is None:
-            if self.cache is not None:
-                self.counters["reprefills"] += 1
-            request = Request(pixels=self.pixels, sensor=self.sensor, prompt=text, history=self.turns)
-            prompt = gen.prompt(request)
-            needed = len(prompt) + sampling.max_new_tokens
-            if needed > context:
-                raise overflow
-            gen.backend.prefetch_expert(routing.expert)
-            visual = gen._visual_tokens([request])
-            ids, image_slots = prompt.ids, prompt.image_slots
-            embeds = gen.embed_prompts(np.asarray([ids], dtype=np.int32), image_slots[None], visual)
-            self.cache = gen.backend.new_cache(1, chat_capacity(needed, context), routing.expert)
-            self.position = 0
+            batch = self._prefill_inputs(text, routing.expert, sampling)
+            ids, image_slots, embeds = batch.prompts[0].ids, batch.slots[0], batch.embeds
         else:
-            assert self.cache is not None
             embeds = gen.backend.embed(np.asarray([ids], dtype=np.int32))
+        assert self.cache is not None  # both branches leave a cache
+        if image_slots is None:
             self.counters["reused_tokens"] += self.cache.length
         positions = np.arange(self.position, self.position + len(ids), dtype=np.int32)[None]
         full_mask = np.ones((1, self.cache.capacity), dtype=np.float32)
-        step_mask = full_mask[:, : self.cache.length + len(ids)]
+        pointed = gen.uses_pointer(text, len(self.pixels))
+        # a prefill keeps the patch states: the image precedes every instruction, so later turns can point too
+        keep_hidden = gen.backend.has_box_pointer and (image_slots is not None or pointed)
+        logits, hidden = gen.prefill(self.cache, embeds, positions, full_mask[:, : self.cache.length + len(ids)],
+                                     keep_hidden=keep_hidden)
         pointing: Pointing | None = None
         forced: dict[int, list[int]] = {}
-        pointed = gen.uses_pointer(text, len(self.pixels))
-        if gen.backend.has_box_pointer and (prefill or pointed):
-            # a prefill keeps the patch states: the image precedes every instruction, so later turns can point too
-            logits, hidden = gen.backend.forward_hidden(self.cache, embeds, positions, step_mask)
+        if hidden is not None:
             if image_slots is not None:
                 self.patches = gen.patch_states(image_slots, hidden[0])
             if pointed and self.patches is not None:
                 (answer_ids, pointing), = gen.point(hidden[:, -1], self.patches[None])
                 forced[0] = answer_ids
-        else:
-            logits = gen.backend.forward(self.cache, embeds, positions, step_mask)
         t_first = time.perf_counter()
-        sampler = TokenSampler(sampling, gen.tokenizer.vocab_size)
-        sampler.observe_prompt(np.asarray(ids) if image_slots is None else np.asarray(ids)[~image_slots])
+        sampler = gen.new_sampler(sampling, ids, image_slots)
         generated, reasons, steps = gen.decode(self.cache, logits, full_mask, positions[:, -1] + 1, [sampler],
                                                sampling, on_token, [0], forced)
         self.position = int(positions[0, -1]) + 1 + steps

@@ -21,14 +21,10 @@ from rsvlm_edge.training.evaluate import Prediction, loaded_suites, predict, rou
 def prefill(gen: Generator, request: Request, expert: int, extra_capacity: int = 0):
     """Run one request's prompt (image tokens spliced in) through ``expert``: (cache with room for
     ``extra_capacity`` more tokens, the first step's logits (1, V), prompt length)."""
-    backend = gen.backend
-    prompt = gen.prompt(request)
-    ids = np.asarray([prompt.ids], dtype=np.int32)
-    embeds = gen.embed_prompts(ids, prompt.image_slots[None], gen._visual_tokens([request]))
-    n = ids.shape[1]
-    cache = backend.new_cache(1, n + extra_capacity, expert)
-    logits = backend.forward(cache, embeds, np.arange(n, dtype=np.int32)[None], np.ones((1, n), np.float32))
-    return cache, logits, n
+    batch = gen.splice_images([gen.prompt(request)], gen.encode_images([request]))
+    cache = gen.backend.new_cache(1, batch.width + extra_capacity, expert)
+    logits, _ = gen.prefill(cache, batch.embeds, batch.positions, batch.mask)
+    return cache, logits, batch.width
 
 
 def forced_agreement(gen: Generator, request: Request, expert: int, reference: list[int]) -> tuple[int, int]:
