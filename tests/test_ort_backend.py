@@ -208,3 +208,17 @@ def test_runs_without_torch(engine):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ok 1")
+
+
+def test_a_with_block_closes_the_backend_also_on_error(engine):
+    """Leaving the block releases the resident experts and sessions, whether the body returned or raised."""
+    with OrtBackend.from_dir(engine, verify="size", threads=1) as backend:
+        backend.expert_cache.get(0)
+        backend.embed(np.zeros((1, 1), np.int32))  # opens the embedding session
+        assert backend.stats()["experts_resident"] == [0] and backend._sessions
+    assert backend.stats()["experts_resident"] == [] and not backend._sessions
+    with pytest.raises(ValueError, match="in the block"):
+        with OrtBackend.from_dir(engine, verify="size", threads=1) as backend:
+            backend.expert_cache.get(1)
+            raise ValueError("in the block")
+    assert backend.stats()["experts_resident"] == [] and not backend._sessions

@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -101,12 +101,12 @@ class Backend(abc.ABC):
     def new_cache(self, batch: int, capacity: int, expert: int) -> CacheHandle:
         """An empty KV cache for ``batch`` sequences of up to ``capacity`` tokens."""
 
-    @abc.abstractmethod
     def forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Run S new positions through the decoder with ``cache.expert``; append their K/V; return last-position logits (B, V).
 
         ``attention_mask`` covers the cache plus the new positions: (B, cache.length + S), 1 = attend, 0 = padding.
         """
+        return self._forward(cache, embeds, position_ids, attention_mask, hidden=False)[0]
 
     @property
     def has_box_pointer(self) -> bool:
@@ -122,11 +122,11 @@ class Backend(abc.ABC):
         assert hidden is not None
         return logits, hidden
 
+    @abc.abstractmethod
     def _forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                  hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """One :meth:`forward` step, with the hidden states too when ``hidden``: what backends that serve a box
-        pointer implement (their ``forward`` is ``_forward(..., hidden=False)[0]``)."""
-        raise BackendError(f"the {self.name} backend does not return hidden states")
+        """One decoder step, the part each backend implements: last-position logits, and the new positions' hidden
+        states when ``hidden`` (else None). :meth:`forward` and :meth:`forward_hidden` are both this step."""
 
     def point(self, query: np.ndarray, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Box pointer: answer query states (B, hidden) + image patch states (B, grid^2, hidden) -> pointer scores
@@ -142,3 +142,11 @@ class Backend(abc.ABC):
 
     def close(self) -> None:
         """Release sessions and device memory."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """``with OrtBackend.load(...) as backend:`` closes the sessions (and frees device memory) on the way out,
+        also when a request fails."""
+        self.close()

@@ -407,9 +407,6 @@ class OrtBackend(Backend):
                                                        "patches": np.ascontiguousarray(patches, dtype=np.float32)})
         return scores, boxes
 
-    def forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self._forward(cache, embeds, position_ids, attention_mask, hidden=False)[0]
-
     def _forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                  hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
         b, s, start = cache.check_step(embeds, attention_mask)

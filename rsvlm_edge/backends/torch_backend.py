@@ -56,9 +56,6 @@ class TorchBackend(Backend):
     def new_cache(self, batch: int, capacity: int, expert: int) -> CacheHandle:
         return CacheHandle(batch=batch, capacity=capacity, expert=expert, state=self.model.empty_cache(batch))
 
-    def forward(self, cache: CacheHandle, embeds, position_ids, attention_mask) -> np.ndarray:
-        return self._forward(cache, embeds, position_ids, attention_mask, hidden=False)[0]
-
     @property
     def has_box_pointer(self) -> bool:
         return self.model.box_pointer is not None
