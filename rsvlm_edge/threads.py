@@ -8,25 +8,38 @@ spinning threads also steal from each other. A 1B-class model's matmuls are hund
 
 The rule (:func:`default_threads`): one thread when the decoder does fewer than :data:`SMALL_DECODER_PARAMS`
 multiply-adds per generated token (attention projections + one expert's FFN + the LM head, from the model's config:
-:func:`decoder_work`); otherwise every physical core this process may run on (:func:`free_cores`), because at that
-size each extra core shortens the vision encoder and the prefill, which dominate a short answer. ``OMP_NUM_THREADS``,
-when set to a positive whole number, replaces the rule (capped at the free cores), as it does for PyTorch and
-NumPy, so a job scheduler's per-task thread limit holds here too. Inter-op threads stay at one: sessions run their
+:func:`decoder_work`); otherwise the free cores: the physical cores this process may run on, less those other work keeps busy
+(:func:`free_cores`), because at that size each extra core shortens the vision encoder, the prefill and the decode
+steps. ``OMP_NUM_THREADS``, when set to a positive whole number, replaces the rule (capped at the physical cores),
+as it does for PyTorch and NumPy, so a job scheduler's per-task thread limit holds here too. Inter-op threads stay at one: sessions run their
 graphs sequentially (ONNX Runtime's default execution mode), so an inter-op pool would only idle, and a batch of
 tiles is one call whose operators the intra-op pool splits.
 
-Measured with ``rsvlm-edge infer`` on an Intel Xeon (Sapphire Rapids, AVX512 + AVX512-VNNI + AMX), 2 cores, 1 thread
-per core, ONNX Runtime 1.32, while other jobs shared the machine (load average 1-2.5), best of 2 runs:
+Measured with ``rsvlm-edge infer --threads 1`` and ``--threads 2`` on an Intel Xeon (Sapphire Rapids, AVX512 +
+AVX512-VNNI + AMX), 2 cores, 1 thread per core, ONNX Runtime 1.32, fp32 engines unless named; the machine was
+shared with other jobs (load average 2 to 3.6), so each figure is the best of 3 runs, taken in alternation. The
+middle rows are random-init exports of the tiny config widened (hidden 384 x 6 layers; 512 x 8; 1024 x 12), the
+last two the random-init RSUniVLM-1B shape (``rsvlm-edge export --config rsunivlm-1b --random-init``); decode in
+tokens/s:
 
-=====================================  =====================  ==========  ==========
-model (decoder MACs per token)         what                   1 thread    2 threads
-=====================================  =====================  ==========  ==========
-tiny-demo (3.8 M), fp32                200 AID tiles, cls     75 tile/s   40 tile/s
-tiny-demo-int8 (3.8 M)                 200 AID tiles, cls     112 tile/s  64 tile/s
-=====================================  =====================  ==========  ==========
+===========================  ============  =================================  ==============  ===============
+model                        MACs / token  what                               1 thread        2 threads
+===========================  ============  =================================  ==============  ===============
+tiny-demo                    3.8 M         50 AID tiles, cap, 16 tokens       58 tile/s       17 tile/s
+tiny-demo (load 1-2)         3.8 M         200 AID tiles, cls                 75 tile/s       40 tile/s
+tiny-demo-int8 (load 1-2)    3.8 M         200 AID tiles, cls                 112 tile/s      64 tile/s
+hidden 384                   11.0 M        50 AID tiles, cap, 16 tokens       19.4 tile/s     8.6 tile/s
+hidden 512                   26.2 M        50 AID tiles, cap, 16 tokens       6.9 tile/s      10.2 tile/s
+hidden 1024                  139 M         one 384 px tile: vision / decode   677 ms, 26/s    514 ms, 38/s
+rsunivlm-1b INT8 (weights)   494 M         one 384 px tile: vision / decode   4146 ms, 21/s   2784 ms, 36/s
+rsunivlm-1b fp32             494 M         one 384 px tile: vision / decode   7216 ms, 8/s    4818 ms, 12/s
+===========================  ============  =================================  ==============  ===============
 
-The issue that asked for this rule reported the same shape on a 2-vCPU AMD EPYC (AVX2): 200 tiny-demo tiles took
-45.9 s at the old all-cores default and 11.3 s with one thread.
+So the line falls between 11 M and 26 M multiply-adds per token (:data:`SMALL_DECODER_PARAMS` = 20 M). From 26 M
+up, two free cores give 1.3x to 1.7x; but the same runs also had two threads lose by up to 2.5x (hidden 512: 3.3
+tile/s; hidden 1024, 20 tiles: 1.0 against 1.4 tile/s) whenever the other jobs held a core, which is why only idle
+cores count (:func:`free_cores`). The issue that asked for this rule reported the small-model side on a 2-vCPU AMD
+EPYC (AVX2): 200 tiny-demo tiles took 45.9 s at the old all-cores default and 11.3 s with one thread.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.validate import available_cores
 
 #: Below this many decoder multiply-adds per generated token, one thread is fastest (see the table above).
-SMALL_DECODER_PARAMS = 50_000_000
+SMALL_DECODER_PARAMS = 20_000_000
 
 #: Environment variable that, when set to a positive whole number, replaces the rule.
 THREADS_ENV = "OMP_NUM_THREADS"
