@@ -99,6 +99,9 @@ def activation_scale(amax: float) -> float:
     return float(max(amax, 1e-8) / QMAX)
 
 
+Target = tuple[onnx.NodeProto, str, str, int]  # (node, activation input, weight initializer, channel axis)
+
+
 def weight_axis(node: onnx.NodeProto, dims: list[int]) -> int | None:
     """The output-channel axis of a node's weight, or None when the weight is not a plain 2-D/4-D matrix."""
     if node.op_type == "Conv":
@@ -112,7 +115,7 @@ def weight_axis(node: onnx.NodeProto, dims: list[int]) -> int | None:
 
 
 def quantizable_nodes(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool] | None = None
-                      ) -> list[tuple[onnx.NodeProto, str, str, int]]:
+                      ) -> list[Target]:
     """(node, activation input, weight initializer, channel axis) for every node the rewrite will quantize."""
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
     out = []
@@ -145,16 +148,116 @@ def _scalar(name: str, value, dtype) -> onnx.TensorProto:
 
 
 def make_qdq(tensor: str, out: str, scale: str, zero_point: str) -> list[onnx.NodeProto]:
-    """Fake quantization of one activation: ``tensor ─Q─▶ <out>_q (8-bit) ─DQ─▶ out``."""
+    """Fake quantization of one activation (8-bit per-tensor)::
+
+        tensor ─Q(scale, zero_point)─▶ <out>_q ─DQ(scale, zero_point)─▶ out
+    """
     return [helper.make_node("QuantizeLinear", [tensor, scale, zero_point], [f"{out}_q"], name=f"{out}/QuantizeLinear"),
             helper.make_node("DequantizeLinear", [f"{out}_q", scale, zero_point], [out], name=f"{out}/DequantizeLinear")]
 
 
 def make_dq(name: str, axis: int) -> onnx.NodeProto:
-    """A stored tensor: ``<name>_quantized ─DQ(<name>_scale, <name>_zero_point, axis)─▶ name``, so the consumers of
-    the original initializer ``name`` are unchanged."""
+    """A stored tensor, dequantized under the original initializer's name so its consumers are unchanged::
+
+        <name>_quantized ─DQ(<name>_scale, <name>_zero_point, axis)─▶ name
+    """
     return helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [name],
                             name=f"{name}/DequantizeLinear", axis=axis)
+
+
+class QdqBuilder:
+    """The rewritten graph's nodes and initializers, added one subgraph at a time by the ``make_*`` methods.
+
+    Nodes go to ``nodes`` in the order the rewrite meets them (``replace_initializers`` sorts them topologically);
+    external tensors are declared in ``inits`` and their arrays handed to the caller through ``result.tensors``.
+    """
+
+    def __init__(self, result: QuantizedGraph, weights: dict[str, np.ndarray], amax: dict[str, float],
+                 act_dtype: str) -> None:
+        if act_dtype not in ACT_DTYPES:
+            raise ValueError(f"activation dtype must be one of {', '.join(ACT_DTYPES)}, got {act_dtype!r}")
+        _, self.act_type, self.act_zero = ACT_DTYPES[act_dtype]
+        self.result, self.weights, self.amax = result, weights, amax
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.external = external_adder(result, self.inits)
+        self.weight_scales: dict[str, np.ndarray] = {}  # weight initializer -> its per-channel scales
+        self.biases: set[str] = set()  # Conv biases stored as int32
+        self.act_dq: dict[str, str] = {}  # activation -> its dequantized copy, shared by every product reading it
+
+    def make_act_qparams(self, tensor: str) -> tuple[str, str]:
+        """Scale (amax / 127) and zero point of a calibrated activation, as scalar initializers."""
+        self.inits += [_scalar(f"{tensor}_act_scale", activation_scale(self.amax[tensor]), np.float32),
+                       _scalar(f"{tensor}_act_zero_point", self.act_zero, self.act_type)]
+        self.result.activations_quantized += 1
+        return f"{tensor}_act_scale", f"{tensor}_act_zero_point"
+
+    def make_initializer_dq(self, name: str, q: np.ndarray, scale: np.ndarray, axis: int) -> None:
+        """Replace the FP32 initializer ``name`` (zero point 0, dtype of ``q``)::
+
+            <name>_quantized ─DQ(<name>_scale, <name>_zero_point, axis)─▶ name
+        """
+        self.external(f"{name}_quantized", q, name)
+        self.external(f"{name}_scale", scale, name)
+        self.inits.append(numpy_helper.from_array(np.zeros(scale.shape, q.dtype), f"{name}_zero_point"))
+        self.nodes.append(make_dq(name, axis))
+
+    def make_weight_dq(self, weight: str, axis: int) -> None:
+        """A pair-bounded INT8 weight (once per initializer, whichever products share it)::
+
+            W_quantized (s8) ─DQ(W_scale per channel)─▶ W
+        """
+        if weight in self.weight_scales:
+            return
+        q, self.weight_scales[weight] = quantize_weight(self.weights[weight], axis)
+        self.make_initializer_dq(weight, q, self.weight_scales[weight], axis)
+        self.result.weights_quantized += 1
+
+    def make_bias_dq(self, bias: str, act: str, weight: str) -> None:
+        """An int32 Conv bias on the scale of the product it is added to, as ``QLinearConv`` expects::
+
+            b_quantized (s32, scale = s_act * s_W) ─DQ─▶ b
+        """
+        scale = (activation_scale(self.amax[act]) * self.weight_scales[weight]).astype(np.float32)
+        q = np.clip(np.rint(np.asarray(self.weights[bias], np.float32) / scale), -2**31, 2**31 - 1).astype(np.int32)
+        self.make_initializer_dq(bias, q, scale, 0)
+        self.biases.add(bias)
+
+    def make_input_qdq(self, act: str) -> str:
+        """The dequantized copy of a calibrated activation (made on first use, then shared)::
+
+            act ─Q─▶ act_dq_q ─DQ─▶ act_dq
+        """
+        if act not in self.act_dq:
+            self.nodes += make_qdq(act, f"{act}_dq", *self.make_act_qparams(act))
+            self.act_dq[act] = f"{act}_dq"
+        return self.act_dq[act]
+
+    def make_output_qdq(self, node: onnx.NodeProto) -> None:
+        """Q/DQ on a node's output, under the output's name so its consumers are unchanged::
+
+            node ─▶ out_float ─Q─▶ out_q ─DQ─▶ out
+        """
+        out = node.output[0]
+        node.output[0] = f"{out}_float"
+        self.nodes.append(node)
+        self.nodes += make_qdq(f"{out}_float", out, *self.make_act_qparams(out))
+
+    def make_quantized_product(self, node: onnx.NodeProto, act: str, weight: str) -> None:
+        """A MatMul / Gemm / Conv reading dequantized operands; ORT fuses ``DQ ─▶ MatMul`` into
+        ``MatMulIntegerToFloat``, and a Conv with Q/DQ on input, weight, bias and output into ``QLinearConv``::
+
+            act ─Q─▶ ─DQ─▶ act_dq ─┐
+            W_quantized ───DQ─▶ W ─┼─▶ node ─▶ out
+            b_quantized ───DQ─▶ b ─┘   (a Conv with a calibrated output: node ─▶ out_float ─Q─▶ ─DQ─▶ out)
+        """
+        node.input[0] = self.make_input_qdq(act)
+        if node.op_type != "Conv" or node.output[0] not in self.amax:
+            self.nodes.append(node)
+            return
+        if len(node.input) > 2 and node.input[2] in self.weights:  # the bias is still an FP32 initializer
+            self.make_bias_dq(node.input[2], act, weight)
+        self.make_output_qdq(node)
 
 
 def quantize_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray], amax: dict[str, float],
@@ -166,86 +269,55 @@ def quantize_graph(model: onnx.ModelProto, weights: dict[str, np.ndarray], amax:
     Every external initializer of the result is listed in ``QuantizedGraph.tensors``; inline ones stay inline.
     ``QuantizedGraph.scheme`` records the weight / activation scheme and the saturation bound of its weights.
     """
-    if act_dtype not in ACT_DTYPES:
-        raise ValueError(f"activation dtype must be one of {', '.join(ACT_DTYPES)}, got {act_dtype!r}")
-    _, np_act, zero = ACT_DTYPES[act_dtype]
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
     result = QuantizedGraph(model)
-    targets = {id(node): (node, act, w, axis) for node, act, w, axis in quantizable_nodes(model, keep_fp32)}
-    new_inits: list[onnx.TensorProto] = []
-    new_nodes: list[onnx.NodeProto] = []
-    act_dq: dict[str, str] = {}
-    quantized_biases: set[str] = set()
-    external = external_adder(result, new_inits)
+    build = QdqBuilder(result, weights, amax, act_dtype)
+    # nodes by their first output (unique in a graph): the products to quantize, the embedding lookups
+    targets = {target[0].output[0]: target for target in quantizable_nodes(model, keep_fp32)}
+    gathers = {node.output[0]: node for node in embedding_gathers(model.graph, weights)} if quantize_gather else {}
 
-    def act_qparams(tensor: str) -> tuple[str, str]:
-        new_inits.extend([_scalar(f"{tensor}_act_scale", activation_scale(amax[tensor]), np.float32),
-                          _scalar(f"{tensor}_act_zero_point", zero, np_act)])
-        result.activations_quantized += 1
-        return f"{tensor}_act_scale", f"{tensor}_act_zero_point"
-
-    # ---- weights: W -> DequantizeLinear(W_quantized, W_scale, W_zero_point, axis) named W, consumers unchanged
-    scales: dict[str, np.ndarray] = {}
+    # weights: W_quantized ─DQ─▶ W, and the largest pair sum a kernel adds (the saturation bound)
     pair_sum = 0
-    for node, _, w, axis in targets.values():
-        if w not in scales:
-            q, scales[w] = quantize_weight(weights[w], axis)
-            external(f"{w}_quantized", q, w)
-            external(f"{w}_scale", scales[w], w)
-            new_inits.append(numpy_helper.from_array(np.zeros(scales[w].shape, np.int8), f"{w}_zero_point"))
-            new_nodes.append(make_dq(w, axis))
-            result.weights_quantized += 1
-        pair_sum = max(pair_sum, int(reduction_pair_sums(result.tensors[f"{w}_quantized"][0], node).max(initial=0)))
+    for node, _, weight, axis in targets.values():
+        build.make_weight_dq(weight, axis)
+        q = result.tensors[f"{weight}_quantized"][0]
+        pair_sum = max(pair_sum, int(reduction_pair_sums(q, node).max(initial=0)))
+    # embedding tables: INT8 rows and row scales, gathered then multiplied
+    tables = quantize_tables(list(gathers.values()), weights, build.external, result)
 
-    # ---- embedding tables: Gather(int8 rows) * Gather(row scales)
-    gathers = embedding_gathers(graph, weights) if quantize_gather else []
-    gathered_tables = quantize_tables(gathers, weights, external, result)
-
-    for node in graph.node:
-        if node in gathers:
-            new_nodes += dequantized_gather(node)
-            continue
-        if id(node) not in targets:
+    # every node in graph order: its own subgraph, or unchanged
+    for node in model.graph.node:
+        key = node.output[0] if node.output else ""
+        if node.op_type == "Gather" and key in gathers:
+            build.nodes += dequantized_gather(node)
+        elif key not in targets:
             if node.op_type in QUANT_OPS:
                 result.kept_fp32.append(node.name)
-            new_nodes.append(node)
-            continue
-        _, act, weight, _ = targets[id(node)]
-        if act not in amax:
-            new_nodes.append(node)
-            continue
-        if act not in act_dq:  # act ─Q─▶ act_q ─DQ─▶ act_dq, shared by every product that reads act
-            new_nodes += make_qdq(act, f"{act}_dq", *act_qparams(act))
-            act_dq[act] = f"{act}_dq"
-        node.input[0] = act_dq[act]
-        out = node.output[0]
-        if node.op_type != "Conv" or out not in amax:
-            new_nodes.append(node)
-        else:  # Q/DQ on the output too: ORT runs one integer QLinearConv (bias DQ first: it is still an initializer)
-            if len(node.input) > 2 and node.input[2] in weights:
-                bias = node.input[2]
-                s_b = (activation_scale(amax[act]) * scales[weight]).astype(np.float32)
-                b_q = np.clip(np.rint(np.asarray(weights[bias], np.float32) / s_b), -2**31, 2**31 - 1).astype(np.int32)
-                external(f"{bias}_quantized", b_q, bias)
-                external(f"{bias}_scale", s_b, bias)
-                new_inits.append(numpy_helper.from_array(np.zeros(s_b.shape, np.int32), f"{bias}_zero_point"))
-                new_nodes.append(make_dq(bias, 0))
-                quantized_biases.add(bias)
-            node.output[0] = f"{out}_float"
-            new_nodes.append(node)
-            new_nodes += make_qdq(f"{out}_float", out, *act_qparams(out))
+            build.nodes.append(node)
+        elif targets[key][1] in amax:
+            build.make_quantized_product(node, targets[key][1], targets[key][2])
+        else:  # no calibrated range: FP32 activation, dequantized weight
+            build.nodes.append(node)
 
-    replace_initializers(graph, new_nodes, new_inits, set(scales) | gathered_tables | quantized_biases,
-                         weights, external)
+    replace_initializers(model.graph, build.nodes, build.inits, set(build.weight_scales) | tables | build.biases,
+                         weights, build.external)
     _ensure_opset(model, 13)  # per-axis DequantizeLinear
-    if scales:
-        result.scheme |= {"weights": WEIGHT_SCHEME, "pair_bound": pair_bound(pair_sum)}
-    if gathered_tables:
-        result.scheme["tables"] = TABLE_SCHEME
-    if result.activations_quantized:
-        result.scheme["activations"] = f"{act_dtype} per-tensor symmetric (scale amax/127, zero point {zero})"
+    result.scheme = qdq_scheme(pair_sum if build.weight_scales else None, bool(tables),
+                               act_dtype if result.activations_quantized else None)
     return result
+
+
+def qdq_scheme(pair_sum: int | None, tables: bool, act_dtype: str | None) -> dict[str, Any]:
+    """The manifest's ``int8_scheme``: only the parts the graph uses (``None`` / False for the others)."""
+    scheme: dict[str, Any] = {}
+    if pair_sum is not None:
+        scheme |= {"weights": WEIGHT_SCHEME, "pair_bound": pair_bound(pair_sum)}
+    if tables:
+        scheme["tables"] = TABLE_SCHEME
+    if act_dtype is not None:
+        zero = ACT_DTYPES[act_dtype][2]
+        scheme["activations"] = f"{act_dtype} per-tensor symmetric (scale amax/127, zero point {zero})"
+    return scheme
 
 
 def external_adder(result: QuantizedGraph, new_inits: list[onnx.TensorProto]
