@@ -79,6 +79,17 @@ def test_pointer_loss_trains_the_pointer(setup):
     assert "pointer_loss" not in batch_loss(model, batch, tok.image_id, router_weight=0.0, pointer_weight=0.0)[1]
 
 
+def test_box_l1_weight_scales_the_box_term_only(setup):
+    cfg, tok, _, batch = setup
+    model = build_model(cfg, seed=0)
+    with torch.no_grad():
+        hidden = frozen_states(model, batch, tok.image_id)
+        ce_only, stats = pointer_loss(model, batch, hidden, tok.image_id, box_l1_weight=0.0)
+        weighted, _ = pointer_loss(model, batch, hidden, tok.image_id, box_l1_weight=4.0)
+    assert float(ce_only) == pytest.approx(stats["pointer_loss"])
+    assert float(weighted) == pytest.approx(stats["pointer_loss"] + 4.0 * stats["box_l1"], rel=1e-5)
+
+
 def test_pointer_weights_survive_save_and_load(setup, tmp_path):
     cfg, _, _, _ = setup
     model = build_model(cfg, seed=1)

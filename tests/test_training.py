@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -20,6 +21,22 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(9, tc) == pytest.approx(1e-3)
     assert lr_at(99, tc) < lr_at(50, tc) < lr_at(10, tc)
     assert lr_at(10_000, tc) == pytest.approx(1e-4)
+
+
+def test_train_config_files_written_before_a_field_existed_still_load():
+    saved = asdict(TrainConfig(align_steps=7, pointer_weight=0.5))
+    assert TrainConfig.from_dict(saved) == TrainConfig(align_steps=7, pointer_weight=0.5)
+    del saved["box_l1_weight"]  # an older train_config.json
+    assert TrainConfig.from_dict(saved).box_l1_weight == TrainConfig().box_l1_weight == 10.0
+    with pytest.raises(ValueError, match="unknown train config keys: box_weight"):
+        TrainConfig.from_dict({**saved, "box_weight": 1.0})
+
+
+def test_text_mixtures_have_no_heldout_scores_of_their_own():
+    from rsvlm_edge.training.data import ListSource, Mixture
+
+    mixture = Mixture({"one": (1.0, ListSource([object()]))})  # type: ignore[list-item]
+    assert mixture.heldout_scores(None, None) == {}  # type: ignore[arg-type]
 
 
 def test_precision_choice():
@@ -64,7 +81,8 @@ def test_train_cli_runs_and_resumes(tmp_path, precision):
     assert log[-1]["step"] == 4 and all(np.isfinite(r["loss"]) for r in log)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "train_config.json"):
         assert (out / "model" / name).is_file()
-    assert json.loads((out / "model" / "train_config.json").read_text())["precision"] == precision
+    saved = json.loads((out / "model" / "train_config.json").read_text())
+    assert saved["precision"] == precision and TrainConfig.from_dict(saved).box_l1_weight == 10.0
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["token_pos_embed"] is (precision == "bf16") and config["box_pointer"] is (precision == "bf16")
     # re-running with more instruct steps resumes at step 4 instead of starting over

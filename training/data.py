@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -17,6 +17,10 @@ from rsvlm_edge.preprocess import prepare_image
 from rsvlm_edge.tasks import END, Turn, build_prompt
 from rsvlm_edge.tokenizer import Tokenizer
 from rsvlm_edge.training.sample import Sample
+
+if TYPE_CHECKING:  # torch-side types only; importing them here would load torch for data prep
+    from rsvlm_edge.modeling import RSVLM
+    from rsvlm_edge.training.vision_pretrain import VisionHeads
 
 #: Label value ignored by the loss (prompt and padding positions).
 IGNORE = -100
@@ -159,6 +163,11 @@ class Mixture:
             self.rng.shuffle(chunks)
             for chunk in chunks:
                 yield collate(chunk, pad_id)
+
+    def heldout_scores(self, model: RSVLM, heads: VisionHeads | None, bf16: bool = False) -> dict[str, float]:
+        """Scores the trainer logs at the end of the stage. None for text mixtures: answers are scored by generating
+        them (``rsvlm-edge eval`` on the exported model), which a training step cannot afford."""
+        return {}
 
 
 class Source:

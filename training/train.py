@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, cast
+from typing import Any, Callable, Iterator, TextIO, cast
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     router_weight: float = 0.2
     pointer_weight: float = 1.0  # models with box_pointer: pointer cross-entropy + box L1 on [VG] answers
+    box_l1_weight: float = 10.0  # box L1 in the pointer loss: edges are image fractions, small beside a 64-way CE
     untagged_share: float = 0.2
     save_every: int = 100
     log_every: int = 10
@@ -60,6 +61,15 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return self.vision_steps + self.align_steps + self.instruct_steps
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A saved ``train_config.json``: fields added since it was written take their defaults (their default is
+        what those runs used)."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown train config keys: {', '.join(unknown)}")
+        return cls(**values)
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -110,10 +120,11 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def pointer_loss(model: RSVLM, batch: Batch, hidden: torch.Tensor, image_token_id: int
+def pointer_loss(model: RSVLM, batch: Batch, hidden: torch.Tensor, image_token_id: int, box_l1_weight: float = 10.0
                  ) -> tuple[torch.Tensor, dict[str, float]] | None:
     """For the rows whose answer is one box: cross-entropy of the pointer over the image's patch tokens (target:
-    the patch holding the box centre) plus 10x the L1 of the box read at that patch. None without such rows."""
+    the patch holding the box centre) plus ``box_l1_weight`` times the L1 of the box read at that patch. None without
+    such rows."""
     pointer = model.box_pointer
     if pointer is None or batch.boxes is None:
         return None
@@ -141,11 +152,12 @@ def pointer_loss(model: RSVLM, batch: Batch, hidden: torch.Tensor, image_token_i
     l1 = F.l1_loss(read, torch.from_numpy(np.stack(boxes)))
     stats = {"pointer_loss": float(ce.detach()), "pointer_acc": float((scores.argmax(-1) == target).float().mean()),
              "box_l1": float(l1.detach())}
-    return ce + 10 * l1, stats
+    return ce + box_l1_weight * l1, stats
 
 
 def batch_loss(model: RSVLM, batch: Batch, image_token_id: int, router_weight: float,
-               force_expert: int | None = None, pointer_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+               force_expert: int | None = None, pointer_weight: float = 1.0, box_l1_weight: float = 10.0
+               ) -> tuple[torch.Tensor, dict[str, float]]:
     """Answer-token cross-entropy (+ router cross-entropy, + the box pointer's loss) for one batch."""
     slots = encode_by_sensor(batch.pixels_by_sensor, batch.num_images,
                              lambda sensor, _, pixels: model.encode_images(torch.from_numpy(pixels), sensor))
@@ -167,7 +179,7 @@ def batch_loss(model: RSVLM, batch: Batch, image_token_id: int, router_weight: f
         stats["router_loss"] = float(rl.detach())
         stats["router_acc"] = float((router_logits.argmax(-1) == experts).float().mean())
     if pointer_weight > 0:
-        found = pointer_loss(model, batch, hidden, image_token_id)
+        found = pointer_loss(model, batch, hidden, image_token_id, box_l1_weight)
         if found is not None:
             loss = loss + pointer_weight * found[0]
             stats.update(found[1])
@@ -246,64 +258,76 @@ class Trainer:
         return "align" if step < self.tc.vision_steps + self.tc.align_steps else "instruct"
 
     def run(self) -> Path:
+        """Train from ``self.step`` to the end of the schedule, then write the shippable model dir."""
         from tqdm import tqdm
 
         tc = self.tc
-        bar = tqdm(total=tc.total_steps, initial=self.step, desc=f"train ({self.precision})", disable=not self.progress,
-                   dynamic_ncols=True)
-        stream_stage: str | None = None
-        stream: Iterator[Any] | None = None  # Batch, or VisionBatch in stage vision
+        streaming: str | None = None  # the stage whose batches ``stream`` draws
         self._run_start = time.perf_counter()
-        log = open(self.out / LOG, "a")
-        try:
+        with tqdm(total=tc.total_steps, initial=self.step, desc=f"train ({self.precision})", dynamic_ncols=True,
+                  disable=not self.progress) as bar, open(self.out / LOG, "a") as log:
             while self.step < tc.total_steps:
+                # stage switch
                 stage = self.stage_of(self.step)
-                if stage != stream_stage:
-                    if stage == "instruct" and self.step == tc.vision_steps + tc.align_steps:
-                        upcycle_experts(self.model)
-                    # Each stage/resume point gets its own deterministic stream.
-                    mixture = self.mixtures(stage)
-                    mixture.rng.seed(tc.seed * 1_000_003 + self.step)
-                    size = tc.vision_batch_size if stage == "vision" else tc.batch_size
-                    stream, stream_stage = mixture.batches(size, self.tokenizer.pad_id), stage
+                if stage != streaming:
+                    mixture, stream = self.start_stage(stage)
+                    streaming = stage
                 t0 = time.perf_counter()
-                batch = next(stream)  # type: ignore[arg-type]
+                batch = next(stream)
+
+                # learning rate
                 lr = lr_at(self.step, tc)
                 for group in self.opt.param_groups:
                     group["lr"] = lr
-                self.model.train()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                    if stage == "vision":
-                        # stage vision exists only with vision_steps, which build the heads; its mixture is visual
-                        loss, stats = vision_loss(self.model.vision, cast(VisionHeads, self.heads), batch,
-                                                  self.cfg.grid_size, self.augment_rng)
-                    else:
-                        loss, stats = batch_loss(self.model, batch, self.tokenizer.image_id,
-                                                 router_weight=tc.router_weight if stage == "instruct" else 0.0,
-                                                 force_expert=0 if stage == "align" else None,
-                                                 pointer_weight=tc.pointer_weight if stage == "instruct" else 0.0)
+
+                # forward-backward
+                loss, stats = self.stage_loss(stage, batch)
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.trainable, tc.grad_clip)
                 self.opt.step()
                 self.step += 1
-                row: dict[str, Any] = {**stats, "step": self.step, "stage": stage, "lr": lr,
-                                       "sec": time.perf_counter() - t0, "wall_s": round(self._wall(), 1)}
+
+                # logging
+                row = {**stats, "step": self.step, "stage": stage, "lr": lr, "sec": time.perf_counter() - t0,
+                       "wall_s": round(self._wall(), 1)}
                 if self.step % tc.log_every == 0 or self.step == tc.total_steps:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
+                    write_row(log, row)
                 bar.set_postfix(stage=stage, loss=f"{stats['loss']:.3f}")
                 bar.update(1)
-                if stage == "vision" and self.step == tc.vision_steps and hasattr(mixture, "heldout_accuracy"):
-                    log.write(json.dumps({"step": self.step, "stage": "vision_eval", **mixture.heldout_accuracy(
-                        self.model.vision, cast(VisionHeads, self.heads), self.precision == "bf16")}) + "\n")
-                    log.flush()
+
+                # evaluate and checkpoint
+                if stage == "vision" and self.step == tc.vision_steps:  # the encoder's score before any language
+                    scores = mixture.heldout_scores(self.model, self.heads, self.precision == "bf16")
+                    write_row(log, {"step": self.step, "stage": "vision_eval", **scores})
                 if self.step % tc.save_every == 0 or self.step == tc.total_steps:
                     self.save_checkpoint()
-        finally:
-            bar.close()
-            log.close()
+
+        # termination: the schedule is done (the loop's condition); ship the model
         return self.export_model()
+
+    def start_stage(self, stage: str) -> tuple[Mixture | VisionMixture, Iterator[Any]]:
+        """The stage's mixture and its batches (``VisionBatch`` in stage vision). The stream is seeded by the step,
+        so a resumed run draws what an unbroken one would have. Instruct's first step upcycles the experts."""
+        if stage == "instruct" and self.step == self.tc.vision_steps + self.tc.align_steps:
+            upcycle_experts(self.model)
+        mixture = self.mixtures(stage)
+        mixture.rng.seed(self.tc.seed * 1_000_003 + self.step)
+        size = self.tc.vision_batch_size if stage == "vision" else self.tc.batch_size
+        return mixture, mixture.batches(size, self.tokenizer.pad_id)
+
+    def stage_loss(self, stage: str, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """The stage's loss: the vision heads' in stage vision; in align, expert 0 only and no router or pointer."""
+        tc, instruct = self.tc, stage == "instruct"
+        self.model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            if stage == "vision":  # stage vision exists only with vision_steps, which build the heads
+                return vision_loss(self.model.vision, cast(VisionHeads, self.heads), batch, self.cfg.grid_size,
+                                   self.augment_rng)
+            return batch_loss(self.model, batch, self.tokenizer.image_id,
+                              router_weight=tc.router_weight if instruct else 0.0,
+                              force_expert=None if instruct else 0,
+                              pointer_weight=tc.pointer_weight if instruct else 0.0, box_l1_weight=tc.box_l1_weight)
 
     def export_model(self) -> Path:
         """The shippable model dir: config.json, model.safetensors (fp16), tokenizer.json, train_config.json."""
@@ -312,6 +336,12 @@ class Trainer:
         self.tokenizer.save(model_dir / "tokenizer.json")
         atomic_write_text(model_dir / "train_config.json", json.dumps(asdict(self.tc), indent=2) + "\n")
         return model_dir
+
+
+def write_row(log: TextIO, row: dict[str, Any]) -> None:
+    """One JSON line, flushed: the log is read while training runs and must survive a killed run."""
+    log.write(json.dumps(row) + "\n")
+    log.flush()
 
 
 def set_seed(seed: int) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ import torch.nn.functional as F
 from rsvlm_edge.config import ModelConfig
 from rsvlm_edge.preprocess import prepare_image
 from rsvlm_edge.training.data import encode_by_sensor, group_by_sensor
+
+if TYPE_CHECKING:
+    from rsvlm_edge.modeling import RSVLM
 
 #: Loss weights of the dense terms relative to the scene cross-entropy.
 SEMANTIC_WEIGHT, CENTRE_WEIGHT, BOX_WEIGHT = 0.5, 1.0, 10.0
@@ -180,7 +183,7 @@ def collate_vision(examples: Sequence[VisionExample], grid: int, augment: Sequen
 class VisionMixture:
     """Batches for stage ``vision``: real scene tiles (geometrically augmented on the fly) and fresh synthetic scenes
     with dense targets, in the ratio ``synthetic_share``. Same interface as :class:`~rsvlm_edge.training.data.Mixture`
-    (``rng``, ``batches``) so the trainer drives both alike."""
+    (``rng``, ``batches``, ``heldout_scores``) so the trainer drives both alike."""
 
     def __init__(self, cfg: ModelConfig, real: Sequence[tuple[np.ndarray, str]], seed: int = 0,
                  synthetic_share: float = 0.5, heldout: Sequence[tuple[np.ndarray, str]] = ()):
@@ -224,6 +227,12 @@ class VisionMixture:
                 right += int((logits.argmax(-1) == torch.tensor([label for _, label in part])).sum())
         encoder.train(was_training[0]), heads.train(was_training[1])
         return {"heldout_scene_acc": right / len(self.heldout), "heldout_n": len(self.heldout)}
+
+    def heldout_scores(self, model: RSVLM, heads: VisionHeads | None, bf16: bool = False) -> dict[str, float]:
+        """The trainer's end-of-stage scores: :meth:`heldout_accuracy` of the model's encoder with the stage's heads."""
+        if heads is None:
+            raise ValueError("stage vision is scored with its training-only heads; the trainer builds them with vision_steps")
+        return self.heldout_accuracy(model.vision, heads, bf16)
 
     def batches(self, batch_size: int, pad_id: int = 0) -> Iterator[VisionBatch]:
         """``pad_id`` is unused (no text); it keeps the signature of ``Mixture.batches``."""
