@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +23,17 @@ from rsvlm_edge.calibration.collect import external_arrays
 from rsvlm_edge.calibration.qdq import QuantizedGraph, quantize_graph
 from rsvlm_edge.export.weights import DataFileWriter
 from rsvlm_edge.fileio import staged_dir
-from rsvlm_edge.manifest import KV_LAYOUT_SHARED, Component, Manifest, TensorSpec, copy_side_files, sha256_file
+from rsvlm_edge.manifest import (
+    KV_LAYOUT_SHARED,
+    Component,
+    ExpertLayout,
+    Manifest,
+    TensorLayout,
+    TensorSpec,
+    TrunkLayout,
+    copy_side_files,
+    sha256_file,
+)
 
 LM_HEAD = re.compile(r"lm_head")
 COPIED_KINDS = ("stem", "router", "box_pointer")  # the pointer is tiny and its boxes need FP32 precision
@@ -43,22 +54,22 @@ def keep_fp32_predicate(keep_lm_head: bool) -> Callable[[onnx.NodeProto], bool] 
     return lambda node: bool(LM_HEAD.search(node.name)) or any(LM_HEAD.search(i) for i in node.input)
 
 
-def _point(init: onnx.TensorProto, file: str, entry: dict) -> None:
+def _point(init: onnx.TensorProto, file: str, entry: TensorLayout) -> None:
     init.ClearField("raw_data")
     del init.external_data[:]
-    for key, value in (("location", file), ("offset", str(entry["offset"])), ("length", str(entry["length"]))):
+    for key, value in (("location", file), ("offset", str(entry.offset)), ("length", str(entry.length))):
         init.external_data.add(key=key, value=value)
     init.data_location = TensorProto.EXTERNAL
 
 
-def _write_tensors(path: Path, names: list[str], q: QuantizedGraph) -> tuple[dict[str, dict], str, int]:
+def _write_tensors(path: Path, names: list[str], q: QuantizedGraph) -> tuple[dict[str, TensorLayout], str, int]:
     with DataFileWriter(path) as writer:
         layout = {n: writer.add(n, np.ascontiguousarray(q.tensors[n][0])) for n in names}
         digest, size = writer.close()
     return layout, digest, size
 
 
-def _save_graph(q: QuantizedGraph, where: dict[str, tuple[str, dict]], path: Path) -> None:
+def _save_graph(q: QuantizedGraph, where: dict[str, tuple[str, TensorLayout]], path: Path) -> None:
     for init in q.model.graph.initializer:
         if init.name in where:
             _point(init, *where[init.name])
@@ -118,14 +129,17 @@ class Int8Writer:
         self.components[comp.name] = self._entry(comp, [comp.file, data_file], "int8", self._extra(q))
         self.report[comp.name] = self._stats(q)
 
-    def decoder(self) -> dict[str, Any]:
+    def decoder(self) -> ExpertLayout:
         layout = self.src.experts
-        trunk_src = set(layout["trunk"]["tensors"])
-        trunk_file, experts = layout["trunk"]["file"], {}
-        trunk_layout: dict[str, dict] | None = None
-        expert_layout: dict[str, dict] | None = None
+        if layout.trunk is None or layout.expert_files is None or layout.expert_tensors is None:
+            raise Int8WriteError(f"{self.src.directory}: the manifest has no decoder weight layout (trunk, expert "
+                                 f"files and tensors); quantize a complete FP32 export")
+        trunk_src = set(layout.trunk.tensors)
+        trunk_file, experts = layout.trunk.file, {}
+        trunk_layout: dict[str, TensorLayout] | None = None
+        expert_layout: dict[str, TensorLayout] | None = None
         trunk_bytes = expert_bytes = 0
-        for e, name in enumerate(layout["components"]):
+        for e, name in enumerate(layout.decoders):
             comp = self.src.component(name)
             model, arrays = self._load(comp)
             q = self.quantize(model, arrays, name, lambda weight: "trunk" if weight in trunk_src else "expert")
@@ -135,7 +149,7 @@ class Int8Writer:
                 trunk_layout, _, trunk_bytes = _write_tensors(self.dir / trunk_file, trunk_names, q)
             elif sorted(trunk_layout) != sorted(trunk_names):
                 raise Int8WriteError(f"{name}: its trunk tensors differ from decoder expert 0's")
-            data_file = layout["expert_files"][e]
+            data_file = layout.expert_files[e]
             this_layout, _, expert_bytes = _write_tensors(self.dir / data_file, expert_names, q)
             if expert_layout is not None and this_layout != expert_layout:
                 raise Int8WriteError(f"{name}: its expert tensors are laid out unlike expert 0's")
@@ -147,20 +161,22 @@ class Int8Writer:
             experts[e] = q
         q0 = experts[0]
 
-        def describe(entries: dict[str, dict], source_layout: dict[str, dict]) -> dict[str, dict]:
+        def describe(entries: dict[str, TensorLayout], source_layout: dict[str, TensorLayout]) -> dict[str, TensorLayout]:
+            """Each written tensor with the parameter it came from and, for INT8 data and scales, which
+            initializer it quantizes (``quantization``: "int8" / "scale" / null, ``of``: that initializer)."""
             out = {}
             for n, entry in entries.items():
                 origin = q0.tensors[n][1]
-                src = source_layout.get(origin, {})
+                src = source_layout.get(origin)
                 role = "int8" if n.endswith("_quantized") else "scale" if n.endswith("_scale") and n != origin else None
-                out[n] = {**entry, "source": src.get("source", origin), "transform": src.get("transform"),
-                          "quantization": role, "of": origin if role else None}
+                out[n] = replace(entry, source=(src.source if src else None) or origin, transform=src.transform if src else None,
+                                 extra={"quantization": role, "of": origin if role else None})
             return out
 
         assert trunk_layout is not None and expert_layout is not None
-        return {**layout, "trunk": {"file": trunk_file, "bytes": trunk_bytes,
-                                    "tensors": describe(trunk_layout, layout["trunk"]["tensors"])},
-                "expert_bytes": expert_bytes, "expert_tensors": describe(expert_layout, layout["expert_tensors"])}
+        return replace(layout, trunk=TrunkLayout(file=trunk_file, bytes=trunk_bytes,
+                                                 tensors=describe(trunk_layout, layout.trunk.tensors)),
+                       expert_bytes=expert_bytes, expert_tensors=describe(expert_layout, layout.expert_tensors))
 
     @classmethod
     def _extra(cls, q: QuantizedGraph) -> dict[str, Any]:
@@ -245,7 +261,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
     out_dir = Path(out_dir)
     with staged_dir(out_dir, overwrite, Int8WriteError) as staging:
         writer = Int8Writer(src, staging, quantize)
-        decoders = set(src.experts.get("components", []))
+        decoders = set(src.experts.decoders)
         for comp in src.components.values():
             if comp.name in decoders:
                 continue

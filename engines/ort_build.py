@@ -44,7 +44,7 @@ def build_ort_fp32(onnx_dir: str | Path, out_dir: str | Path, overwrite: bool = 
     src = Manifest.load(onnx_dir, verify=True)
     if src.engine_kind != "onnx" or any(c.precision != "fp32" for c in src.components.values()):
         raise Int8WriteError(f"{onnx_dir} is not an FP32 ONNX export")
-    decoders = set(src.experts.get("components", []))
+    decoders = set(src.experts.decoders)
     out_dir = Path(out_dir)
     with staged_dir(out_dir, overwrite, Int8WriteError) as staging:
         components = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from rsvlm_edge.backends.trt_env import LazyModule, compute_capability, load_tensorrt, trt_major
 from rsvlm_edge.engines.trt_calib import make_cache_calibrator
@@ -30,7 +30,15 @@ from rsvlm_edge.engines.trt_settings import (
     resolve_strongly_typed,
 )
 from rsvlm_edge.fileio import atomic_write_bytes
-from rsvlm_edge.manifest import Component, Manifest, ManifestError, Verify, copy_side_files, sha256_file
+from rsvlm_edge.manifest import (
+    Component,
+    ExpertLayout,
+    Manifest,
+    ManifestError,
+    Verify,
+    copy_side_files,
+    sha256_file,
+)
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -149,7 +157,9 @@ def plan_component(source: Component, plan_name: str, plan_path: Path, settings:
 
 def trt_manifest(source: Manifest, components: dict[str, Component], version: str, cc: str, preset: BuildPreset,
                  precision: str) -> Manifest:
-    experts: dict[str, Any] = {k: source.experts[k] for k in ("num_experts", "names", "components") if k in source.experts}
+    # plans hold their weights: of the layout only the experts themselves stay (no data files to map)
+    experts = ExpertLayout(num_experts=source.experts.num_experts, names=source.experts.names,
+                           components=source.experts.components)
     return Manifest(model_config=dict(source.model_config), components=components,
                     tokenizer=dict(source.tokenizer) if source.tokenizer else None, experts=experts,
                     generation_config=dict(source.generation_config) if source.generation_config else None,

@@ -25,7 +25,7 @@ import resource
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,7 +52,16 @@ from rsvlm_edge.export.names import GROUPS, TRUNK_FILE, decoder_component, exper
 from rsvlm_edge.export.static_shapes import static_shapes
 from rsvlm_edge.export.weights import DataFileWriter, materialize, point_to_external, write_graph
 from rsvlm_edge.fileio import staged_dir
-from rsvlm_edge.manifest import Component, Manifest, TensorSpec, file_entry, sha256_file
+from rsvlm_edge.manifest import (
+    Component,
+    ExpertLayout,
+    Manifest,
+    TensorLayout,
+    TensorSpec,
+    TrunkLayout,
+    file_entry,
+    sha256_file,
+)
 from rsvlm_edge.sampling import GENERATION_CONFIG_FILE
 
 #: FP32 parity tolerance of the export check, relative to the reference's magnitude (tests use 1e-4 absolute).
@@ -145,7 +154,7 @@ class _Writer:
         self.model, self.dir, self.options, self.progress = model, staging, options, progress
         self.params = dict(model.named_parameters()) | dict(model.named_buffers())
         self.components: dict[str, Component] = {}
-        self.experts: dict[str, Any] = {}
+        self.experts = ExpertLayout()
         self.checks: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         self._sha: dict[str, str] = {}  # file -> sha256 computed while writing
@@ -182,13 +191,13 @@ class _Writer:
         expert_names = [n for n, ref in g.weights.items() if EXPERT_PARAM.match(ref.source)]
         trunk_names = [n for n in g.weights if n not in expert_names]
         trunk_file = TRUNK_FILE
-        layouts: dict[str, tuple[str, dict]] = {}
+        layouts: dict[str, tuple[str, TensorLayout]] = {}
         with DataFileWriter(self.dir / trunk_file) as writer:
             for name in trunk_names:
                 layouts[name] = (trunk_file, writer.add(name, materialize(g.weights[name], self.lookup)))
             self._sha[trunk_file], trunk_bytes = writer.close()
         trunk_layout = {n: layouts[n][1] for n in trunk_names}
-        expert_layout: dict[str, dict] = {}
+        expert_layout: dict[str, TensorLayout] = {}
         written = []
         for e in range(num_experts):
             data_file = expert_file(e)
@@ -211,18 +220,20 @@ class _Writer:
                                                 {"expert": e, "expert_name": EXPERT_NAMES[e]})
             written.append(name)
 
-        def describe(names: list[str], layout: dict[str, dict]) -> dict[str, dict]:
-            return {n: {**layout[n], **g.weights[n].describe()} for n in names}
+        def made_from(name: str, layout: TensorLayout, source: str) -> TensorLayout:
+            return replace(layout, source=source, transform=g.weights[name].transform)
 
-        self.experts = {
-            "num_experts": num_experts, "names": list(EXPERT_NAMES[:num_experts]), "components": written,
-            "trunk": {"file": trunk_file, "bytes": trunk_bytes, "tensors": describe(trunk_names, trunk_layout)},
-            "expert_files": [expert_file(e) for e in range(num_experts)],
-            "expert_bytes": expert_bytes,
-            "expert_tensors": {n: {**expert_layout[n], **g.weights[n].describe(),
-                                   "source": EXPERT_PARAM.sub(lambda m: f"layers.{m.group(1)}.experts.{{e}}.", g.weights[n].source)}
-                               for n in expert_names},
-        }
+        def any_expert(name: str) -> str:
+            """The parameter with "{e}" for the expert index: one layout serves every expert file."""
+            return EXPERT_PARAM.sub(lambda m: f"layers.{m.group(1)}.experts.{{e}}.", g.weights[name].source)
+
+        self.experts = ExpertLayout(
+            num_experts=num_experts, names=list(EXPERT_NAMES[:num_experts]), components=written,
+            trunk=TrunkLayout(file=trunk_file, bytes=trunk_bytes,
+                              tensors={n: made_from(n, trunk_layout[n], g.weights[n].source) for n in trunk_names}),
+            expert_files=[expert_file(e) for e in range(num_experts)],
+            expert_bytes=expert_bytes,
+            expert_tensors={n: made_from(n, expert_layout[n], any_expert(n)) for n in expert_names})
         return written
 
     def run(self, spec: ComponentSpec, index: int, total: int) -> None:

@@ -46,8 +46,10 @@ class WeightRef:
     perm: tuple[int, ...] | None = None  # transpose applied to the parameter
     dtype: str = "float32"  # stored dtype ("float32" / "float16")
 
-    def describe(self) -> dict:
-        return {"source": self.source, "transform": f"transpose{list(self.perm)}" if self.perm else None}
+    @property
+    def transform(self) -> str | None:
+        """How the stored tensor derives from the parameter, as the manifest's tensor layouts record it."""
+        return f"transpose{list(self.perm)}" if self.perm else None
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from rsvlm_edge.export.graph import Graph, WeightRef
+from rsvlm_edge.manifest import TensorLayout
 
 SMALL_ALIGN = 64
 PAGE_ALIGN = 4096
@@ -49,7 +50,7 @@ class DataFileWriter:
         self.path = Path(path)
         self.offset = 0
         self.digest = hashlib.sha256()
-        self.layout: dict[str, dict] = {}
+        self.layout: dict[str, TensorLayout] = {}
         self._fh = open(self.path, "wb")
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -57,12 +58,12 @@ class DataFileWriter:
         self.digest.update(data)
         self.offset += len(data)
 
-    def add(self, name: str, array: np.ndarray) -> dict:
+    def add(self, name: str, array: np.ndarray) -> TensorLayout:
         align = PAGE_ALIGN if array.nbytes >= PAGE_ALIGN_FROM else SMALL_ALIGN
         pad = (-self.offset) % align
         if pad:
             self._write(b"\0" * pad)
-        entry = {"offset": self.offset, "length": int(array.nbytes), "dtype": str(array.dtype), "shape": list(array.shape)}
+        entry = TensorLayout(offset=self.offset, length=int(array.nbytes), dtype=str(array.dtype), shape=list(array.shape))
         if not array.flags.c_contiguous or array.dtype.byteorder == ">":
             array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<")))
         self._write(array.data.cast("B"))
@@ -83,15 +84,15 @@ class DataFileWriter:
             self._fh.close()
 
 
-def point_to_external(graph: Graph, layouts: dict[str, tuple[str, dict]]) -> None:
-    """Make each weight initializer reference ``layouts[name] = (file, {offset, length})``."""
+def point_to_external(graph: Graph, layouts: dict[str, tuple[str, TensorLayout]]) -> None:
+    """Make each weight initializer reference ``layouts[name] = (file, its offset and length there)``."""
     for init in graph.graph.initializer:
         if init.name not in graph.weights:
             continue
         file, entry = layouts[init.name]
         init.ClearField("raw_data")
         del init.external_data[:]
-        for key, value in (("location", file), ("offset", str(entry["offset"])), ("length", str(entry["length"]))):
+        for key, value in (("location", file), ("offset", str(entry.offset)), ("length", str(entry.length))):
             init.external_data.add(key=key, value=value)
         init.data_location = onnx.TensorProto.EXTERNAL
 

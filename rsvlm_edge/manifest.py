@@ -68,7 +68,7 @@ import copy
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -213,74 +213,176 @@ def _is_int(value: Any, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _check_layout(tensors: Any, where: str) -> None:
-    """A tensor layout (name -> offset, dtype, shape ...) as the runtime maps it onto a data file."""
+def _plain(value: Any) -> Any:
+    """JSON-ready copy of a field value: layouts by their ``to_dict``, tables of layouts entry by entry."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
+def _present(obj: Any) -> dict[str, Any]:
+    """A layout dataclass as its manifest entry: its fields in declaration order (the manifest's key order), absent
+    (None) ones left out unless their ``written_with`` field is present, then its ``extra`` keys. The field names
+    are the manifest keys, so each key is spelled once."""
+    out = {f.name: _plain(getattr(obj, f.name)) for f in fields(obj) if f.name != "extra" and (
+        getattr(obj, f.name) is not None or getattr(obj, f.metadata.get("written_with", f.name)) is not None)}
+    out.update(copy.deepcopy(obj.extra))
+    return out
+
+
+def _unknown(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``data`` that ``cls`` has no field for, kept so a manifest round-trips unchanged."""
+    known = {f.name for f in fields(cls)}
+    return {k: copy.deepcopy(v) for k, v in data.items() if k not in known}
+
+
+@dataclass(kw_only=True)
+class TensorLayout:
+    """Where one initializer lies in a data file, so a runtime maps it (``offset``, ``dtype``, ``shape``) without
+    parsing the graph; ``source`` and ``transform`` say which model parameter it was made from and how."""
+
+    offset: int
+    length: int | None = None  # bytes; the runtime sizes the view from shape and dtype
+    dtype: str
+    shape: list[int]
+    source: str | None = None  # e.g. "layers.0.experts.{e}.up_proj.weight" ({e}: the expert file's index)
+    transform: str | None = field(default=None, metadata={"written_with": "source"})  # "transpose[1, 0]" or null
+    extra: dict[str, Any] = field(default_factory=dict)  # writer-specific fields (INT8: quantization, of)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _present(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "TensorLayout":
+        if not isinstance(data, dict):
+            raise ManifestError(f"manifest {where} must be an object")
+        t: dict[str, Any] = {f.name: data.get(f.name) for f in fields(cls) if f.name != "extra"}
+        if not _is_int(t["offset"]):
+            raise ManifestError(f"manifest {where}.offset must be a non-negative integer, got {t['offset']!r}")
+        if t["length"] is not None and not _is_int(t["length"]):
+            raise ManifestError(f"manifest {where}.length must be a non-negative integer, got {t['length']!r}")
+        if t["dtype"] not in DTYPES:
+            raise ManifestError(f"manifest {where}.dtype must be one of {', '.join(DTYPES)}, got {t['dtype']!r}")
+        if not isinstance(t["shape"], list) or not all(_is_int(d) for d in t["shape"]):
+            raise ManifestError(f"manifest {where}.shape must be a list of non-negative integers, got {t['shape']!r}")
+        for key in ("source", "transform"):
+            if t[key] is not None and not isinstance(t[key], str):
+                raise ManifestError(f"manifest {where}.{key} must be a string or null, got {t[key]!r}")
+        return cls(**t, extra=_unknown(cls, data))
+
+
+def _tensor_table(tensors: Any, where: str) -> dict[str, TensorLayout]:
+    """A tensor layout table (initializer name -> :class:`TensorLayout`), checked."""
     if not isinstance(tensors, dict):
         raise ManifestError(f"manifest {where} must be an object (tensor name -> layout), got {type(tensors).__name__}")
-    for name, t in tensors.items():
-        if not isinstance(t, dict):
-            raise ManifestError(f"manifest {where}[{name!r}] must be an object")
-        if not _is_int(t.get("offset")):
-            raise ManifestError(f"manifest {where}[{name!r}].offset must be a non-negative integer, got {t.get('offset')!r}")
-        if t.get("dtype") not in DTYPES:
-            raise ManifestError(f"manifest {where}[{name!r}].dtype must be one of {', '.join(DTYPES)}, got {t.get('dtype')!r}")
-        shape = t.get("shape")
-        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
-            raise ManifestError(f"manifest {where}[{name!r}].shape must be a list of non-negative integers, got {shape!r}")
+    return {str(name): TensorLayout.from_dict(t, f"{where}[{name!r}]") for name, t in tensors.items()}
 
 
-def _check_experts(experts: Any, components: dict[str, Component]) -> dict[str, Any]:
-    """Types of the ``experts`` section, and that every file it names is one a decoder's sha256 table lists.
+@dataclass
+class TrunkLayout:
+    """The decoder weights every expert shares: one data file, mapped once and shared by every expert's session."""
 
-    Keys are optional (TensorRT plans keep only the count, names and components, and a partial build may lack some
-    decoder components), but each one present must be well formed, and the file lists must match ``components``
-    one to one: an expert's file is verified as part of its decoder, the trunk as part of every decoder present.
-    """
-    if experts is None:
-        return {}
-    if not isinstance(experts, dict):
-        raise ManifestError(f"manifest experts must be an object, got {type(experts).__name__}")
-    count = experts.get("num_experts")
-    if count is not None and not _is_int(count, 1):
-        raise ManifestError(f"manifest experts.num_experts must be a positive integer, got {count!r}")
-    for key in ("names", "components", "expert_files"):
-        value = experts.get(key)
-        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise ManifestError(f"manifest experts.{key} must be a list of strings, got {value!r}")
-        if value is not None and count is not None and len(value) != count:
-            raise ManifestError(f"manifest experts.{key} lists {len(value)} entries for num_experts = {count}")
-    for key in ("expert_bytes",):
-        if key in experts and not _is_int(experts[key]):
-            raise ManifestError(f"manifest experts.{key} must be a non-negative integer, got {experts[key]!r}")
-    names = experts.get("components") or []
-    decoders = [components[n] for n in names if n in components]
-    files = experts.get("expert_files")
-    if files is not None:
-        if len(files) != len(names):
-            raise ManifestError(f"manifest experts.expert_files lists {len(files)} files for {len(names)} decoder components")
-        for e, (f, name) in enumerate(zip(files, names)):
-            _check_relative(f, f"experts.expert_files[{e}]")
-            if name not in components or f not in components[name].sha256:
-                raise ManifestError(f"manifest experts.expert_files[{e}] = {f!r} is not in the sha256 table of "
-                                    f"component {name!r}: every file must be hash-verified before use")
-    if "expert_tensors" in experts:
-        _check_layout(experts["expert_tensors"], "experts.expert_tensors")
-    trunk = experts.get("trunk")
-    if trunk is not None:
-        if not isinstance(trunk, dict) or "file" not in trunk:
+    file: str
+    bytes: int | None = None
+    tensors: dict[str, TensorLayout] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _present(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "TrunkLayout":
+        if not isinstance(data, dict) or "file" not in data:
             raise ManifestError("manifest experts.trunk must be an object with a file")
-        _check_relative(trunk["file"], "experts.trunk.file")
-        if not decoders:
-            raise ManifestError(f"manifest experts.trunk.file = {trunk['file']!r} belongs to no decoder component, "
-                                f"so no sha256 table verifies it")
-        for comp in decoders:
-            if trunk["file"] not in comp.sha256:
-                raise ManifestError(f"manifest experts.trunk.file = {trunk['file']!r} is not in the sha256 table of "
-                                    f"{comp.name}: every file must be hash-verified before use")
-        if "bytes" in trunk and not _is_int(trunk["bytes"]):
-            raise ManifestError(f"manifest experts.trunk.bytes must be a non-negative integer, got {trunk['bytes']!r}")
-        _check_layout(trunk.get("tensors", {}), "experts.trunk.tensors")
-    return experts
+        _check_relative(data["file"], "experts.trunk.file")
+        size = data.get("bytes")
+        if size is not None and not _is_int(size):
+            raise ManifestError(f"manifest experts.trunk.bytes must be a non-negative integer, got {size!r}")
+        return cls(file=data["file"], bytes=size, tensors=_tensor_table(data.get("tensors", {}), "experts.trunk.tensors"),
+                   extra=_unknown(cls, data))
+
+
+@dataclass
+class ExpertLayout:
+    """The manifest's ``experts`` section: the decoder experts and, for ONNX dirs, how their weights lie on disk.
+
+    Every field is optional (TensorRT plans keep only the count, names and components, and a partial build may lack
+    some decoder components); absent fields stay None and are left out of the JSON. ``expert_tensors`` is one layout
+    shared by every file in ``expert_files``.
+    """
+
+    num_experts: int | None = None
+    names: list[str] | None = None  # expert names, in expert-index order (config.EXPERT_NAMES)
+    components: list[str] | None = None  # the decoder component of each expert
+    trunk: TrunkLayout | None = None
+    expert_files: list[str] | None = None  # each expert's FFN data file (also listed in its decoder's sha256)
+    expert_bytes: int | None = None  # size of one expert file
+    expert_tensors: dict[str, TensorLayout] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decoders(self) -> list[str]:
+        """The decoder component names, in expert order; empty when the manifest lists none."""
+        return list(self.components or [])
+
+    def lacking(self) -> list[str]:
+        """The fields a runtime that maps the weights itself needs and this layout lacks."""
+        needed = ("components", "expert_files", "expert_tensors")
+        return [f.name for f in fields(self) if f.name in needed and getattr(self, f.name) is None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _present(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, components: dict[str, Component]) -> "ExpertLayout":
+        """Types of the section, and that every file it names is one a decoder's sha256 table lists: the file lists
+        must match ``components`` one to one; an expert's file is verified as part of its decoder, the trunk as part
+        of every decoder present."""
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise ManifestError(f"manifest experts must be an object, got {type(data).__name__}")
+        count = data.get("num_experts")
+        if count is not None and not _is_int(count, 1):
+            raise ManifestError(f"manifest experts.num_experts must be a positive integer, got {count!r}")
+        lists: dict[str, list[str] | None] = {}
+        for key in ("names", "components", "expert_files"):
+            value = data.get(key)
+            if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ManifestError(f"manifest experts.{key} must be a list of strings, got {value!r}")
+            if value is not None and count is not None and len(value) != count:
+                raise ManifestError(f"manifest experts.{key} lists {len(value)} entries for num_experts = {count}")
+            lists[key] = None if value is None else list(value)
+        size = data.get("expert_bytes")
+        if size is not None and not _is_int(size):
+            raise ManifestError(f"manifest experts.expert_bytes must be a non-negative integer, got {size!r}")
+        layout = cls(num_experts=count, names=lists["names"], components=lists["components"],
+                     expert_files=lists["expert_files"], expert_bytes=size, extra=_unknown(cls, data))
+        names = layout.decoders
+        if layout.expert_files is not None:
+            if len(layout.expert_files) != len(names):
+                raise ManifestError(f"manifest experts.expert_files lists {len(layout.expert_files)} files for "
+                                    f"{len(names)} decoder components")
+            for e, (f, name) in enumerate(zip(layout.expert_files, names)):
+                _check_relative(f, f"experts.expert_files[{e}]")
+                if name not in components or f not in components[name].sha256:
+                    raise ManifestError(f"manifest experts.expert_files[{e}] = {f!r} is not in the sha256 table of "
+                                        f"component {name!r}: every file must be hash-verified before use")
+        if data.get("expert_tensors") is not None:
+            layout.expert_tensors = _tensor_table(data["expert_tensors"], "experts.expert_tensors")
+        if data.get("trunk") is not None:
+            layout.trunk = trunk = TrunkLayout.from_dict(data["trunk"])
+            decoders = [components[n] for n in names if n in components]
+            if not decoders:
+                raise ManifestError(f"manifest experts.trunk.file = {trunk.file!r} belongs to no decoder component, "
+                                    f"so no sha256 table verifies it")
+            for comp in decoders:
+                if trunk.file not in comp.sha256:
+                    raise ManifestError(f"manifest experts.trunk.file = {trunk.file!r} is not in the sha256 table of "
+                                        f"{comp.name}: every file must be hash-verified before use")
+        return layout
 
 
 def _side_file(data: dict[str, Any], key: str) -> dict[str, Any] | None:
@@ -315,7 +417,7 @@ class Manifest:
     model_config: dict[str, Any]
     components: dict[str, Component]
     tokenizer: dict[str, Any] | None = None
-    experts: dict[str, Any] = field(default_factory=dict)
+    experts: ExpertLayout = field(default_factory=ExpertLayout)
     engine: dict[str, Any] = field(default_factory=lambda: {"kind": "onnx", "trt_version": None, "compute_capability": None})
     extra: dict[str, Any] = field(default_factory=dict)  # other top-level fields (e.g. "export": tool versions, checks)
     format_version: int = FORMAT_VERSION
@@ -347,7 +449,7 @@ class Manifest:
 
     def has_box_pointer(self) -> bool:
         """A ``box_pointer`` component, and decoders that all output the ``hidden_states`` it reads."""
-        names = (self.experts or {}).get("components") or []
+        names = self.experts.decoders
         return POINTER_COMPONENT in self.components and bool(names) and all(
             any(t.name == HIDDEN_STATES for t in self.component(n).outputs) for n in names)
 
@@ -386,7 +488,7 @@ class Manifest:
             if name.startswith("vision_stem_") and sensor in cfg.sensors:
                 rules += [(name, "pixels", 1, (f"sensors.{sensor}", cfg.sensors[sensor])),
                           (name, "pixels", -1, ("image_size", cfg.image_size))]
-        decoders = [n for n in (self.experts.get("components") or []) if n in self.components]
+        decoders = [n for n in self.experts.decoders if n in self.components]
         for name in decoders:
             comp = self.components[name]
             rules += [(name, "inputs_embeds", -1, hidden), (name, "logits", -1, ("vocab_size", cfg.vocab_size)),
@@ -400,7 +502,7 @@ class Manifest:
             for t in past:
                 rules += [(name, t, -1, ("hidden_size / num_heads (head_dim)", cfg.head_dim)),
                           (name, t, axis, ("num_kv_heads", cfg.num_kv_heads))]
-        count = self.experts.get("num_experts")
+        count = self.experts.num_experts
         if count is not None and count != cfg.num_experts:
             raise ManifestError(f"{where(MANIFEST_FILE)}: experts.num_experts is {count}, but model_config.num_experts is "
                                 f"{cfg.num_experts}: the config does not match the graphs; re-export the model")
@@ -462,7 +564,7 @@ class Manifest:
         if self.generation_config is not None:
             out["generation_config"] = dict(self.generation_config)
         out["components"] = {name: comp.to_dict() for name, comp in self.components.items()}
-        out["experts"] = copy.deepcopy(self.experts)
+        out["experts"] = self.experts.to_dict()
         out["engine"] = dict(self.engine)
         for k, v in self.extra.items():
             out.setdefault(k, copy.deepcopy(v))
@@ -490,7 +592,7 @@ class Manifest:
             raise ManifestError(f"engine.compute_capability must read major.minor (e.g. \"8.7\"), "
                                 f"got {engine['compute_capability']!r}")
         components = {name: Component.from_dict(name, comp) for name, comp in data["components"].items()}
-        experts = _check_experts(data.get("experts"), components)
+        experts = ExpertLayout.from_dict(data.get("experts"), components)
         known = {"format_version", "model_config", "tokenizer", "generation_config", "components", "experts", "engine"}
         return cls(model_config=data["model_config"], components=components, tokenizer=tokenizer,
                    generation_config=generation, experts=experts, engine=engine,

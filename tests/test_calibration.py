@@ -102,8 +102,9 @@ def test_int8_dir_manifest_layout_and_sizes(fp32_dir, int8_dir):
         comp = man.component(f"decoder_expert{e}")
         assert sorted(comp.external_data) == sorted(["decoder_trunk.bin", f"decoder_expert{e}.bin"])
     layout = man.experts
-    assert any(t["dtype"] == "int8" for t in layout["trunk"]["tensors"].values())
-    assert all(t["dtype"] in ("int8", "float32") for t in layout["expert_tensors"].values())
+    assert layout.trunk is not None and layout.expert_tensors is not None
+    assert any(t.dtype == "int8" for t in layout.trunk.tensors.values())
+    assert all(t.dtype in ("int8", "float32") for t in layout.expert_tensors.values())
     for stem in QUANTIZED:
         ratio = (int8_dir / f"{stem}.bin").stat().st_size / (fp32_dir / f"{stem}.bin").stat().st_size
         assert ratio <= 0.3, (stem, ratio)
@@ -273,14 +274,16 @@ def test_int8_dir_proves_saturation_free(int8_dir, tmp_path):
     # the proof reads the weight bytes: two full-range values in one channel of a copy are caught
     bad = tmp_path / "bad"
     shutil.copytree(int8_dir, bad)
-    entry = Manifest.load(bad).experts["trunk"]["tensors"]
-    name = next(n for n, t in entry.items() if t["quantization"] == "int8" and len(t["shape"]) == 2)
-    column = np.zeros(entry[name]["shape"], np.int8)
+    trunk = Manifest.load(bad).experts.trunk
+    assert trunk is not None
+    entry = trunk.tensors
+    name = next(n for n, t in entry.items() if t.extra["quantization"] == "int8" and len(t.shape) == 2)
+    column = np.zeros(entry[name].shape, np.int8)
     with open(bad / "decoder_trunk.bin", "r+b") as f:
-        f.seek(entry[name]["offset"])
+        f.seek(entry[name].offset)
         column = np.frombuffer(f.read(column.nbytes), np.int8).reshape(column.shape).copy()
         column[0, 0], column[1, 0] = 127, -127
-        f.seek(entry[name]["offset"])
+        f.seek(entry[name].offset)
         f.write(column.tobytes())
     with pytest.raises(SaturationError, match="254"):
         prove_engine_dir(bad)

@@ -14,7 +14,7 @@ from rsvlm_edge.export.checks import check_graph_file, parity_decoder, parity_si
 from rsvlm_edge.export.components import component_specs
 from rsvlm_edge.export.testing import export_checkpoint, make_checkpoint
 from rsvlm_edge.export.trt_check import check_trt, op_lists
-from rsvlm_edge.manifest import Manifest, ManifestError
+from rsvlm_edge.manifest import Manifest, ManifestError, dumps
 from rsvlm_edge.modeling import load_model
 
 TOL = 1e-4
@@ -145,22 +145,31 @@ def test_trunk_shared_at_identical_offsets_and_experts_differ(engine, manifest):
         m.graph.name = m0.graph.name
         assert m.graph.SerializeToString() == m0.graph.SerializeToString()
     layout = manifest.experts
-    assert layout["trunk"]["file"] == "decoder_trunk.bin"
-    assert set(layout["trunk"]["tensors"]) == trunk and set(layout["expert_tensors"]) == expert
-    assert {n: ext0[n]["offset"] for n in trunk} == {n: str(t["offset"]) for n, t in layout["trunk"]["tensors"].items()}
-    t = layout["expert_tensors"]["layers.0.mlp.gate_proj.weight.T"]
-    assert t["source"] == "layers.0.experts.{e}.gate_proj.weight" and t["transform"] == "transpose[1, 0]"
+    assert layout.trunk is not None and layout.expert_tensors is not None
+    assert layout.trunk.file == "decoder_trunk.bin"
+    assert set(layout.trunk.tensors) == trunk and set(layout.expert_tensors) == expert
+    assert {n: ext0[n]["offset"] for n in trunk} == {n: str(t.offset) for n, t in layout.trunk.tensors.items()}
+    t = layout.expert_tensors["layers.0.mlp.gate_proj.weight.T"]
+    assert t.source == "layers.0.experts.{e}.gate_proj.weight" and t.transform == "transpose[1, 0]"
     blobs = [(engine / f"decoder_expert{e}.bin").read_bytes() for e in range(3)]
     assert len({len(b) for b in blobs}) == 1 and len(set(blobs)) == 3
     shas = [manifest.component(f"decoder_expert{e}").sha256[f"decoder_expert{e}.bin"] for e in range(3)]
     assert len(set(shas)) == 3
 
 
+def test_the_expert_layout_reads_back_to_the_bytes_the_exporter_wrote(engine, manifest):
+    """ExpertLayout is what the exporter writes and what runtimes read: loading and re-serialising the section
+    gives the same JSON, key order included."""
+    written = json.loads((engine / "manifest.json").read_text())
+    assert dumps(Manifest.load(engine, verify=False).to_dict()["experts"]) == dumps(written["experts"])
+    assert Manifest.load(engine, verify=False).to_dict() == written
+
+
 def test_expert_bytes_come_from_the_right_expert(engine, model, manifest):
-    layout = manifest.experts["expert_tensors"]["layers.1.mlp.down_proj.weight.T"]
+    layout = manifest.experts.expert_tensors["layers.1.mlp.down_proj.weight.T"]
     for e in range(3):
         blob = np.fromfile(engine / f"decoder_expert{e}.bin", dtype=np.uint8)
-        stored = np.ndarray(layout["shape"], dtype=layout["dtype"], buffer=blob, offset=layout["offset"])
+        stored = np.ndarray(layout.shape, dtype=layout.dtype, buffer=blob, offset=layout.offset)
         np.testing.assert_array_equal(stored, model.layers[1].experts[e].down_proj.weight.detach().numpy().T)
 
 

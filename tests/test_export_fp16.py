@@ -64,8 +64,9 @@ def test_fp16_graph_precision_regions(engine16):
     assert manifest.component("router").precision == "fp32"
     # fp16 weights halve the expert files; lm_head stays fp32 in the trunk
     experts = manifest.experts
-    assert all(t["dtype"] == "float16" for t in experts["expert_tensors"].values())
-    assert experts["trunk"]["tensors"]["lm_head.weight.T"]["dtype"] == "float32"
+    assert experts.trunk is not None and experts.expert_tensors is not None
+    assert all(t.dtype == "float16" for t in experts.expert_tensors.values())
+    assert experts.trunk.tensors["lm_head.weight.T"].dtype == "float32"
 
 
 def test_fp16_vs_fp32_report(checkpoint, engine16):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,12 +12,17 @@ from rsvlm_edge.manifest import (
     FORMAT_VERSION,
     Component,
     EngineCompatError,
+    ExpertLayout,
     Manifest,
     ManifestError,
+    TensorLayout,
     TensorSpec,
     check_engine_compat,
+    dumps,
     sha256_file,
 )
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def write(path, data: bytes):
@@ -42,7 +48,7 @@ def engine_dir(tmp_path):
     manifest = Manifest(model_config=tiny_config().to_dict(),
                         components={"a": comp("a", "a.onnx", ["shared.bin"]), "b": comp("b", "b.onnx", ["shared.bin", "b.bin"])},
                         tokenizer={"file": "tokenizer.json", "sha256": sha["tokenizer.json"], "bytes": size["tokenizer.json"]},
-                        experts={"num_experts": 3}, extra={"export": {"tool": "test"}})
+                        experts=ExpertLayout(num_experts=3), extra={"export": {"tool": "test"}})
     manifest.save(tmp_path)
     return tmp_path
 
@@ -129,12 +135,15 @@ def with_experts(data):
     (lambda e: e["trunk"]["tensors"]["w"].update(shape=[2, "2"]), r"trunk.tensors\['w'\].shape"),
     (lambda e: e["trunk"]["tensors"]["w"].update(dtype="complex64"), r"trunk.tensors\['w'\].dtype"),
     (lambda e: e["trunk"]["tensors"]["w"].update(offset=-1), r"trunk.tensors\['w'\].offset"),
+    (lambda e: e["trunk"]["tensors"]["w"].update(length="16"), r"trunk.tensors\['w'\].length"),
+    (lambda e: e["trunk"]["tensors"]["w"].update(source=3), r"trunk.tensors\['w'\].source"),
 ])
 def test_expert_section_is_checked(engine_dir, edit, message):
     data = json.loads((engine_dir / "manifest.json").read_text())
     with_experts(data)
     (engine_dir / "manifest.json").write_text(json.dumps(data))
-    assert Manifest.load(engine_dir).experts["trunk"]["file"] == "shared.bin"  # the well-formed section loads
+    trunk = Manifest.load(engine_dir).experts.trunk
+    assert trunk is not None and trunk.file == "shared.bin"  # the well-formed section loads
     edit(data["experts"])
     (engine_dir / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match=message) as info:
@@ -218,3 +227,29 @@ def test_engine_compat(engine_dir):
     with pytest.raises(EngineCompatError, match=">= 8.0"):
         check_engine_compat(m, "8.6.1", "7.2")
     assert issubclass(EngineCompatError, ManifestError)
+
+
+@pytest.mark.parametrize("name", ["tiny-demo", "tiny-demo-int8"])
+def test_shipped_expert_sections_read_back_to_the_same_json(name):
+    """The typed experts section (ExpertLayout, TrunkLayout, TensorLayout) writes back every key it read, in the
+    same order: the FP32 export's and the INT8 writer's (with its quantization / of fields)."""
+    text = (MODELS / name / "manifest.json").read_text()
+    manifest = Manifest.from_dict(json.loads(text))
+    assert manifest.to_dict() == json.loads(text)
+    assert dumps(manifest.to_dict()["experts"]) == dumps(json.loads(text)["experts"])
+    layout = manifest.experts
+    assert layout.trunk is not None and layout.expert_tensors is not None and layout.expert_files is not None
+    assert len(layout.decoders) == len(layout.expert_files) == layout.num_experts
+    assert all(isinstance(t, TensorLayout) and t.source for t in layout.expert_tensors.values())
+
+
+def test_an_expert_layout_keeps_keys_it_does_not_know():
+    data = {"num_experts": 1, "components": ["a"], "future_key": {"x": 1},
+            "expert_tensors": {"w": {"offset": 64, "length": 8, "dtype": "float32", "shape": [2], "source": "p",
+                                     "transform": None, "quantization": "scale"}}}
+    layout = ExpertLayout.from_dict(data, components={})
+    assert layout.expert_tensors is not None and layout.expert_tensors["w"].offset == 64
+    assert layout.expert_tensors["w"].extra == {"quantization": "scale"} and layout.extra == {"future_key": {"x": 1}}
+    assert layout.to_dict() == data
+    assert list(layout.to_dict()["expert_tensors"]["w"]) == list(data["expert_tensors"]["w"])  # key order kept
+    assert ExpertLayout.from_dict(None, components={}).to_dict() == {}

@@ -139,9 +139,10 @@ def test_expert_budget_and_stats(engine):
                         np.ones((1, 1), np.float32))
     stats = backend.stats()
     assert stats["experts_resident"] == [0] and stats["expert_evictions"] == 2 and stats["experts_loaded"] == 3
-    expert_bytes = backend.manifest.experts["expert_bytes"]
+    expert_bytes = backend.manifest.experts.expert_bytes
     assert stats["expert_bytes_read"] == 3 * expert_bytes and stats["expert_resident_bytes"] == expert_bytes
-    assert stats["trunk_bytes_mapped"] == backend.manifest.experts["trunk"]["bytes"]
+    trunk = backend.manifest.experts.trunk
+    assert trunk is not None and stats["trunk_bytes_mapped"] == trunk.bytes
     assert stats["expert_load_ms"] > 0
     backend.prefetch_expert(2)  # loads on the cache's worker thread
     backend.expert_cache.get(2)

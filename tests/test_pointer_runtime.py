@@ -47,7 +47,7 @@ def test_export_adds_hidden_states_and_the_pointer(onnx_dir):
     assert pointer.extra["kind"] == "box_pointer" and pointer.extra["grid"] == 8
     assert [(t.name, t.shape) for t in pointer.inputs] == [("query", ["batch", 256]), ("patches", ["batch", 64, 256])]
     assert [(t.name, t.shape) for t in pointer.outputs] == [("scores", ["batch", 64]), ("boxes", ["batch", 64, 4])]
-    for name in m.experts["components"]:
+    for name in m.experts.decoders:
         out = m.component(name).outputs[-1]
         assert (out.name, out.shape) == (HIDDEN_STATES, ["batch", "seq", 256])
         parity = m.extra["export"]["checks"][name]["parity"]
@@ -138,7 +138,7 @@ def test_int8_builds_keep_the_pointer_in_fp32(onnx_dir, tok, tmp_path):
     out = tmp_path / "int8w"
     m = build_ort(onnx_dir, out, precision="int8", scheme="weight-only")
     assert m.component(POINTER_COMPONENT).precision == "fp32"
-    for name in m.experts["components"]:
+    for name in m.experts.decoders:
         assert m.component(name).extra["kv_layout"] == "bnsh-shared"  # the attention fusion still applies
         assert m.component(name).outputs[-1].name == HIDDEN_STATES
     requests = [Request([tile(4)], "rgb", "[VG] the plane")]

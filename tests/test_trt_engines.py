@@ -243,7 +243,7 @@ def test_build_writes_a_tensorrt_manifest(plans, onnx_manifest):
     assert dec.file == "decoder_expert2.plan" and dec.precision == "fp16" and dec.external_data == []
     assert [p["name"] for p in dec.extra["profiles"]] == ["prefill", "decode"]
     assert [t.name for t in dec.inputs] == [t.name for t in onnx_manifest.component("decoder_expert2").inputs]
-    assert m.experts["components"] == onnx_manifest.experts["components"] and "trunk" not in m.experts
+    assert m.experts.components == onnx_manifest.experts.components and m.experts.trunk is None
     assert (plans / "tokenizer.json").is_file()
     builds = {b["onnx"].rsplit("/", 1)[-1]: b for b in fake_trt.BUILDS}
     assert builds["decoder_expert0.onnx"]["flags"] == ["FP16"] and builds["decoder_expert0.onnx"]["workspace"] == 2 << 30

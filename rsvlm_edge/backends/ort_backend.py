@@ -44,6 +44,7 @@ from rsvlm_edge.manifest import (
     Component,
     Manifest,
     ManifestError,
+    TensorLayout,
     Verify,
     encoder_input,
 )
@@ -119,15 +120,15 @@ def check_session_io(session, comp: Component, path: Path) -> None:
                                    f"re-export the model")
 
 
-def tensor_views(buffer: np.ndarray, tensors: dict[str, dict]) -> dict[str, np.ndarray]:
+def tensor_views(buffer: np.ndarray, tensors: dict[str, TensorLayout]) -> dict[str, np.ndarray]:
     """Zero-copy numpy views of the tensors laid out in ``buffer`` (uint8) per a manifest layout."""
     views = {}
     for name, t in tensors.items():
-        dtype = np.dtype(t["dtype"])
-        count = int(np.prod(t["shape"], dtype=np.int64))
-        if t["offset"] + count * dtype.itemsize > buffer.size:
+        dtype = np.dtype(t.dtype)
+        count = int(np.prod(t.shape, dtype=np.int64))
+        if t.offset + count * dtype.itemsize > buffer.size:
             raise BackendError(f"tensor {name} lies beyond the end of its data file (truncated file?)")
-        views[name] = np.ndarray(tuple(t["shape"]), dtype=dtype, buffer=buffer, offset=int(t["offset"]))
+        views[name] = np.ndarray(tuple(t.shape), dtype=dtype, buffer=buffer, offset=t.offset)
     return views
 
 
@@ -152,29 +153,30 @@ class ExpertLoader:
     def __init__(self, manifest: Manifest, make_options, providers: list[str], prepack: bool = False):
         self.manifest, self.make_options, self.providers, self.prepack = manifest, make_options, providers, prepack
         layout = manifest.experts
-        if not layout or "trunk" not in layout:
+        if layout.trunk is None:
             raise BackendError(f"{manifest.directory}: the manifest has no decoder expert layout; re-export the model")
-        missing = [k for k in ("components", "expert_files", "expert_tensors") if k not in layout]
+        missing = layout.lacking()
         if missing:
             raise BackendError(f"{manifest.directory}: the manifest's expert layout lacks {', '.join(missing)}; "
                                f"re-export the model")
-        self.components = list(layout["components"])
-        self.expert_tensors: dict[str, dict] = layout["expert_tensors"]
-        self.expert_files: list[str] = layout["expert_files"]
+        assert layout.expert_files is not None and layout.expert_tensors is not None  # lacking() checked both
+        self.components = layout.decoders
+        self.expert_tensors: dict[str, TensorLayout] = layout.expert_tensors
+        self.expert_files: list[str] = layout.expert_files
         try:  # each refuses a name or symlink that leads outside the directory
-            trunk_path = manifest.path(layout["trunk"]["file"])
+            trunk_path = manifest.path(layout.trunk.file)
             self.expert_paths = [manifest.path(f) for f in self.expert_files]
             self.trunk_map = np.memmap(trunk_path, dtype=np.uint8, mode="r")
         except (ManifestError, OSError, ValueError) as exc:
             raise BackendError(f"cannot map the decoder trunk of {manifest.directory}: {exc}") from None
-        self.trunk = tensor_views(self.trunk_map, layout["trunk"]["tensors"])
+        self.trunk = tensor_views(self.trunk_map, layout.trunk.tensors)
         self.trunk_bytes = int(self.trunk_map.size)
         self.counters = {"experts_loaded": 0, "expert_bytes_read": 0}
         self._lock = threading.Lock()
 
     @property
     def expert_bytes(self) -> int:
-        return int(self.manifest.experts.get("expert_bytes") or self.expert_paths[0].stat().st_size)
+        return int(self.manifest.experts.expert_bytes or self.expert_paths[0].stat().st_size)
 
     def size_of(self, expert: int) -> int:
         """Bytes expert ``expert`` will occupy once loaded (its FFN file), known before reading it."""
@@ -309,7 +311,7 @@ class OrtBackend(Backend):
 
     def _kv_layout(self) -> str:
         """The decoders' KV cache layout (one for all experts; the manifest's ``kv_layout``, default sequence-major)."""
-        names = (self.manifest.experts or {}).get("components") or []
+        names = self.manifest.experts.decoders
         layouts = {self.manifest.component(n).extra.get("kv_layout", KV_LAYOUT_SEQUENCE_MAJOR) for n in names}
         if len(layouts) > 1:
             raise BackendError(f"{self.manifest.directory}: decoder experts disagree on the KV layout ({sorted(layouts)})")
@@ -320,7 +322,7 @@ class OrtBackend(Backend):
         return layout
 
     def _decoder_precision(self) -> str:
-        names = (self.manifest.experts or {}).get("components") or []
+        names = self.manifest.experts.decoders
         return self.manifest.component(names[0]).precision if names else "fp32"
 
     # ------------------------------------------------------------------ sessions

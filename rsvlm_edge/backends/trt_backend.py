@@ -108,7 +108,7 @@ class TrtBackend(Backend):
         self.stream = Stream()
         self._engines: dict[str, TrtEngine] = {}
         self._lock = threading.Lock()
-        self.decoders = list(manifest.experts.get("components") or [])
+        self.decoders = manifest.experts.decoders
         if not self.decoders:
             raise BackendError(f"{manifest.directory}: the manifest lists no decoder experts; rebuild the plans")
         budget = expert_budget_bytes
