@@ -54,6 +54,9 @@ Every file named anywhere in ``components[*].sha256`` and ``tokenizer`` is verif
 (streamed sha256, or only sizes with ``verify="size"``); a missing or altered file raises :class:`ManifestError`
 naming it, so a backend never crashes deep inside a runtime on a truncated download.
 
+In code the ``experts`` section is an :class:`ExpertLayout` (its trunk a :class:`TrunkLayout`, each tensor entry a
+:class:`TensorLayout`): writers build one and readers use its fields, whose names are the JSON keys.
+
 An engine directory is untrusted input. Every file name the manifest holds must be relative and stay inside the
 directory, also after symlinks are resolved (:meth:`Manifest.path`); the ``experts`` section may only name files
 that the decoder components' ``sha256`` tables vouch for (the trunk in every decoder's, an expert's file in its own
