@@ -20,7 +20,8 @@ import click
 
 from rsvlm_edge.cli_options import (UserError, message, sampling_config, sampling_options, threads_line,
                                     threads_option)
-from rsvlm_edge.config import EXPERT_NAMES
+from rsvlm_edge.config import DEFAULT_SENSORS, EXPERT_NAMES
+from rsvlm_edge.pipeline import BACKENDS
 from rsvlm_edge.tasks import TAGS, TaskError, check_image_count, normalize_tag, split_tag
 from rsvlm_edge.validate import utf8_problem
 
@@ -176,8 +177,8 @@ COMMANDS: dict[str, Command] = {
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--task", type=click.Choice(TASK_NAMES, case_sensitive=False),
               help="Tag for questions that have none (as /task NAME).")
-@click.option("--sensor", type=click.Choice(["rgb", "sar", "ir", "ms"]), help="Input sensor (default: guessed).")
-@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
+@click.option("--sensor", type=click.Choice(list(DEFAULT_SENSORS)), help="Input sensor (default: guessed).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print each answer as one JSON object (as infer --json).")
 @click.option("--mask-dir", type=click.Path(file_okay=False),
               help="Write [SEG] answers' masks as PNGs here (IMAGE_mask.png, then IMAGE_mask-2.png ...).")

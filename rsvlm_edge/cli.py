@@ -9,7 +9,8 @@ import click
 
 from rsvlm_edge import __version__
 from rsvlm_edge.cli_options import UserError, message, prompt_option, sampling_config, sampling_options, threads_option
-from rsvlm_edge.config import EXPERT_NAMES, PRESETS, ConfigError, ModelConfig, preset
+from rsvlm_edge.config import DEFAULT_SENSORS, EXPERT_NAMES, PRESETS, ConfigError, ModelConfig, preset
+from rsvlm_edge.pipeline import BACKENDS
 from rsvlm_edge.tasks import TAG_DESCRIPTIONS, TAGS, TaskError, make_instruction
 
 TASK_CHOICES = [t.strip("[]").lower() for t in TAGS]
@@ -117,8 +118,8 @@ def init(out_dir: str, config_name: str, tokenizer_path: str | None, seed: int) 
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--task", type=click.Choice(TASK_CHOICES, case_sensitive=False), help=f"Task tag. {TASK_HELP}.")
 @prompt_option("Instruction text. Without --task and without a leading tag, the router picks the expert.")
-@click.option("--sensor", type=click.Choice(["rgb", "sar", "ir", "ms"]), help="Input sensor (default: guessed from bands/dtype).")
-@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
+@click.option("--sensor", type=click.Choice(list(DEFAULT_SENSORS)), help="Input sensor (default: guessed from bands/dtype).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True,
               help="ort: ONNX Runtime engines (CPU default); torch: PyTorch reference; trt: TensorRT plans.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
               help="Tiles per batch when IMAGES is a folder.")

@@ -52,9 +52,8 @@ import os
 
 import numpy as np
 
+from rsvlm_edge.config import DEFAULT_SENSORS
 from rsvlm_edge.imageio import resize_band
-
-SENSORS: dict[str, int] = {"rgb": 3, "sar": 2, "ir": 1, "ms": 12}
 
 #: SigLIP-style normalisation of [0, 1] data (rgb, ir).
 MEAN, STD = 0.5, 0.5
@@ -123,8 +122,8 @@ def prepare_image(array: np.ndarray, sensor: str, size: int, *, nodata: float | 
         return prepare_siglip(array, size, pad=mode == "siglip-pad", source=source)
     if mode != "rsvlm":
         raise PreprocessError(f"unknown image_preprocess {mode!r}; choose one of rsvlm, {', '.join(SIGLIP_MODES)}")
-    if sensor not in SENSORS:
-        raise PreprocessError(f"unknown sensor {sensor!r}; choose one of {', '.join(SENSORS)}")
+    if sensor not in DEFAULT_SENSORS:
+        raise PreprocessError(f"unknown sensor {sensor!r}; choose one of {', '.join(DEFAULT_SENSORS)}")
     if not isinstance(size, (int, np.integer)) or size < 1:
         raise PreprocessError(f"size must be a positive integer, got {size!r}")
     a = np.asarray(array)

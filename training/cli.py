@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from rsvlm_edge.config import PRESETS
+from rsvlm_edge.pipeline import BACKENDS
 
 
 def _data_root(value: str | None) -> Path | None:
@@ -82,7 +83,7 @@ def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_s
 @click.option("--compare", "compare_dirs", nargs=2, type=click.Path(exists=True, file_okay=False),
               metavar="DIR_A DIR_B", help="Compare two engine dirs (e.g. fp32 and int8) on the same samples: per-task "
               "metrics of both, B - A deltas and teacher-forced greedy token agreement of B with A's answers.")
-@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
 @click.option("--suite", "suites", multiple=True,
               type=click.Choice(["synthetic", "router", "grounding", "aid", "rsvqa_lr", "levir_cd", "sirst", "dota",
                                  "bigearthnet"]),

@@ -28,6 +28,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from rsvlm_edge.config import DEFAULT_SENSORS
 from rsvlm_edge.formats import (
     format_box,
     format_detections,
@@ -50,8 +51,8 @@ OBJECT_CLASSES: tuple[str, ...] = ("building", "vehicle", "ship", "plane", "stor
 #: Scene classes of [CLS] answers (each scene is generated from the recipe of one of them).
 SCENE_CLASSES: tuple[str, ...] = ("forest", "farmland", "residential", "industrial", "river", "lake", "airport",
                                   "harbor", "bare land", "parking lot")
-SENSORS: tuple[str, ...] = ("rgb", "sar", "ir", "ms")
-SENSOR_BANDS: dict[str, int] = {"rgb": 3, "sar": 2, "ir": 1, "ms": 12}
+SENSORS: tuple[str, ...] = tuple(DEFAULT_SENSORS)
+SENSOR_BANDS: dict[str, int] = DEFAULT_SENSORS
 #: Sentinel-2 band names of the 12 multispectral channels, in order.
 MS_BANDS: tuple[str, ...] = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12")
 #: Label of the changed cells in a two-image [SEG] (change mask) answer.
