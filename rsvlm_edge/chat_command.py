@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from rsvlm_edge.cli_options import (UserError, message, sampling_config, sampling_options, threads_line,
-                                    threads_option)
+from rsvlm_edge.cli_options import UserError, message, sampling_config, sampling_options, threads_line, threads_option
 from rsvlm_edge.config import DEFAULT_SENSORS, EXPERT_NAMES
 from rsvlm_edge.pipeline import BACKENDS
 from rsvlm_edge.tasks import TAGS, TaskError, check_image_count, normalize_tag, split_tag

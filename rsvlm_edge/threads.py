@@ -11,9 +11,9 @@ multiply-adds per generated token (attention projections + one expert's FFN + th
 :func:`decoder_work`); otherwise the free cores: the physical cores this process may run on, less those other work keeps busy
 (:func:`free_cores`), because at that size each extra core shortens the vision encoder, the prefill and the decode
 steps. ``OMP_NUM_THREADS``, when set to a positive whole number, replaces the rule (capped at the physical cores),
-as it does for PyTorch and NumPy, so a job scheduler's per-task thread limit holds here too. Inter-op threads stay at one: sessions run their
-graphs sequentially (ONNX Runtime's default execution mode), so an inter-op pool would only idle, and a batch of
-tiles is one call whose operators the intra-op pool splits.
+as it does for PyTorch and NumPy, so a job scheduler's per-task thread limit holds here too. Inter-op threads stay at
+one: sessions run their graphs sequentially (ONNX Runtime's default execution mode), so an inter-op pool would only idle, and a batch
+of tiles is one call whose operators the intra-op pool splits.
 
 Measured with ``rsvlm-edge infer --threads 1`` and ``--threads 2`` on an Intel Xeon (Sapphire Rapids, AVX512 +
 AVX512-VNNI + AMX), 2 cores, 1 thread per core, ONNX Runtime 1.32, fp32 engines unless named; the machine was

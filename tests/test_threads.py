@@ -13,8 +13,7 @@ import pytest
 
 from rsvlm_edge.config import preset, tiny_config
 from rsvlm_edge.pipeline import Pipeline
-from rsvlm_edge.threads import (SMALL_DECODER_PARAMS, decoder_work, default_threads, explain, free_cores, idle_cpus,
-                                physical_cores)
+from rsvlm_edge.threads import SMALL_DECODER_PARAMS, decoder_work, default_threads, explain, free_cores, idle_cpus, physical_cores
 from rsvlm_edge.validate import available_cores
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "tiny-demo"
