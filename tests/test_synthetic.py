@@ -258,6 +258,15 @@ def test_scene_class_is_dominant():
             assert sum(o.label == "vehicle" for o in scene.objects) >= 3
 
 
+def test_every_scene_class_has_a_recipe_and_scenes_keep_to_it():
+    assert list(syn.SCENE_RECIPES) == list(syn.SCENE_CLASSES)
+    scenes, _ = _scenes(40, seed=23)
+    for scene in scenes:
+        specs = syn.SCENE_RECIPES[scene.scene_class].objects
+        for label in syn.OBJECT_CLASSES:  # placement may fall short of a count, never exceed it
+            assert sum(o.label == label for o in scene.objects) <= sum(s.hi for s in specs if s.label == label)
+
+
 # --------------------------------------------------------------------------------------------------- change pairs
 
 
