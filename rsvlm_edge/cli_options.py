@@ -99,6 +99,8 @@ def sampling_options(fn):
                      help="> 1 discourages repeats.  [default: the model's generation_config.json, else 1.0]"),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Sampling seed (each tile gets its own stream)."),
+        click.option("--constrain/--no-constrain", default=True, show_default=True,
+                     help="Mask each step to the task's answer grammar so [VG] [DET] [OBB] [CLS] [SEG] answers parse."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -111,6 +113,7 @@ def sampling_config(kw: dict[str, Any]) -> "SamplingConfig":
 
     try:
         return SamplingConfig(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_k=kw["top_k"],
-                              top_p=kw["top_p"], repetition_penalty=kw["repetition_penalty"], seed=kw["seed"]).validate()
+                              top_p=kw["top_p"], repetition_penalty=kw["repetition_penalty"], seed=kw["seed"],
+                              constrain=kw.get("constrain", True)).validate()
     except ValueError as exc:
         raise UserError(str(exc)) from None

@@ -125,6 +125,7 @@ class Generator:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {self.config.vocab_size}")
         #: Generation stops on these: the template's end of turn, plus the model's own eos ids.
         self.stop_ids = frozenset({tokenizer.end_id, *self.defaults.eos_token_ids})
+        self._constraints = None  # answer grammars (rsvlm_edge.constrain), built on the first constrained request
 
     def sampling(self, sampling: SamplingConfig | None) -> SamplingConfig:
         """``sampling`` with what it leaves unset taken from the model's defaults and template."""
@@ -208,9 +209,23 @@ class Generator:
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         return PromptBatch(prompts, ids, mask, slots, self.embed_prompts(ids, slots, visual), positions)
 
-    def new_sampler(self, sampling: SamplingConfig, ids: list[int], image_slots: np.ndarray | None = None) -> TokenSampler:
+    def constraint(self, sampling: SamplingConfig, prompt: str):
+        """The answer grammar's matcher for ``prompt``'s task tag when ``sampling.constrain``; None for free text."""
+        if not sampling.constrain:
+            return None
+        tag = split_tag(prompt)[0]
+        if tag is None:
+            return None
+        if self._constraints is None:
+            from rsvlm_edge.constrain import Constraints
+
+            self._constraints = Constraints(self.tokenizer)
+        return self._constraints.matcher(tag)
+
+    def new_sampler(self, sampling: SamplingConfig, ids: list[int], image_slots: np.ndarray | None = None,
+                    constraint=None) -> TokenSampler:
         """A row's sampler, told the prompt's text ids (the repetition penalty's history; image slots left out)."""
-        sampler = TokenSampler(sampling, self.tokenizer.vocab_size)
+        sampler = TokenSampler(sampling, self.tokenizer.vocab_size, constraint=constraint)
         sampler.observe_prompt(np.asarray(ids) if image_slots is None else np.asarray(ids)[~image_slots])
         return sampler
 
@@ -282,7 +297,8 @@ class Generator:
             raise ValueError(f"prompt ({batch.width} tokens) + max_new_tokens ({sampling.max_new_tokens}) exceeds the "
                              f"model's context of {self.config.max_position_embeddings}")
         cache = self.backend.new_cache(len(requests), capacity, expert)
-        samplers = [self.new_sampler(sampling, p.ids, p.image_slots) for p in batch.prompts]
+        samplers = [self.new_sampler(sampling, p.ids, p.image_slots, self.constraint(sampling, req.prompt))
+                    for p, req in zip(batch.prompts, requests)]
         full_mask = np.ones((len(requests), capacity), dtype=np.float32)  # grows by a view per step, never copied
         full_mask[:, : batch.width] = batch.mask
         pointed = [row for row, req in enumerate(requests) if self.uses_pointer(req.prompt, len(req.pixels))]
@@ -343,7 +359,7 @@ class Generator:
                 script = forced.get(row) if forced else None
                 if script is not None and len(generated[row]) < len(script):
                     token = script[len(generated[row])]
-                    samplers[row].observe([token])
+                    samplers[row].accept(token)
                 elif script is not None and stop:
                     finished[row], reasons[row] = True, "stop"
                     continue

@@ -28,6 +28,8 @@ class SamplingConfig:
     seed: int = 0
     stop_ids: list[int] = field(default_factory=list)
     ignore_stop: bool = False  # benchmarks: never stop early, so every run decodes exactly max_new_tokens
+    # mask each step to the task tag's answer grammar (rsvlm_edge.constrain), so tagged answers always parse
+    constrain: bool = False
 
     def validate(self) -> "SamplingConfig":
         """Reject values that would silently misbehave: NaN compares false with every bound, so it is refused
@@ -140,10 +142,12 @@ class TokenSampler:
     Only ids below ``vocab_size`` are ever picked: logits past it (embedding rows a tokenizer has no token for)
     are ignored, as a reference that truncates its embeddings to ``len(tokenizer)`` never produces them."""
 
-    def __init__(self, config: SamplingConfig, vocab_size: int, seed_offset: int = 0):
+    def __init__(self, config: SamplingConfig, vocab_size: int, seed_offset: int = 0, constraint=None):
         self.config = config.validate()
         self.rng = np.random.default_rng(config.seed + seed_offset)
         self.seen = np.zeros(vocab_size, dtype=bool)
+        #: a :class:`rsvlm_edge.constrain.Constraint`: masks each pick to the answer grammar; None = free text
+        self.constraint = constraint
 
     def observe(self, token_ids) -> None:
         """Ids now in the context: the repetition penalty applies to them."""
@@ -155,10 +159,18 @@ class TokenSampler:
         if self.config.penalize_prompt is not False:
             self.observe(token_ids)
 
+    def accept(self, token: int) -> None:
+        """A token the answer took without sampling (the box pointer's): in the context and through the grammar."""
+        self.observe([token])
+        if self.constraint is not None:
+            self.constraint.advance(token)
+
     def __call__(self, logits: np.ndarray) -> int:
         cfg = self.config
         penalty = 1.0 if cfg.repetition_penalty is None else cfg.repetition_penalty
         logits = penalize_repeats(np.asarray(logits, dtype=np.float32)[: self.seen.size], self.seen, penalty)
+        if self.constraint is not None:  # before any choice: greedy, top-k and top-p see only grammatical tokens
+            logits = np.where(self.constraint.allowed(), logits, -np.inf)
         if cfg.greedy:
             token = int(np.argmax(logits))
         else:
@@ -167,4 +179,6 @@ class TokenSampler:
             probs /= probs.sum()
             token = int(self.rng.choice(probs.size, p=probs))
         self.seen[token] = True
+        if self.constraint is not None:
+            self.constraint.advance(token)
         return token
