@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -91,27 +91,30 @@ def _clean_label(label: Any, error: type[FormatError]) -> str:
     return clean
 
 
+def _int_group(group: str, count: int, what: str) -> tuple[int, ...]:
+    """One ``[n, n, ...]`` group (brackets included) of exactly ``count`` integers."""
+    parts = group[1:-1].split(",")
+    if len(parts) != count:
+        raise BoxFormatError(f"{what} needs {count} numbers, got {len(parts)} in {group!r}")
+    values = []
+    for part in parts:
+        number = _INT.fullmatch(part)
+        if number is None:
+            raise BoxFormatError(f"{part.strip()!r} is not an integer in {group!r}")
+        digits = number.group(1)
+        if len(digits.lstrip("+-")) > _MAX_DIGITS:
+            raise BoxFormatError(f"number {digits[:12]}... out of range in {what}")
+        values.append(int(digits))
+    return tuple(values)
+
+
 def _int_groups(text: str, count: int, what: str) -> tuple[list[tuple[int, ...]], str]:
     """Every ``[n, n, ...]`` group of ``count`` integers, plus the text left around them.
 
     Any bracket group must be a well-formed group, and a bracket left unmatched (a truncated answer, nesting) is an
     error rather than something silently skipped.
     """
-    groups = []
-    for match in _GROUP.finditer(text):
-        parts = match.group(1).split(",")
-        if len(parts) != count:
-            raise BoxFormatError(f"{what} needs {count} numbers, got {len(parts)} in {match.group(0)!r}")
-        values = []
-        for part in parts:
-            number = _INT.fullmatch(part)
-            if number is None:
-                raise BoxFormatError(f"{part.strip()!r} is not an integer in {match.group(0)!r}")
-            digits = number.group(1)
-            if len(digits.lstrip("+-")) > _MAX_DIGITS:
-                raise BoxFormatError(f"number {digits[:12]}... out of range in {what}")
-            values.append(int(digits))
-        groups.append(tuple(values))
+    groups = [_int_group(match.group(0), count, what) for match in _GROUP.finditer(text)]
     rest = _GROUP.sub(" ", text)
     if "[" in rest or "]" in rest:
         raise BoxFormatError(f"unbalanced bracket in {text[:80]!r}")
@@ -452,6 +455,143 @@ def obb_to_pixels(obb: Sequence[float], width: float, height: float) -> tuple[fl
     return obb_from_corners(corners)
 
 
+# --------------------------------------------------------------------------------------------------- partial answers
+#
+# The strict parsers above refuse an answer with any flaw, which suits training targets. A generated answer can be
+# cut by max_new_tokens or carry one malformed item among good ones; the runtime keeps what is well formed and
+# says what it dropped, so one bad box does not cost the other twenty.
+
+#: A [SEG] answer is kept when at least this many of its rows are well formed; fewer is mostly made-up background.
+MIN_MASK_ROWS = MASK_SIZE // 2
+
+
+@dataclass
+class Salvage:
+    """What a lenient parser kept, and how many items it dropped and why (one note per dropped item or row)."""
+
+    items: list
+    dropped: int = 0
+    notes: list[str] | None = None
+
+    def drop(self, note: str) -> None:
+        self.dropped += 1
+        self.notes = (self.notes or []) + [note]
+
+    def nothing_kept(self, what: str, text: str) -> str:
+        """The error when no item survived: the first problem, or that there was no item at all."""
+        if self.notes:
+            return f"no well-formed {what}: {self.notes[0]}"
+        return f"no {what} in {text[:80]!r} (and it is not 'none')"
+
+
+def salvage_grouped(text: str, count: int, what: str, check) -> Salvage:
+    """``label [..] [..]; label [..]`` -> the well-formed (label, shape) pairs in text order.
+
+    A shape that is malformed or out of range, a bracket left open (an answer cut mid-box), a label that breaks the
+    label grammar (with every shape under it) and a trailing label with no shape (cut before its first box) are each
+    dropped and noted; the rest is kept. ``check`` orders box corners, so an inverted box (y2 < y1) is kept with
+    its corners swapped, the same box the strict parser returns. Stray words between shapes are ignored. No shape
+    kept and no ``none`` -> :class:`BoxFormatError`.
+    """
+    if _is_none(text):
+        return Salvage([])
+    found = Salvage([])
+    for segment in text.split(";"):
+        if not segment.strip():
+            continue
+        start = segment.find("[")
+        if start < 0:
+            found.drop(f"label {segment.strip()[:40]!r} has no {what}")
+            continue
+        shapes = list(_GROUP.finditer(segment, start))
+        try:
+            label = _clean_label(segment[:start], BoxFormatError)
+        except BoxFormatError as exc:
+            for _ in shapes or [None]:
+                found.drop(str(exc))
+            continue
+        for match in shapes:
+            try:
+                found.items.append((label, check(_int_group(match.group(0), count, what))))
+            except BoxFormatError as exc:
+                found.drop(f"{label}: {exc}")
+        if "[" in _GROUP.sub(" ", segment[start:]):
+            found.drop(f"{label}: unfinished {what} {segment[segment.rfind('['):][:40]!r}")
+    if not found.items:
+        raise BoxFormatError(found.nothing_kept(what, text))
+    return found
+
+
+def salvage_boxes(text: str) -> Salvage:
+    """[VG] boxes, keeping the well-formed ones (corners ordered, as :func:`parse_boxes`)."""
+    if _is_none(text):
+        return Salvage([])
+    found = Salvage([])
+    for match in _GROUP.finditer(text):
+        try:
+            found.items.append(_check_box(_int_group(match.group(0), 4, "box")))
+        except BoxFormatError as exc:
+            found.drop(str(exc))
+    if "[" in _GROUP.sub(" ", text):
+        found.drop(f"unfinished box {text[text.rfind('['):][:40]!r}")
+    if not found.items:
+        raise BoxFormatError(found.nothing_kept("box", text))
+    return found
+
+
+def _mask_row(line: str, number: int) -> tuple[list[str], str | None]:
+    """The cells of one mask row and None, or its leading well-formed runs that fit 24 cells and what is wrong."""
+    row: list[str] = []
+    for run in line.split(","):
+        match = _RUN.fullmatch(run)
+        if match is None:
+            return row, f"row {number}: {run.strip()[:40]!r} is not 'label*count'"
+        try:
+            label = _clean_label(match.group(1), MaskFormatError)
+        except MaskFormatError as exc:
+            return row, f"row {number}: {exc}"
+        digits = match.group(2)
+        count = int(digits) if len(digits) <= _MAX_DIGITS else MASK_SIZE + 1
+        if count <= 0 or len(row) + count > MASK_SIZE:
+            return row, f"row {number}: run {run.strip()[:40]!r} does not fit {MASK_SIZE} cells"
+        row.extend([label] * count)
+    if len(row) != MASK_SIZE:
+        return row, f"row {number} covers {len(row)} cells, not {MASK_SIZE}"
+    return row, None
+
+
+def salvage_mask(text: str) -> tuple[Salvage, list[int]]:
+    """A 24x24 grid from a mask answer with missing, extra or malformed rows, and the 0-based rows it filled.
+
+    The rule: the first 24 non-blank lines are the grid's rows, lines after them are dropped (one note for all).
+    A malformed row keeps its leading well-formed runs that fit in 24 cells and the rest of it is background
+    (``others``); rows the answer did not reach (cut by max_new_tokens) are background. Every such row is listed
+    as filled. Fewer than :data:`MIN_MASK_ROWS` well-formed rows -> :class:`MaskFormatError`: such a grid would be
+    mostly invented background.
+    """
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    found = Salvage([])
+    filled: list[int] = []
+    for number, line in enumerate(lines[:MASK_SIZE], 1):
+        row, problem = _mask_row(line, number)
+        if problem is not None:
+            found.drop(problem)
+            filled.append(number - 1)
+        found.items.append(row + [BACKGROUND] * (MASK_SIZE - len(row)))
+    if len(lines) > MASK_SIZE:
+        found.dropped += len(lines) - MASK_SIZE
+        found.notes = (found.notes or []) + [f"{len(lines) - MASK_SIZE} rows after row {MASK_SIZE} dropped"]
+    if len(lines) < MASK_SIZE:
+        filled += list(range(len(lines), MASK_SIZE))
+        found.notes = (found.notes or []) + [f"rows {len(lines) + 1}-{MASK_SIZE} missing, filled as {BACKGROUND}"]
+        found.items += [[BACKGROUND] * MASK_SIZE for _ in range(MASK_SIZE - len(lines))]
+    good = MASK_SIZE - len(filled)
+    if good < MIN_MASK_ROWS:
+        raise MaskFormatError(f"mask needs {MASK_SIZE} rows, got {good} well-formed of {len(lines)} "
+                              f"(at least {MIN_MASK_ROWS} keep a partial mask)")
+    return found, filled
+
+
 # --------------------------------------------------------------------------------------------------- answers
 
 FREE_TEXT_TAGS = ("[CAP]", "[VQA]", "[REF]", "[CCD]")
@@ -459,7 +599,12 @@ FREE_TEXT_TAGS = ("[CAP]", "[VQA]", "[REF]", "[CCD]")
 
 @dataclass
 class ParsedAnswer:
-    """A generated answer plus its structure. ``obbs`` holds oriented detections: (label, obb) pairs."""
+    """A generated answer plus its structure. ``obbs`` holds oriented detections: (label, obb) pairs.
+
+    ``partial``: the structure keeps only the well-formed part of the answer; ``dropped`` counts the items (boxes,
+    mask rows) left out, ``notes`` says why, and ``filled_rows`` lists the mask rows (0-based) that are background
+    because the answer did not give them well formed. See :func:`salvage_grouped` and :func:`salvage_mask`.
+    """
 
     task: str
     text: str
@@ -469,6 +614,16 @@ class ParsedAnswer:
     mask: list[list[str]] | None = None
     labels: list[str] | None = None
     error: str | None = None
+    partial: bool = False
+    dropped: int = 0
+    notes: list[str] = field(default_factory=list)
+    filled_rows: list[int] = field(default_factory=list)
+
+    def keep(self, found: Salvage) -> list:
+        """Record what a lenient parser dropped; its kept items back."""
+        self.dropped, self.notes = found.dropped, list(found.notes or [])
+        self.partial = bool(found.dropped or self.filled_rows)
+        return found.items
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: tuples become lists, labelled shapes become small objects; absent structure stays None."""
@@ -482,6 +637,10 @@ class ParsedAnswer:
             "mask": None if self.mask is None else [list(row) for row in self.mask],
             "labels": None if self.labels is None else list(self.labels),
             "error": self.error,
+            "partial": self.partial,
+            "dropped": self.dropped,
+            "notes": list(self.notes),
+            "filled_rows": list(self.filled_rows),
         }
 
 
@@ -493,20 +652,25 @@ def _strip_answer(text: str) -> str:
 
 
 def parse_answer(tag: str, text: str) -> ParsedAnswer:
-    """Parse a generated answer by task tag. Never raises: a malformed answer comes back with ``error`` set."""
+    """Parse a generated answer by task tag. Never raises: a malformed answer comes back with ``error`` set.
+
+    Box lists and masks keep their well-formed part (``partial`` set, see :class:`ParsedAnswer`); ``error`` is set
+    only when nothing usable is left, and then every structure field is None.
+    """
     answer = ParsedAnswer(task=str(tag), text=_strip_answer(text) if isinstance(text, str) else str(text))
     clean = answer.text
     try:
         if tag == "[VG]":
-            answer.boxes = parse_boxes(clean)
+            answer.boxes = answer.keep(salvage_boxes(clean))
         elif tag == "[CLS]":
             answer.labels = parse_class_list(clean)
         elif tag == "[DET]":
-            answer.detections = parse_detections(clean)
+            answer.detections = answer.keep(salvage_grouped(clean, 4, "box", _check_box))
         elif tag == "[OBB]":
-            answer.obbs = parse_oriented_detections(clean)
+            answer.obbs = answer.keep(salvage_grouped(clean, 5, "oriented box", _check_obb))
         elif tag == "[SEG]":
-            answer.mask = parse_mask(clean)
+            found, answer.filled_rows = salvage_mask(clean)
+            answer.mask = answer.keep(found)
         elif tag not in FREE_TEXT_TAGS:
             answer.error = f"unknown task tag {tag!r}; known tags: {' '.join(TAGS)}"
     except FormatError as exc:

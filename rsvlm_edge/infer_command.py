@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from rsvlm_edge.cli_options import UserError, message, threads_line
 from rsvlm_edge.pipeline import InferenceResult, Pipeline, Tile, list_images, save_mask_png
+from rsvlm_edge.results import save_class_mask_png
 from rsvlm_edge.sampling import SamplingConfig
 from rsvlm_edge.tasks import check_image_count, split_tag
 
@@ -63,6 +64,12 @@ def describe(result: InferenceResult, verbose: bool) -> str:
         lines.append(f"  mask labels: {', '.join(d['mask_labels']) or '(background only)'}")
     if "mask_png" in d:
         lines.append(f"  mask written to {d['mask_png']}")
+    if "mask_class_png" in d:
+        lines.append(f"  class mask written to {d['mask_class_png']} (values: "
+                     f"{', '.join(f'{i} {name}' for i, name in enumerate(d['mask_classes']))})")
+    if d.get("partial"):
+        cut = " (cut by --max-new-tokens)" if d["finish_reason"] == "length" else ""
+        lines.append(f"  partial answer{cut}: {d.get('dropped', 0)} malformed item(s) left out")
     if verbose:
         routing = result.generation.routing
         probs = f" probs={d['router_probs']}" if "router_probs" in d else ""
@@ -120,13 +127,19 @@ Outcome = InferenceResult | TileFailure
 
 
 class MaskNames:
-    """``<mask-dir>/<image path relative to the input folder>_mask.png``: tiles that share a stem in different
-    folders or with different suffixes (a/x.jpg, a/x.png, b/x.jpg) get different files, and no file is written twice
-    in one run (names are compared case-folded, as a case-insensitive mask dir would)."""
+    """``<mask-dir>/<image path relative to the input folder>_mask.png`` (binary) and ``..._mask_classes.png``
+    (class-indexed): tiles that share a stem in different folders or with different suffixes (a/x.jpg, a/x.png,
+    b/x.jpg) get different files, and no file is written twice in one run (names are compared case-folded, as a
+    case-insensitive mask dir would; both names of a tile are reserved together)."""
 
     def __init__(self, mask_dir: str | Path, root: Path):
         self.mask_dir, self.root = Path(mask_dir), root
         self.used: set[str] = set()
+
+    @staticmethod
+    def class_path(mask_path: Path) -> Path:
+        """The class-indexed PNG beside a binary mask: ``x_mask.png`` -> ``x_mask_classes.png``."""
+        return mask_path.with_name(f"{mask_path.stem}_classes.png")
 
     def __call__(self, image: str) -> Path:
         try:
@@ -134,10 +147,10 @@ class MaskNames:
         except ValueError:  # an image from elsewhere (chat's /image): its file name
             rel = Path(Path(image).name)
         path, n = self.mask_dir / rel.parent / f"{rel.name}_mask.png", 1
-        while str(path).casefold() in self.used:
+        while {str(path).casefold(), str(self.class_path(path)).casefold()} & self.used:
             n += 1
             path = self.mask_dir / rel.parent / f"{rel.name}_mask-{n}.png"
-        self.used.add(str(path).casefold())
+        self.used |= {str(path).casefold(), str(self.class_path(path)).casefold()}
         return path
 
 
@@ -245,13 +258,15 @@ def _report(outcome: Outcome, output: Output, masks: MaskNames | None, streamed:
 
 
 def save_mask(result: InferenceResult, masks: MaskNames | None) -> None:
-    """Write a [SEG] answer's mask (input pixel size) under the name ``masks`` gives its first image, and record the
-    file as the result's ``mask_png``; nothing without a mask dir or a parsed mask."""
+    """Write a [SEG] answer's masks (input pixel size) under the names ``masks`` gives its first image: the binary
+    PNG (255 = any label) and the class-indexed palette PNG; record them as the result's ``mask_png``,
+    ``mask_class_png`` and ``mask_classes`` (class name by pixel value). Nothing without a mask dir or a mask."""
     if masks is None or result.parsed.mask is None:
         return
     path = masks(result.tile.paths[0])
     save_mask_png(result.parsed.mask, None, result.tile.sizes[0], path)
-    result.extras["mask_png"] = str(path)
+    classes = save_class_mask_png(result.parsed.mask, result.tile.sizes[0], MaskNames.class_path(path))
+    result.extras.update(mask_png=str(path), mask_class_png=str(MaskNames.class_path(path)), mask_classes=classes)
 
 
 def resolve_inputs(images: list[str]) -> Inputs:

@@ -110,6 +110,19 @@ class Result:
         return self.parsed.error
 
     @property
+    def partial(self) -> bool:
+        """The structure (boxes, detections, mask) is not the whole answer: the model was cut by max_new_tokens
+        (``finish_reason`` ``length``) or some items were malformed and dropped (:attr:`dropped`)."""
+        structured = any(s is not None for s in (self.parsed.boxes, self.parsed.detections, self.parsed.obbs,
+                                                 self.parsed.mask))
+        return self.parsed.partial or (structured and self.finish_reason == "length")
+
+    @property
+    def dropped(self) -> int:
+        """How many malformed items (boxes, mask rows) the parsed structure left out; ``parsed.notes`` says why."""
+        return self.parsed.dropped
+
+    @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the first image: the frame of every pixel coordinate below."""
         return self.tile.sizes[0]
@@ -151,6 +164,18 @@ class Result:
         """The labels present in the ``[SEG]`` mask, background left out."""
         return None if self.parsed.mask is None else formats.grid_labels(self.parsed.mask)
 
+    @property
+    def mask_classes(self) -> list[str] | None:
+        """The class of each value of :meth:`class_mask_image`: ``others`` (0), then the mask's labels in order of
+        first appearance (row-major)."""
+        return None if self.parsed.mask is None else mask_classes(self.parsed.mask)
+
+    def class_mask_image(self) -> np.ndarray:
+        """uint8 ``(height, width)`` class-index mask at the first image's size, values indexing
+        :attr:`mask_classes`. Raises ValueError when the answer has no mask."""
+        self.mask_image()  # the same error when there is no mask
+        return full_size_class_mask(self.parsed.mask, self.size)
+
     def mask_image(self, label: str | None = None) -> np.ndarray:
         """Boolean ``(height, width)`` mask at the first image's size: cells of ``label``, or of any label but the
         background when None. Raises ValueError when the answer has no mask."""
@@ -183,6 +208,13 @@ class Result:
             out["pointer"] = {"patch": self.pointer.patch, "probability": round(self.pointer.probability, 4)}
         if self.parse_error:
             out["parse_error"] = self.parse_error
+        out["partial"] = self.partial
+        if self.partial:
+            out["dropped"] = self.dropped
+            if self.parsed.notes:
+                out["partial_notes"] = list(self.parsed.notes)
+            if self.parsed.filled_rows:
+                out["mask_rows_filled"] = list(self.parsed.filled_rows)
         if self.boxes_px is not None:
             out["boxes_px"] = [list(b) for b in self.boxes_px]
         if self.detections is not None:
@@ -219,3 +251,46 @@ def save_mask_png(grid: list[list[str]], label: str | None, size: tuple[int, int
 
     with atomic_path(path) as tmp:
         Image.fromarray(full_size_mask(grid, label, size).astype(np.uint8) * 255).save(tmp, format="PNG")
+
+
+def mask_classes(grid: list[list[str]]) -> list[str]:
+    """Class names by index: the background first, then the grid's labels in first-appearance order."""
+    return [formats.BACKGROUND] + formats.grid_labels(grid)
+
+
+def full_size_class_mask(grid: list[list[str]], size: tuple[int, int]) -> np.ndarray:
+    """A 24 x 24 label grid -> uint8 ``(height, width)`` class indices into :func:`mask_classes`. The 24x24 grid
+    holds at most 576 labels, but a PNG palette 256, so a grid with more than 255 labels is refused."""
+    classes = mask_classes(grid)
+    if len(classes) > 256:
+        raise ValueError(f"the mask has {len(classes) - 1} labels; a class-indexed PNG holds at most 255")
+    index = {name: i for i, name in enumerate(classes)}
+    mask24 = np.array([[index[cell] for cell in row] for row in grid], dtype=np.uint8)
+    return formats.upsample_grid_mask(mask24, size[1], size[0])
+
+
+def class_palette(count: int) -> list[int]:
+    """RGB palette for ``count`` classes: black background, then hues spread by the golden angle so neighbouring
+    class indices get clearly different colours."""
+    import colorsys
+
+    palette = [0, 0, 0]
+    for i in range(1, count):
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 0.95)
+        palette += [round(r * 255), round(g * 255), round(b * 255)]
+    return palette
+
+
+def save_class_mask_png(grid: list[list[str]], size: tuple[int, int], path: str | Path) -> list[str]:
+    """Write a parsed 24x24 mask as a palette PNG at the input's pixel size (0 = background, 1..N the labels in
+    order of first appearance); the class names by index back."""
+    from PIL import Image
+
+    from rsvlm_edge.fileio import atomic_path
+
+    classes = mask_classes(grid)
+    image = Image.fromarray(full_size_class_mask(grid, size)).convert("P")  # uint8 -> "L"; indices kept
+    image.putpalette(class_palette(len(classes)))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return classes

@@ -237,7 +237,7 @@ def test_masks_of_same_stem_tiles_never_overwrite_each_other(tiny_model_dir, tmp
     written = {json.loads(line)["mask_png"] for line in res.output.splitlines() if line.startswith("{")}
     assert written == {str(masks / f"{name}_mask.png") for name in names}
     files = sorted(p for p in masks.rglob("*") if p.is_file())
-    assert len(files) == 3 and not [p for p in files if p.name.endswith(".tmp")]
+    assert len(files) == 6 and not [p for p in files if p.name.endswith(".tmp")]  # binary + class-indexed each
     for path in files:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask()
 

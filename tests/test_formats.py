@@ -361,7 +361,9 @@ def test_to_dict_is_json_ready():
     assert d["obbs"] == [{"label": "ship", "obb": [50, 50, 20, 10, 30]}] and d["boxes"] is None
     d = F.parse_answer("[DET]", "plane [1, 2, 3, 4]").to_dict()
     assert d["detections"] == [{"label": "plane", "box": [1, 2, 3, 4]}] and d["task"] == "[DET]"
-    assert set(d) == {"task", "text", "boxes", "obbs", "detections", "mask", "labels", "error"}
+    assert set(d) == {"task", "text", "boxes", "obbs", "detections", "mask", "labels", "error", "partial", "dropped",
+                      "notes", "filled_rows"}
+    assert (d["partial"], d["dropped"], d["notes"], d["filled_rows"]) == (False, 0, [], [])
 
 
 # ------------------------------------------------------------------------------------------------ properties
