@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from rsvlm_edge.cli_options import UserError, message, sampling_config, sampling_options, threads_line, threads_option
+from rsvlm_edge.cli_options import UserError, default_tokens, message, sampling_config, sampling_options, threads_line, threads_option
 from rsvlm_edge.config import DEFAULT_SENSORS, EXPERT_NAMES
 from rsvlm_edge.pipeline import BACKENDS
 from rsvlm_edge.tasks import TAGS, TaskError, check_image_count, normalize_tag, split_tag
@@ -50,6 +50,7 @@ class Chat:
     verbose: bool = False
     masks: MaskNames | None = None  # None without --mask-dir
     task: str | None = None  # "[CLS]" ...
+    default_tokens: bool = False  # no --max-new-tokens: each turn gets its task's answer length
     tile: Tile | None = None  # set by open_images before the first line is read
     session: ChatSession | None = None
     done: bool = False
@@ -70,6 +71,18 @@ class Chat:
             return text
         return f"{self.task} {text}"
 
+    def turn_sampling(self, instruction: str, tag: str | None) -> SamplingConfig:
+        """The turn's sampling: with ``default_tokens``, its task's answer length within the context the whole
+        conversation so far leaves (the turn may re-prefill it all)."""
+        if not self.default_tokens:
+            return self.sampling
+        from rsvlm_edge.generation import Request
+
+        assert self.tile is not None and self.session is not None
+        request = Request(pixels=self.tile.pixels, sensor=self.tile.sensor, prompt=instruction,
+                          history=list(self.session.turns))
+        return self.pipe.task_sampling(self.sampling, tag, [request])
+
     def ask(self, text: str) -> None:
         from rsvlm_edge.formats import parse_answer
         from rsvlm_edge.infer_command import describe, save_mask
@@ -84,7 +97,7 @@ class Chat:
             click.echo("model> ", nl=False)
         on_token = (lambda _i, piece: click.echo(piece, nl=False)) if streaming else None
         try:
-            gen = self.session.ask(instruction, self.sampling, on_token=on_token)
+            gen = self.session.ask(instruction, self.turn_sampling(instruction, tag), on_token=on_token)
         finally:
             if streaming:
                 click.echo()
@@ -221,7 +234,7 @@ def chat_command(model_dir, images, task, sensor, backend, as_json, mask_dir, ex
             click.echo(line, err=True)
         masks = MaskNames(mask_dir, Path(images[0]).parent) if mask_dir else None
         chat = Chat(pipe, sampling, sensor, as_json=as_json, verbose=verbose, masks=masks,
-                    task=normalize_tag(task) if task else None)
+                    task=normalize_tag(task) if task else None, default_tokens=default_tokens(sampling_kw))
         try:
             chat.open_images(list(images))
         except (ValueError, OSError, RuntimeError, MemoryError) as exc:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from rsvlm_edge import __version__
-from rsvlm_edge.cli_options import UserError, message, prompt_option, sampling_config, sampling_options, threads_option
+from rsvlm_edge.cli_options import UserError, default_tokens, message, prompt_option, sampling_config, sampling_options, threads_option
 from rsvlm_edge.config import DEFAULT_SENSORS, EXPERT_NAMES, PRESETS, ConfigError, ModelConfig, preset
 from rsvlm_edge.pipeline import BACKENDS
 from rsvlm_edge.tasks import TAG_DESCRIPTIONS, TAGS, TaskError, make_instruction
@@ -170,7 +170,7 @@ def infer(model_dir, images, task, prompt, sensor, backend, batch_size, fail_fas
         run_infer(model_dir=model_dir, inputs=inputs, instruction=instruction, sensor=sensor, backend=backend,
                   options=options, batch_size=batch_size, sampling=sampling_config(sampling_kw),
                   output=Output(as_json=as_json, mask_dir=mask_dir, stream=stream, verbose=verbose),
-                  fail_fast=fail_fast)
+                  fail_fast=fail_fast, default_tokens=default_tokens(sampling_kw))
     except (TaskError, ValueError, OSError, RuntimeError, MemoryError) as exc:
         raise UserError(message(exc)) from None
 

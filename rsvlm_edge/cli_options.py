@@ -87,8 +87,10 @@ def prompt_option(help_text: str):
 def sampling_options(fn):
     """--max-new-tokens, --temperature, --top-k, --top-p, --repetition-penalty, --seed: ranges checked at parse time."""
     options = [
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-                     help="Stop after this many tokens."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+                     help="Stop after this many tokens.  [default: per task, what its answer format needs: 768 for "
+                          "det/obb, 640 for seg, 32 for cls/vg ... (rsvlm_edge.tasks.TASK_MAX_NEW_TOKENS), within "
+                          "the model's context]"),
         click.option("--temperature", type=FiniteFloat(min=0.0), default=0.0, show_default=True,
                      help="0 = greedy; > 0 samples."),
         click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
@@ -107,12 +109,21 @@ def sampling_options(fn):
     return fn
 
 
+def default_tokens(kw: dict[str, Any]) -> bool:
+    """Whether the user left --max-new-tokens out: then each request gets its task's answer length
+    (:func:`rsvlm_edge.tasks.max_new_tokens_for`) in place of the config's placeholder."""
+    return kw["max_new_tokens"] is None
+
+
 def sampling_config(kw: dict[str, Any]) -> "SamplingConfig":
-    """The SamplingConfig of the options above (``kw`` holds them among a command's other parameters)."""
+    """The SamplingConfig of the options above (``kw`` holds them among a command's other parameters); without
+    --max-new-tokens it holds the untagged default, which :func:`default_tokens` callers replace per task."""
     from rsvlm_edge.sampling import SamplingConfig
+    from rsvlm_edge.tasks import max_new_tokens_for
 
     try:
-        return SamplingConfig(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_k=kw["top_k"],
+        tokens = max_new_tokens_for(None) if default_tokens(kw) else kw["max_new_tokens"]
+        return SamplingConfig(max_new_tokens=tokens, temperature=kw["temperature"], top_k=kw["top_k"],
                               top_p=kw["top_p"], repetition_penalty=kw["repetition_penalty"], seed=kw["seed"],
                               constrain=kw.get("constrain", True)).validate()
     except ValueError as exc:

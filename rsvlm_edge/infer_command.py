@@ -156,10 +156,10 @@ class MaskNames:
 
 def run_infer(*, model_dir: str, inputs: Inputs, instruction: str, sensor: str | None, backend: str,
               options: dict, batch_size: int, sampling: SamplingConfig, output: Output,
-              fail_fast: bool = False) -> None:
+              fail_fast: bool = False, default_tokens: bool = False) -> None:
     """Answer every request of ``inputs``. A folder run gives each tile an answer or an error record and exits
     non-zero only when nothing was answered (or at the first failure with ``fail_fast``); one image or pair fails
-    the run on its error."""
+    the run on its error. ``default_tokens``: --max-new-tokens was not given, each answer gets its task's length."""
     check_image_count(split_tag(instruction)[0], len(inputs.groups[0]))  # before the model loads
     stop_on_error = fail_fast or not inputs.folder
     with Pipeline(model_dir, backend=backend, **options) as pipe:
@@ -168,7 +168,7 @@ def run_infer(*, model_dir: str, inputs: Inputs, instruction: str, sensor: str |
             if line:
                 click.echo(line, err=True)
         context = pipe.config.max_position_embeddings
-        if sampling.max_new_tokens >= context:
+        if not default_tokens and sampling.max_new_tokens >= context:
             raise UserError(f"--max-new-tokens {sampling.max_new_tokens} leaves no room for the prompt in the "
                             f"model's context of {context} tokens")
         show_stream = output.stream and not inputs.folder and not output.as_json
@@ -180,7 +180,7 @@ def run_infer(*, model_dir: str, inputs: Inputs, instruction: str, sensor: str |
                   disable=None if inputs.folder else True) as bar:  # None: only on a terminal
             for start in range(0, len(inputs.groups), batch_size):
                 chunk = inputs.groups[start:start + batch_size]
-                outcomes = answer_batch(pipe, chunk, sensor, instruction, sampling, on_token)
+                outcomes = answer_batch(pipe, chunk, sensor, instruction, sampling, on_token, default_tokens)
                 with tqdm.external_write_mode(file=sys.stdout):
                     for outcome in outcomes:
                         if isinstance(outcome, TileFailure) and stop_on_error:
@@ -201,7 +201,7 @@ def run_infer(*, model_dir: str, inputs: Inputs, instruction: str, sensor: str |
 
 
 def answer_batch(pipe: Pipeline, chunk: list[list[str]], sensor: str | None, instruction: str,
-                 sampling: SamplingConfig, on_token=None) -> list[Outcome]:
+                 sampling: SamplingConfig, on_token=None, default_tokens: bool = False) -> list[Outcome]:
     """One outcome per request of ``chunk``, in order: a tile that cannot be read, or whose generation fails,
     gets a :class:`TileFailure` and the others are still answered."""
     outcomes: list[Outcome | None] = [None] * len(chunk)
@@ -211,25 +211,26 @@ def answer_batch(pipe: Pipeline, chunk: list[list[str]], sensor: str | None, ins
             tiles[i] = pipe.tile(paths, sensor)
         except REQUEST_ERRORS as exc:
             outcomes[i] = TileFailure(paths, message(exc))
-    for i, outcome in _generate(pipe, tiles, instruction, sampling, on_token).items():
+    for i, outcome in _generate(pipe, tiles, instruction, sampling, on_token, default_tokens).items():
         outcomes[i] = outcome
     return [o for o in outcomes if o is not None]
 
 
 def _generate(pipe: Pipeline, tiles: dict[int, Tile], instruction: str, sampling: SamplingConfig,
-              on_token) -> dict[int, Outcome]:
+              on_token, default_tokens: bool = False) -> dict[int, Outcome]:
     """Run the tiles as one batch; if the batch fails, run each alone so only the request at fault fails."""
     if not tiles:
         return {}
     try:
-        return dict(zip(tiles, pipe.run(list(tiles.values()), instruction, sampling, on_token=on_token)))
+        return dict(zip(tiles, pipe.run(list(tiles.values()), instruction, sampling, on_token=on_token,
+                                        default_tokens=default_tokens)))
     except REQUEST_ERRORS as exc:
         if len(tiles) == 1:
             (i, tile), = tiles.items()
             return {i: TileFailure(tile.paths, message(exc))}
     out: dict[int, Outcome] = {}
     for i, tile in tiles.items():
-        out.update(_generate(pipe, {i: tile}, instruction, sampling, on_token))
+        out.update(_generate(pipe, {i: tile}, instruction, sampling, on_token, default_tokens))
     return out
 
 

@@ -47,7 +47,7 @@ from rsvlm_edge.generation import Generation, Generator, Request, TokenCallback
 from rsvlm_edge.inputs import ImageInput, RequestInput, Tile, image_names, load, prepare_tile, read_tile, split_requests
 from rsvlm_edge.results import InferenceResult, Result, save_mask_png
 from rsvlm_edge.sampling import GenerationDefaults, SamplingConfig
-from rsvlm_edge.tasks import PAIR_TASKS, TaskError, check_image_count, make_instruction, split_tag
+from rsvlm_edge.tasks import PAIR_TASKS, TaskError, check_image_count, make_instruction, max_new_tokens_for, split_tag
 from rsvlm_edge.templates import get_template
 from rsvlm_edge.tokenizer import Tokenizer
 from rsvlm_edge.validate import cap_threads, require_text
@@ -152,12 +152,14 @@ class Pipeline:
         rule) picks the expert. ``sensor``: ``rgb``, ``sar``, ``ir`` or ``ms``, for every image of the call;
         None guesses it per request from its first image's bands and dtype. ``sampling`` (a
         :class:`~rsvlm_edge.sampling.SamplingConfig`) and keyword overrides of its fields (``max_new_tokens=8``,
-        ``temperature=0.7`` ...) set the decoding; the default is greedy."""
+        ``temperature=0.7`` ...) set the decoding; the default is greedy, with the task's answer length
+        (:data:`rsvlm_edge.tasks.TASK_MAX_NEW_TOKENS`) unless ``sampling`` or ``max_new_tokens=`` is given."""
         self._check_open()
         batched, requests = split_requests(images)
         if prompt is not None:
             require_text(prompt, "prompt")
         instruction = make_instruction(task, prompt)
+        default_tokens = sampling is None and "max_new_tokens" not in sampling_options
         sampling = _sampling(sampling, sampling_options)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
@@ -167,7 +169,7 @@ class Pipeline:
         for start in range(0, len(requests), batch_size):
             tiles = [self.prepare(request, row, sensor) for request, row in
                      zip(requests[start:start + batch_size], names[start:start + batch_size])]
-            results += self.run(tiles, instruction, sampling)
+            results += self.run(tiles, instruction, sampling, default_tokens=default_tokens)
         return results if batched else results[0]
 
     def prepare(self, images: Sequence[ImageInput], names: Sequence[str], sensor: str | None = None) -> Tile:
@@ -184,8 +186,12 @@ class Pipeline:
                          self.config.image_preprocess)
 
     def run(self, tiles: list[Tile], instruction: str, sampling: SamplingConfig | None = None,
-            on_token: TokenCallback | None = None, history=None) -> list[Result]:
-        """Answer prepared tiles with one instruction, as one batch through the engines."""
+            on_token: TokenCallback | None = None, history=None, default_tokens: bool | None = None) -> list[Result]:
+        """Answer prepared tiles with one instruction, as one batch through the engines.
+
+        ``default_tokens`` (default: when ``sampling`` is None) gives the answers their task's length
+        (:data:`rsvlm_edge.tasks.TASK_MAX_NEW_TOKENS`: a [SEG] mask or a dense [DET] list needs far more than a
+        [CLS] label), capped at the context the longest prompt leaves, in place of ``sampling.max_new_tokens``."""
         self._check_open()
         require_text(instruction, "the prompt")
         tag, _ = split_tag(instruction)
@@ -193,12 +199,21 @@ class Pipeline:
             check_image_count(tag, len(tile.pixels))
         requests = [Request(pixels=t.pixels, sensor=t.sensor, prompt=instruction, history=list(history or []))
                     for t in tiles]
+        if default_tokens or (default_tokens is None and sampling is None):
+            sampling = self.task_sampling(sampling, tag, requests)
         gens = self.generator.generate(requests, sampling, on_token=on_token)
         results = []
         for tile, gen in zip(tiles, gens):
             answer_tag = tag or _tag_for_expert_guess(gen)
             results.append(Result(tile, instruction, gen, formats.parse_answer(answer_tag, gen.text)))
         return results
+
+    def task_sampling(self, sampling: SamplingConfig | None, tag: str | None,
+                      requests: list[Request]) -> SamplingConfig:
+        """``sampling`` (default greedy) with the task's answer length, within the room the longest of
+        ``requests``' prompts leaves in the model's context."""
+        room = self.config.max_position_embeddings - max(len(self.generator.prompt_ids(r)) for r in requests)
+        return dataclasses.replace(sampling or SamplingConfig(), max_new_tokens=max_new_tokens_for(tag, room))
 
     def close(self) -> None:
         """Free the backend's sessions and memory maps; calling it again does nothing."""

@@ -4,6 +4,7 @@ and says what it dropped; masks are also written as class-indexed palette PNGs."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from rsvlm_edge.generation import Generation, Routing
 from rsvlm_edge.infer_command import MaskNames, save_mask
 from rsvlm_edge.inputs import Tile
 from rsvlm_edge.results import Result, class_palette
+from rsvlm_edge.tasks import DEFAULT_PROMPTS, TAGS, TASK_MAX_NEW_TOKENS, max_new_tokens_for
 
 # ------------------------------------------------------------------------------------------------ box lists
 
@@ -155,3 +157,105 @@ def test_class_png_names_are_unique_and_reserved_with_the_binary_name(tmp_path):
     second = names(str(tmp_path / "x"))
     assert first.name == "x_mask.png" and MaskNames.class_path(first).name == "x_mask_classes.png"
     assert second.name == "x_mask-2.png" and MaskNames.class_path(second).name == "x_mask-2_classes.png"
+
+
+# ------------------------------------------------------------------------------------------------ answer lengths
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "models" / "tiny-demo"
+
+
+def test_task_lengths_hold_the_longest_synthetic_answers():
+    from rsvlm_edge.tokenizer import Tokenizer
+    from rsvlm_edge.training.synthetic.generator import generate
+
+    tokenizer = Tokenizer.load(DEMO / "tokenizer.json")
+    for task in ("seg", "det", "obb", "cls", "vg", "cap", "ref", "ccd"):
+        for sample in generate(40, seed=3, size=128, tasks=[task]):
+            tag = sample.prompt.split()[0]
+            need = len(tokenizer.encode(sample.answer)) + 1  # + the end token
+            assert need <= TASK_MAX_NEW_TOKENS[tag], (tag, need)
+    assert TASK_MAX_NEW_TOKENS["[DET]"] > 256 and TASK_MAX_NEW_TOKENS["[OBB]"] > 256  # dense scenes
+    assert all(TASK_MAX_NEW_TOKENS.get(tag) for tag in TAGS)
+
+
+def test_max_new_tokens_for_caps_at_the_room_left():
+    assert max_new_tokens_for("[SEG]") == TASK_MAX_NEW_TOKENS["[SEG]"]
+    assert max_new_tokens_for("[DET]", room=100) == 100
+    assert max_new_tokens_for("[CLS]", room=1000) == TASK_MAX_NEW_TOKENS["[CLS]"]
+    assert max_new_tokens_for(None) == TASK_MAX_NEW_TOKENS[None] and max_new_tokens_for("[DET]", room=-5) == 1
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The max_new_tokens each generate call got; generation itself is skipped (an empty answer)."""
+    from rsvlm_edge.generation import Generator
+
+    seen: list[int] = []
+
+    def fake_generate(self, requests, sampling=None, on_token=None):
+        seen.append(sampling.max_new_tokens)
+        return [Generation(text="none", token_ids=[], routing=Routing(0, "tag"), prompt_tokens=1, finish_reason="stop")
+                for _ in requests]
+
+    monkeypatch.setattr(Generator, "generate", fake_generate)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from rsvlm_edge import Pipeline
+
+    with Pipeline(DEMO, threads=1) as p:
+        yield p
+
+
+def _room(pipe, tag_prompt: str, images: int = 1) -> int:
+    from rsvlm_edge.generation import Request
+
+    pixels = [np.zeros((3, pipe.config.image_size, pipe.config.image_size), np.float32)] * images
+    request = Request(pixels=pixels, sensor="rgb", prompt=tag_prompt)
+    return pipe.config.max_position_embeddings - len(pipe.generator.prompt_ids(request))
+
+
+def test_api_uses_the_task_length_unless_told(pipe, recorded):
+    from rsvlm_edge.sampling import SamplingConfig
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    pipe(image, task="cls")
+    pipe(image, task="seg")
+    pipe(image, task="obb", max_new_tokens=5)
+    pipe(image, task="det", sampling=SamplingConfig(max_new_tokens=7))
+    pipe(image, task="det", temperature=0.5)
+    det_room = _room(pipe, "[DET] " + DEFAULT_PROMPTS["[DET]"])
+    seg = min(TASK_MAX_NEW_TOKENS["[SEG]"], _room(pipe, "[SEG] " + DEFAULT_PROMPTS["[SEG]"]))
+    assert recorded == [TASK_MAX_NEW_TOKENS["[CLS]"], seg, 5, 7, min(TASK_MAX_NEW_TOKENS["[DET]"], det_room)]
+
+
+def test_cli_uses_the_task_length_unless_told(recorded, tmp_path):
+    from click.testing import CliRunner
+
+    from rsvlm_edge.cli import main
+
+    tile = tmp_path / "t.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tile)
+    for extra in ([], ["--max-new-tokens", "9"]):
+        res = CliRunner().invoke(main, ["infer", str(DEMO), str(tile), "--task", "cls", "--json", *extra],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+    assert recorded == [TASK_MAX_NEW_TOKENS["[CLS]"], 9]
+
+
+def test_chat_turns_get_their_task_length(pipe, tmp_path):
+    from rsvlm_edge.chat_command import Chat
+    from rsvlm_edge.cli_options import sampling_config
+
+    tile = tmp_path / "t.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tile)
+    kw = {"max_new_tokens": None, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": None, "seed": 0}
+    chat = Chat(pipe, sampling_config(kw), None, default_tokens=True)
+    chat.open_images([str(tile)])
+    assert chat.turn_sampling("[CLS] what?", "[CLS]").max_new_tokens == TASK_MAX_NEW_TOKENS["[CLS]"]
+    assert chat.turn_sampling("hello", None).max_new_tokens == TASK_MAX_NEW_TOKENS[None]
+    fixed = Chat(pipe, sampling_config({**kw, "max_new_tokens": 11}), None)
+    assert fixed.turn_sampling("[SEG] go", "[SEG]").max_new_tokens == 11
