@@ -193,7 +193,8 @@ COMMANDS: dict[str, Command] = {
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print each answer as one JSON object (as infer --json).")
 @click.option("--mask-dir", type=click.Path(file_okay=False),
-              help="Write [SEG] answers' masks as PNGs here (IMAGE_mask.png, then IMAGE_mask-2.png ...).")
+              help="Write [SEG] answers' masks as PNGs here (IMAGE_mask.png and the class-indexed "
+                   "IMAGE_mask_classes.png, then IMAGE_mask-2.png ...).")
 @click.option("--expert-budget", type=str, help="Expert cache budget, e.g. 1 (experts) or 300MB (ort backend).")
 @threads_option
 @click.option("-v", "--verbose", is_flag=True, help="Show threads, the expert per turn and how many cached tokens "

@@ -128,7 +128,8 @@ def init(out_dir: str, config_name: str, tokenizer_path: str | None, seed: int) 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per tile (boxes in pixels, mask PNG paths).")
 @click.option("--mask-dir", type=click.Path(file_okay=False),
               help="Write [SEG] masks as PNGs (input pixel size) here, named by the image's path relative to the "
-                   "input folder: tiles/a/x.jpg -> MASK_DIR/a/x.jpg_mask.png.")
+                   "input folder: tiles/a/x.jpg -> MASK_DIR/a/x.jpg_mask.png (255 = any label) and "
+                   "x.jpg_mask_classes.png (palette; values index the JSON's mask_classes, 0 = others).")
 @click.option("--stream/--no-stream", default=True, help="Print tokens as they come (single tile, text output).")
 @click.option("--expert-budget", type=str, help="Expert cache budget, e.g. 1 (experts) or 300MB (ort backend).")
 @click.option("--pin-expert", "pinned", multiple=True, type=click.Choice(list(EXPERT_NAMES)),
