@@ -463,6 +463,7 @@ def obb_to_pixels(obb: Sequence[float], width: float, height: float) -> tuple[fl
 
 #: A [SEG] answer is kept when at least this many of its rows are well formed; fewer is mostly made-up background.
 MIN_MASK_ROWS = MASK_SIZE // 2
+_MAX_NOTES = 10  # notes kept per answer; ``dropped`` still counts every item
 
 
 @dataclass
@@ -621,7 +622,10 @@ class ParsedAnswer:
 
     def keep(self, found: Salvage) -> list:
         """Record what a lenient parser dropped; its kept items back."""
-        self.dropped, self.notes = found.dropped, list(found.notes or [])
+        notes = list(found.notes or [])
+        if len(notes) > _MAX_NOTES:  # a long garbled list would bury the JSON record in notes
+            notes = notes[:_MAX_NOTES] + [f"... and {len(notes) - _MAX_NOTES} more"]
+        self.dropped, self.notes = found.dropped, notes
         self.partial = bool(found.dropped or self.filled_rows)
         return found.items
 

@@ -259,3 +259,10 @@ def test_chat_turns_get_their_task_length(pipe, tmp_path):
     assert chat.turn_sampling("hello", None).max_new_tokens == TASK_MAX_NEW_TOKENS[None]
     fixed = Chat(pipe, sampling_config({**kw, "max_new_tokens": 11}), None)
     assert fixed.turn_sampling("[SEG] go", "[SEG]").max_new_tokens == 11
+
+
+def test_notes_are_capped_but_dropped_counts_everything():
+    text = "ship " + " ".join(["[1, 2, 3]"] * 30) + " [1, 2, 3, 4]"
+    answer = F.parse_answer("[DET]", text)
+    assert answer.detections == [("ship", (1, 2, 3, 4))] and answer.dropped == 30
+    assert len(answer.notes) == 11 and answer.notes[-1] == "... and 20 more"
