@@ -508,7 +508,7 @@ def salvage_grouped(text: str, count: int, what: str, check) -> Salvage:
         try:
             label = _clean_label(segment[:start], BoxFormatError)
         except BoxFormatError as exc:
-            for _ in shapes or [None]:
+            for _ in range(max(1, len(shapes))):
                 found.drop(str(exc))
             continue
         for match in shapes:

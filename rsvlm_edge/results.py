@@ -173,16 +173,19 @@ class Result:
     def class_mask_image(self) -> np.ndarray:
         """uint8 ``(height, width)`` class-index mask at the first image's size, values indexing
         :attr:`mask_classes`. Raises ValueError when the answer has no mask."""
-        self.mask_image()  # the same error when there is no mask
-        return full_size_class_mask(self.parsed.mask, self.size)
+        return full_size_class_mask(self._grid(), self.size)
 
     def mask_image(self, label: str | None = None) -> np.ndarray:
         """Boolean ``(height, width)`` mask at the first image's size: cells of ``label``, or of any label but the
         background when None. Raises ValueError when the answer has no mask."""
+        return full_size_mask(self._grid(), label, self.size)
+
+    def _grid(self) -> list[list[str]]:
+        """The parsed 24x24 grid; ValueError naming the image when the answer has none."""
         if self.parsed.mask is None:
             raise ValueError(f"{self.images[0]}: the answer has no mask (task {self.task}"
                              f"{'; ' + self.parse_error if self.parse_error else ''})")
-        return full_size_mask(self.parsed.mask, label, self.size)
+        return self.parsed.mask
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:

@@ -266,3 +266,9 @@ def test_notes_are_capped_but_dropped_counts_everything():
     answer = F.parse_answer("[DET]", text)
     assert answer.detections == [("ship", (1, 2, 3, 4))] and answer.dropped == 30
     assert len(answer.notes) == 11 and answer.notes[-1] == "... and 20 more"
+
+
+def test_class_mask_of_an_answer_without_mask_names_the_image():
+    result = _result("[SEG]", "others*24", "stop", path="tile.png")
+    with pytest.raises(ValueError, match="tile.png: the answer has no mask"):
+        result.class_mask_image()
