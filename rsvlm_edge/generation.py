@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from rsvlm_edge.sampling import GenerationDefaults, SamplingConfig, TokenSampler
 from rsvlm_edge.tasks import Turn, expert_by_rule, expert_for_tag, split_tag
 from rsvlm_edge.templates import PromptIds, get_template
 from rsvlm_edge.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:  # llguidance loads only when a request is constrained
+    from rsvlm_edge.constrain import Constraints
 
 
 @dataclass
@@ -125,7 +128,7 @@ class Generator:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {self.config.vocab_size}")
         #: Generation stops on these: the template's end of turn, plus the model's own eos ids.
         self.stop_ids = frozenset({tokenizer.end_id, *self.defaults.eos_token_ids})
-        self._constraints = None  # answer grammars (rsvlm_edge.constrain), built on the first constrained request
+        self._constraints: Constraints | None = None  # answer grammars (rsvlm_edge.constrain), built on the first constrained request
 
     def sampling(self, sampling: SamplingConfig | None) -> SamplingConfig:
         """``sampling`` with what it leaves unset taken from the model's defaults and template."""
@@ -479,7 +482,7 @@ class ChatSession:
                 (answer_ids, pointing), = gen.point(hidden[:, -1], self.patches[None])
                 forced[0] = answer_ids
         t_first = time.perf_counter()
-        sampler = gen.new_sampler(sampling, ids, image_slots)
+        sampler = gen.new_sampler(sampling, ids, image_slots, gen.constraint(sampling, text))
         generated, reasons, steps = gen.decode(self.cache, logits, full_mask, positions[:, -1] + 1, [sampler],
                                                sampling, on_token, [0], forced)
         self.position = int(positions[0, -1]) + 1 + steps

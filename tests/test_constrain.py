@@ -103,3 +103,18 @@ def test_without_constrain_generation_is_unchanged(pipe, tiles):
     default = pipe(tiles[:4], task="obb", max_new_tokens=40)
     off = pipe(tiles[:4], task="obb", max_new_tokens=40, constrain=False)
     assert [r.generation.token_ids for r in default] == [r.generation.token_ids for r in off]
+
+
+def test_chat_turns_are_constrained_too(pipe, tiles):
+    """A chat turn follows its tag's grammar like a one-shot request: a [SEG] turn after a caption is a 24-row mask."""
+    from rsvlm_edge.generation import ChatSession
+    from rsvlm_edge.sampling import SamplingConfig
+
+    tile = pipe.prepare([tiles[0]], ["<array 0>"], None)
+    session = ChatSession(pipe.generator, tile.pixels, tile.sensor)
+    sampling = SamplingConfig(max_new_tokens=640, constrain=True)
+    session.ask("[CAP] Describe the image.", sampling)
+    answer = session.ask("[SEG] Segment the image.", sampling)
+    assert answer.finish_reason == "stop"
+    parsed = parse_answer("[SEG]", answer.text)
+    assert parsed.error is None and not parsed.partial and len(parsed.mask) == 24
