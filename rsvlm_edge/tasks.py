@@ -176,14 +176,19 @@ def user_segments(text: str, num_images: int) -> list[Segment]:
     return segments + _text_segments(text) + [(END, True), ("\n", False)]
 
 
-def prompt_segments(turns: list[Turn], num_images: int) -> list[Segment]:
-    """Render a conversation; the last turn has no answer yet and the prompt ends ready for the assistant."""
+def check_turns(turns: list[Turn], num_images: int) -> None:
+    """What every prompt template needs: at least one turn, 1-2 images, and the last turn the one to answer."""
     if not turns:
         raise TaskError("a prompt needs at least one turn")
     if num_images not in (1, 2):
         raise TaskError(f"a request takes 1 image (2 for change tasks), got {num_images}")
     if turns[-1].assistant is not None:
         raise TaskError("the last turn must be the one to answer (assistant=None)")
+
+
+def prompt_segments(turns: list[Turn], num_images: int) -> list[Segment]:
+    """Render a conversation; the last turn has no answer yet and the prompt ends ready for the assistant."""
+    check_turns(turns, num_images)
     segments: list[Segment] = []
     for i, turn in enumerate(turns):
         segments += user_segments(turn.user, num_images if i == 0 else 0)

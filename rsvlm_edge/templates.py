@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rsvlm_edge.tasks import ASSISTANT, END, IMAGE, Segment, TaskError, Turn, prompt_segments, user_segments
+from rsvlm_edge.tasks import ASSISTANT, END, IMAGE, Segment, Turn, check_turns, prompt_segments, user_segments
 from rsvlm_edge.tokenizer import RSVLM_CONTROL, ControlTokens, Tokenizer
 
 __all__ = ["TEMPLATES", "PromptIds", "PromptTemplate", "QwenTemplate", "RsvlmTemplate", "get_template"]
@@ -46,15 +46,6 @@ class PromptIds:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-def check_turns(turns: list[Turn], num_images: int) -> None:
-    if not turns:
-        raise TaskError("a prompt needs at least one turn")
-    if num_images not in (1, 2):
-        raise TaskError(f"a request takes 1 image (2 for change tasks), got {num_images}")
-    if turns[-1].assistant is not None:
-        raise TaskError("the last turn must be the one to answer (assistant=None)")
 
 
 class PromptTemplate(abc.ABC):
