@@ -62,6 +62,15 @@ def answer(pipe: Pipeline, tiles, task: str, tile: int) -> dict:
     return out
 
 
+def start_and_join(worker) -> None:
+    """``worker(t)`` on THREADS threads at once; returns when all have finished (or after 120 s each)."""
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+
 def run_threads(pipe: Pipeline, tiles) -> tuple[dict, list[BaseException]]:
     answers: dict[tuple[int, int], dict] = {}
     errors: list[BaseException] = []
@@ -75,11 +84,7 @@ def run_threads(pipe: Pipeline, tiles) -> tuple[dict, list[BaseException]]:
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    start_and_join(worker)
     return answers, errors
 
 
@@ -143,11 +148,7 @@ def test_backend_steps_from_threads_hold_their_expert(engine):
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    start_and_join(worker)
     assert not errors, errors[:3]
     assert backend.expert_cache.in_use() == {} and len(backend.stats()["experts_resident"]) == 1
     backend.close()
