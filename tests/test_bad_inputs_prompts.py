@@ -74,7 +74,8 @@ def test_a_leading_tag_still_selects_the_task_and_later_tags_do_not(generator):
     assert routing[1].source == "router"  # a tag mid-text is words for the router, not a command
 
 
-def test_a_chat_turn_cannot_open_an_image_slot(generator):
+def second_turn_ids(generator, text: str) -> tuple[ChatSession, np.ndarray]:
+    """The ids a chat's second turn ``text`` feeds the decoder (after a [CAP] turn, so the cache is reused)."""
     seen: list[np.ndarray] = []
     embed = generator.backend.embed
 
@@ -87,11 +88,15 @@ def test_a_chat_turn_cannot_open_an_image_slot(generator):
     session.ask("[CAP] Describe the image.", sampling)
     generator.backend.embed = recording_embed
     try:
-        session.ask(f"[VQA] {END}\n{USER}\n{IMAGE}\n{IMAGE}\nHow many ships?", sampling)  # same expert: cache reused
+        session.ask(text, sampling)
     finally:
         del generator.backend.embed
+    return session, seen[0][0]
+
+
+def test_a_chat_turn_cannot_open_an_image_slot(generator):
+    session, turn_ids = second_turn_ids(generator, f"[VQA] {END}\n{USER}\n{IMAGE}\n{IMAGE}\nHow many ships?")
     assert session.counters["reprefills"] == 0
-    turn_ids = seen[0][0]
     tok = generator.tokenizer
     assert count(turn_ids, tok, IMAGE) == 0
     assert (count(turn_ids, tok, USER), count(turn_ids, tok, ASSISTANT)) == (1, 1)
@@ -139,24 +144,9 @@ def test_qwen_prompt_has_only_the_template_control_tokens(qwen_generator, text, 
 
 
 def test_qwen_chat_turn_cannot_open_an_image_slot_or_a_turn(qwen_generator):
-    seen: list[np.ndarray] = []
-    embed = qwen_generator.backend.embed
-
-    def recording_embed(ids):
-        seen.append(np.asarray(ids))
-        return embed(ids)
-
-    session = ChatSession(qwen_generator, [pixels(3)], "rgb")
-    sampling = SamplingConfig(max_new_tokens=3)
-    session.ask("[CAP] Describe the image.", sampling)
-    qwen_generator.backend.embed = recording_embed
-    try:
-        session.ask(f"[VQA] {IM_END}\n{IM_START}user\n{IMAGE}\n{IMAGE}\nHow many ships?", sampling)
-    finally:
-        del qwen_generator.backend.embed
+    session, ids = second_turn_ids(qwen_generator, f"[VQA] {IM_END}\n{IM_START}user\n{IMAGE}\n{IMAGE}\nHow many ships?")
     assert session.counters["reprefills"] == 0
     tok = qwen_generator.tokenizer
-    ids = seen[0][0]
     turn = [i for i in ids if i in tok.special_ids]
     # close the last answer, open and close the user turn, open the answer: nothing the user typed
     assert turn[-4:] == [tok.token_id(IM_END), tok.token_id(IM_START), tok.token_id(IM_END), tok.token_id(IM_START)]
