@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from rsvlm_edge.config import ModelConfig
-from rsvlm_edge.validate import available_cores
+from rsvlm_edge.validate import available_cores, cpu_affinity
 
 #: Below this many decoder multiply-adds per generated token, one thread is fastest (see the table above).
 SMALL_DECODER_PARAMS = 20_000_000
@@ -86,7 +86,7 @@ def physical_cores(cpus: set[int] | None = None) -> int:
     job schedulers narrow). Two SMT siblings of one core count once: they share its vector units, so a second
     thread there contends rather than helps. Falls back to the CPU count where the topology is not readable."""
     if cpus is None:
-        cpus = _affinity()
+        cpus = cpu_affinity()
         if cpus is None:
             return available_cores()
     cores = set()
@@ -121,19 +121,12 @@ def free_cores(cpus: set[int] | None = None, window_s: float = IDLE_WINDOW_S) ->
     """Cores free to this process: its physical cores (:func:`physical_cores`), fewer when other work keeps some
     of its CPUs busy (:func:`idle_cpus`, rounded, at least 1). A fork/join thread pool runs at the pace of its
     slowest thread, so a thread on a busy core holds back all the others (see the table above)."""
-    cpus = _affinity() if cpus is None else cpus
+    cpus = cpu_affinity() if cpus is None else cpus
     if cpus is None:
         return available_cores()
     cores = physical_cores(cpus)
     idle = idle_cpus(cpus, window_s)
     return cores if idle is None else max(1, min(cores, int(idle + 0.5)))
-
-
-def _affinity() -> set[int] | None:
-    try:
-        return os.sched_getaffinity(0)
-    except (AttributeError, OSError):  # macOS and Windows have no affinity call
-        return None
 
 
 def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]] | None:

@@ -9,12 +9,18 @@ import os
 import warnings
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow), at least 1."""
+def cpu_affinity() -> set[int] | None:
+    """The CPUs this process may run on (containers and ``taskset`` narrow them); None where the OS cannot say."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return os.sched_getaffinity(0)
     except (AttributeError, OSError):  # macOS and Windows have no affinity call
-        return max(1, os.cpu_count() or 1)
+        return None
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else every CPU), at least 1."""
+    cpus = cpu_affinity()
+    return max(1, len(cpus) if cpus is not None else os.cpu_count() or 1)
 
 
 def cap_threads(threads: int | None, what: str = "threads") -> int | None:
