@@ -76,26 +76,21 @@ class PromptTemplate(abc.ABC):
         placeholder = tokenizer.pad_id if self.control.image is None else tokenizer.token_id(self.control.image)
         ids: list[int] = []
         slots: list[bool] = []
-        text: list[str] = []
+        run: list[Segment] = []  # the pieces since the last image slot
 
         def flush() -> None:
-            if text:
-                chunk = tokenizer.encode_text("".join(text))
-                ids.extend(chunk)
-                slots.extend([False] * len(chunk))
-                text.clear()
+            chunk = tokenizer.encode_segments(run)
+            ids.extend(chunk)
+            slots.extend([False] * len(chunk))
+            run.clear()
 
         for piece, control in segments:
-            if not control:
-                text.append(piece)
-                continue
-            flush()
-            if piece == IMAGE:
+            if control and piece == IMAGE:
+                flush()
                 ids.extend([placeholder] * num_visual_tokens)
                 slots.extend([True] * num_visual_tokens)
             else:
-                ids.append(tokenizer.token_id(piece))
-                slots.append(False)
+                run.append((piece, control))
         flush()
         return PromptIds(ids, np.asarray(slots, dtype=bool))
 
