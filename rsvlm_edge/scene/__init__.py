@@ -1,0 +1,1 @@
+"""Whole georeferenced scenes: tiled inference, merging across tiles, GeoJSON and GeoTIFF outputs."""
