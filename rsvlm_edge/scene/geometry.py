@@ -1,0 +1,227 @@
+"""Per-tile answers -> features in scene pixels: the geometry every scene output is built from.
+
+A tile record is what the tile loop journals for one tile, JSON-ready (a mapping, or an object with ``to_dict()``):
+
+- ``window``: the tile's place in the scene (a ``TileWindow`` or a mapping with ``col_off``, ``row_off``, ``width``,
+  ``height``), in full-resolution scene pixels;
+- ``tile_id`` (optional; else the window's ``id``): the id every feature of the tile carries;
+- ``image_size`` (optional; else the window's size): ``[width, height]`` of the image the model saw, which differs
+  from the window when the tile was resampled (``--gsd``);
+- ``result``: :meth:`rsvlm_edge.results.Result.to_dict` of the answer, or None for a tile that failed;
+- ``grid`` (``[SEG]`` only): the 24x24 label grid of the answer.
+
+Scene pixels are x right, y down, with pixel corners on integers, so the rasterio transform maps them straight to
+the CRS. An answer's pixels map to the scene by scaling each axis from the image to the window and shifting by the
+window's offset (the 0..100 units of the contract, times the image size, times this scale, are the same numbers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import shapely
+from shapely.geometry import Point, Polygon, box
+from shapely.geometry.base import BaseGeometry
+
+from rsvlm_edge import formats
+from rsvlm_edge.tasks import split_tag
+
+#: Tasks whose answers are objects (boxes, oriented boxes, grounding hits), merged across tile overlaps.
+OBJECT_TASKS = ("[DET]", "[OBB]", "[VG]")
+#: Tasks answered once per tile (labels or text): the grid layer, one cell per tile.
+TILE_TASKS = ("[CLS]", "[CAP]", "[VQA]", "[CCD]", "[REF]")
+#: Tasks answered with a 24x24 mask: stitched into one class-indexed raster (:mod:`rsvlm_edge.scene.mosaic`).
+MASK_TASKS = ("[SEG]",)
+
+
+class WindowLike(Protocol):
+    """What a tile window offers: its top-left corner and size in scene pixels (``TileWindow`` fits)."""
+
+    @property
+    def col_off(self) -> int: ...
+    @property
+    def row_off(self) -> int: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One answer item in scene pixels. ``kind`` is ``box``, ``obb``, ``point`` (a zero-size [VG] box), ``tile``
+    (a grid-layer cell) or ``mask`` (a vectorised [SEG] region); ``properties`` holds the rest (``text``,
+    ``labels``, ``merged``) and ends up in the GeoJSON properties."""
+
+    geometry: BaseGeometry
+    task: str
+    label: str
+    score: float | None
+    tile_id: str
+    kind: str
+    properties: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TileAnswer:
+    """A tile record read back: where the tile is, how its image maps to the scene, and its answer."""
+
+    tile_id: str
+    col_off: int
+    row_off: int
+    width: int
+    height: int
+    image_size: tuple[int, int]
+    task: str | None
+    result: Mapping[str, Any] | None
+    grid: list[list[str]] | None
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Scene pixels per image pixel along x and y."""
+        return self.width / self.image_size[0], self.height / self.image_size[1]
+
+    @property
+    def footprint(self) -> Polygon:
+        """The window as a polygon in scene pixels."""
+        return box(self.col_off, self.row_off, self.col_off + self.width, self.row_off + self.height)
+
+    def to_scene(self, x: float, y: float) -> tuple[float, float]:
+        """An answer's pixel (x, y) in the tile image -> scene pixels."""
+        sx, sy = self.scale
+        return self.col_off + x * sx, self.row_off + y * sy
+
+
+def read_record(record: Mapping[str, Any] | Any) -> TileAnswer:
+    """A tile record (mapping or object with ``to_dict``) -> :class:`TileAnswer`. ValueError names what is missing."""
+    if isinstance(record, TileAnswer):
+        return record
+    data = record.to_dict() if hasattr(record, "to_dict") else record
+    if not isinstance(data, Mapping) or "window" not in data:
+        raise ValueError(f"a tile record needs a 'window'; got {type(data).__name__}")
+    window = data["window"]
+    col_off, row_off, width, height = (int(_field(window, k)) for k in ("col_off", "row_off", "width", "height"))
+    if width < 1 or height < 1:
+        raise ValueError(f"tile window at ({col_off}, {row_off}) has size {width}x{height}")
+    tile_id = data.get("tile_id") or _field(window, "id", None) or f"r{row_off:06d}_c{col_off:06d}"
+    image_size = data.get("image_size") or (width, height)
+    iw, ih = (int(v) for v in image_size)
+    if iw < 1 or ih < 1:
+        raise ValueError(f"tile {tile_id}: image size {iw}x{ih}")
+    result = data.get("result")
+    task = data.get("task") or (result or {}).get("task")
+    return TileAnswer(str(tile_id), col_off, row_off, width, height, (iw, ih), task, result, data.get("grid"))
+
+
+def _field(obj: Any, name: str, *default: Any) -> Any:
+    """``obj[name]`` for mappings, ``obj.name`` otherwise (a TileWindow or its dict form)."""
+    if isinstance(obj, Mapping):
+        return obj[name] if not default else obj.get(name, default[0])
+    return getattr(obj, name, *default)
+
+
+# --------------------------------------------------------------------------------------------------- answers -> features
+
+def tile_features(tile: TileAnswer) -> list[Feature]:
+    """The objects of one tile's answer ([DET], [OBB], [VG]) in scene pixels, each with its score.
+
+    A box's score is its own (``detections[i].score``, ``box_scores[i]``) when the answer has one, else the
+    answer's score; None when the engine gives neither.
+    """
+    result = tile.result
+    if result is None:
+        return []
+    answer_score = _score(result.get("score"))
+    task = tile.task or ""
+    out: list[Feature] = []
+    for det in result.get("detections") or []:
+        out.append(_feature(_scene_box(tile, det["box_px"]), task, det["label"], det, answer_score, tile, "box"))
+    for det in result.get("oriented_detections") or []:
+        corners = [tile.to_scene(x, y) for x, y in formats.obb_corners(*det["obb_px"])]
+        out.append(_feature(Polygon(corners), task, det["label"], det, answer_score, tile, "obb"))
+    boxes = result.get("boxes_px") or []
+    box_scores = result.get("box_scores")
+    if box_scores is not None and len(box_scores) != len(boxes):
+        box_scores = None  # not aligned: the answer's score is the honest fallback
+    label = grounding_label(result.get("instruction", ""))
+    for i, b in enumerate(boxes):
+        geom = _scene_box(tile, b)
+        score = _score(box_scores[i]) if box_scores is not None else answer_score
+        kind = "point" if isinstance(geom, Point) else "box"
+        out.append(Feature(geom, task, label, score, tile.tile_id, kind))
+    return out
+
+
+def tile_cell(tile: TileAnswer) -> Feature | None:
+    """The grid-layer cell of a [CLS] / text answer: the tile's footprint with its labels or text; None without
+    an answer. ``label`` is the labels joined by ``, `` ([CLS]) or the answer text."""
+    result = tile.result
+    if result is None:
+        return None
+    labels = result.get("labels")
+    props: dict[str, Any] = {"text": result.get("text", "")}
+    if labels is not None:
+        props["labels"] = list(labels)
+        label = ", ".join(labels)
+    else:
+        label = str(result.get("text", ""))
+    return Feature(tile.footprint, tile.task or "", label, _score(result.get("score")), tile.tile_id, "tile", props)
+
+
+def grounding_label(instruction: str) -> str:
+    """What a [VG] box is of: the instruction without its task tag."""
+    return split_tag(instruction)[1].strip()
+
+
+def features_from_records(records: Iterable[Mapping[str, Any] | TileAnswer | Any]) -> tuple[list[Feature], list[Feature]]:
+    """(objects, grid cells) of every record, in tile order; tasks answered with a mask give neither."""
+    objects: list[Feature] = []
+    cells: list[Feature] = []
+    for tile in map(read_record, records):
+        if tile.task in OBJECT_TASKS:
+            objects += tile_features(tile)
+        elif tile.task not in MASK_TASKS:
+            cell = tile_cell(tile)
+            if cell is not None:
+                cells.append(cell)
+    return objects, cells
+
+
+def _scene_box(tile: TileAnswer, box_px: Sequence[float]) -> BaseGeometry:
+    """A pixel box of the tile image -> a scene box; a zero-size box is its point."""
+    x1, y1 = tile.to_scene(box_px[0], box_px[1])
+    x2, y2 = tile.to_scene(box_px[2], box_px[3])
+    if x1 == x2 and y1 == y2:
+        return Point(x1, y1)
+    return box(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+
+
+def _feature(geom: BaseGeometry, task: str, label: str, item: Mapping[str, Any], answer_score: float | None,
+             tile: TileAnswer, kind: str) -> Feature:
+    own = _score(item.get("score"))
+    return Feature(geom, task, str(label), answer_score if own is None else own, tile.tile_id, kind)
+
+
+def _score(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+# --------------------------------------------------------------------------------------------------- scores
+
+def passes(score: float | None, min_score: float | None) -> bool:
+    """Whether a score passes ``--min-score``. An unknown score (an engine without scores) passes no threshold."""
+    if min_score is None:
+        return True
+    return score is not None and score >= min_score
+
+
+def filter_min_score(features: Iterable[Feature], min_score: float | None) -> list[Feature]:
+    """The features whose score passes ``min_score`` (all of them when it is None)."""
+    return [f for f in features if passes(f.score, min_score)]
+
+
+def area(geometry: BaseGeometry) -> float:
+    """Area in square scene pixels (0 for points)."""
+    return float(shapely.area(geometry))
