@@ -71,6 +71,9 @@ def describe(result: InferenceResult, verbose: bool) -> str:
         cut = " (cut by --max-new-tokens)" if d["finish_reason"] == "length" else ""
         lines.append(f"  partial answer{cut}: {d.get('dropped', 0)} malformed item(s) left out")
     if verbose:
+        reason = result.tile.sensor_reason
+        lines.append(f"  sensor: {result.sensor}" + (f" ({reason}; --sensor to override)" if reason.startswith("guessed")
+                                                    else f" ({reason})" if reason else ""))
         routing = result.generation.routing
         probs = f" probs={d['router_probs']}" if "router_probs" in d else ""
         lines.append(f"  expert: {result.expert_name} (from {routing.source}){probs}")

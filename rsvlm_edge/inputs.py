@@ -19,7 +19,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from rsvlm_edge.imageio import pillow_to_array, read_image_with_meta
-from rsvlm_edge.preprocess import PreprocessError, guess_sensor, prepare_image
+from rsvlm_edge.preprocess import PreprocessError, explain_sensor, prepare_image
 
 #: One image as a call takes it; PIL.Image.Image is named as Any so that Pillow stays an import of use, not of typing.
 ImageInput = Union[str, os.PathLike, np.ndarray, Any]
@@ -38,6 +38,7 @@ class Tile:
     sensor: str
     pixels: list[np.ndarray]  # float32 (C, image_size, image_size) each
     sizes: list[tuple[int, int]]  # (width, height) of each original image
+    sensor_reason: str = ""  # "stated", or what the guess went by ("3 bands", "1 float band with negative values")
 
 
 @dataclass
@@ -143,7 +144,7 @@ def prepare_tile(images: Sequence[Loaded], sensor: str | None, image_size: int, 
     """Prepare one request's images for the model; the sensor is guessed from the first image when not given.
 
     ``image_preprocess`` is the model config's (see :mod:`rsvlm_edge.preprocess`). Errors name the image."""
-    chosen = sensor or guess_sensor(images[0].array, image_preprocess)
+    chosen, reason = (sensor, "stated") if sensor else explain_sensor(images[0].array, image_preprocess)
     if chosen not in known_sensors:
         raise ValueError(f"sensor {chosen!r} is not one this model has a stem for ({', '.join(known_sensors)})")
     pixels = []
@@ -156,7 +157,8 @@ def prepare_tile(images: Sequence[Loaded], sensor: str | None, image_size: int, 
                 raise
             raise PreprocessError(f"{image.name}: {exc}") from None
     sizes = [(int(i.array.shape[1]), int(i.array.shape[0])) for i in images]
-    return Tile(paths=[i.name for i in images], sensor=chosen, pixels=pixels, sizes=sizes)
+    return Tile(paths=[i.name for i in images], sensor=chosen, pixels=pixels, sizes=sizes,
+                sensor_reason=reason if sensor else f"guessed: {reason}")
 
 
 def read_tile(paths: Sequence[str | Path], sensor: str | None, image_size: int, known_sensors: dict[str, int],

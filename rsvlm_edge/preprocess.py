@@ -83,23 +83,65 @@ class PreprocessError(ValueError):
 
 
 def guess_sensor(array: np.ndarray, mode: str = "rsvlm") -> str:
-    """3 bands -> rgb, 2 -> sar, 1 -> ir (sar when float with negative values, i.e. dB), >= 4 -> ms. Models with a
-    SigLIP ``mode`` read RGB only: always rgb (:func:`prepare_image` then says what is wrong with other data)."""
+    """The sensor :func:`explain_sensor` guesses (its reason dropped)."""
+    return explain_sensor(array, mode)[0]
+
+
+#: A 3-channel picture whose channels differ by less than this (mean, as a fraction of the 8-bit range) is grey:
+#: infrared and SAR quicklooks saved as RGB; colour aerial photos are several times above it.
+GREY_CHROMA = 0.006
+#: A grey picture whose mean pixel-to-pixel difference is above this fraction of its mean brightness has SAR's
+#: speckle; thermal infrared is smooth (well below it).
+SAR_SPECKLE = 0.11
+
+
+def explain_sensor(array: np.ndarray, mode: str = "rsvlm") -> tuple[str, str]:
+    """``(sensor, reason)``: 3 bands -> rgb, unless the picture is grey (then sar when speckled, else ir); 2 -> sar;
+    1 -> ir (sar when float with negative values, i.e. dB); >= 4 -> ms. Models with a SigLIP ``mode`` read RGB
+    only: always rgb (:func:`prepare_image` then says what is wrong with other data)."""
     if mode in SIGLIP_MODES:
-        return "rgb"
+        return "rgb", f"this model reads RGB only (image_preprocess {mode})"
     a = np.asarray(array)
     bands = 1 if a.ndim == 2 else a.shape[-1]
-    if bands == 3:
-        return "rgb"
+    if bands in (3, 4):
+        grey = _grey_picture(a)
+        if grey is not None:
+            speckled = _speckle(grey) > SAR_SPECKLE
+            kind = "sar" if speckled else "ir"
+            texture = "speckled (SAR-like)" if speckled else "smooth (infrared-like)"
+            return kind, f"{bands} channels of one grey picture, {texture}"
+        return ("rgb", "3 bands") if bands == 3 else ("ms", "4 bands")
     if bands == 2:
-        return "sar"
+        return "sar", "2 bands"
     if bands == 1:
         if a.dtype.kind == "f":
             finite = a[np.isfinite(a)]
             if finite.size and float(finite.min()) < 0:
-                return "sar"
-        return "ir"
-    return "ms"
+                return "sar", "1 float band with negative values (dB)"
+        return "ir", "1 band"
+    return "ms", f"{bands} bands"
+
+
+def _grey_picture(a: np.ndarray) -> np.ndarray | None:
+    """The grey channel of a 3/4-channel image whose colour channels (nearly) agree and that is not flat, else None."""
+    sample = a.reshape(-1, a.shape[-1])[:, :3]
+    if sample.shape[0] > _PERCENTILE_SAMPLE:
+        sample = sample[:: -(-sample.shape[0] // _PERCENTILE_SAMPLE)]
+    x = sample.astype(np.float32)
+    top = 255.0 if a.dtype == np.uint8 else float(np.nanmax(np.abs(x))) or 1.0
+    chroma = float(np.nanmean(np.abs(x[:, 0] - x[:, 1]) + np.abs(x[:, 1] - x[:, 2]))) / 2 / top
+    if chroma > GREY_CHROMA or float(np.nanstd(x[:, 0])) == 0.0:
+        return None
+    return np.asarray(a[..., 0], dtype=np.float32)
+
+
+def _speckle(grey: np.ndarray) -> float:
+    """Mean absolute difference of horizontal neighbours over the mean brightness."""
+    g = grey.reshape(grey.shape[0], -1) if grey.ndim >= 2 else grey[None, :]
+    if g.shape[1] < 2:
+        return 0.0
+    mean = float(np.nanmean(np.abs(g)))
+    return float(np.nanmean(np.abs(np.diff(g, axis=1)))) / mean if mean > 0 else 0.0
 
 
 def prepare_for_model(array: np.ndarray, sensor: str | None, size: int, *, nodata: float | None = None,
