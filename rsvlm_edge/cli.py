@@ -8,7 +8,17 @@ from pathlib import Path
 import click
 
 from rsvlm_edge import __version__
-from rsvlm_edge.cli_options import UserError, default_tokens, message, prompt_option, sampling_config, sampling_options, threads_option
+from rsvlm_edge.cli_options import (
+    UserError,
+    default_tokens,
+    message,
+    prompt_option,
+    ray_options,
+    ray_settings,
+    sampling_config,
+    sampling_options,
+    threads_option,
+)
 from rsvlm_edge.config import DEFAULT_SENSORS, EXPERT_NAMES, PRESETS, ConfigError, ModelConfig, preset
 from rsvlm_edge.pipeline import BACKENDS
 from rsvlm_edge.tasks import TAG_DESCRIPTIONS, TAGS, TaskError, make_instruction
@@ -23,7 +33,7 @@ def _fail(exc: Exception) -> UserError:
 
 # Optional dependencies by top-level module, and the setup.cfg extra that installs each; a command that needs more
 # than one package names the extra that brings them all.
-EXTRA_OF_MODULE = {"torch": "train", "onnx": "export", "onnxscript": "export", "tensorrt": "trt", "cuda": "trt"}
+EXTRA_OF_MODULE = {"torch": "train", "onnx": "export", "onnxscript": "export", "tensorrt": "trt", "cuda": "trt", "ray": "ray"}
 EXTRA_OF_COMMAND = {"export": "export", "build": "export", "calibrate": "export", "train": "train", "init": "train"}
 
 
@@ -137,8 +147,9 @@ def init(out_dir: str, config_name: str, tokenizer_path: str | None, seed: int) 
 @threads_option
 @click.option("-v", "--verbose", is_flag=True, help="Show routing, timings and expert-cache counters.")
 @sampling_options
+@ray_options
 def infer(model_dir, images, task, prompt, sensor, backend, batch_size, fail_fast, as_json, mask_dir, stream,
-          expert_budget, pinned, threads, verbose, **sampling_kw) -> None:
+          expert_budget, pinned, threads, verbose, ray_address, actors, threads_per_actor, **sampling_kw) -> None:
     """Answer one tile, a before/after pair, or every tile in a folder.
 
     \b
@@ -148,6 +159,7 @@ def infer(model_dir, images, task, prompt, sensor, backend, batch_size, fail_fas
       rsvlm-edge infer MODEL before.png after.png --task ccd
       rsvlm-edge infer MODEL tile.tif --sensor sar --task seg --mask-dir masks/
       rsvlm-edge infer MODEL tiles/ --task cls --json > labels.jsonl
+      rsvlm-edge infer MODEL tiles/ --task cls --json --ray auto --actors 2   # on a Ray cluster
 
     \b
     Folder runs answer every tile they can. A tile that cannot be read or answered gets an error record in its
@@ -158,6 +170,7 @@ def infer(model_dir, images, task, prompt, sensor, backend, batch_size, fail_fas
     """
     from rsvlm_edge.infer_command import Output, parse_budget, resolve_inputs, run_infer
 
+    cluster = ray_settings(ray_address, actors, threads_per_actor)
     try:
         instruction = make_instruction(task, prompt)
         options = parse_budget(expert_budget)
@@ -171,7 +184,7 @@ def infer(model_dir, images, task, prompt, sensor, backend, batch_size, fail_fas
         run_infer(model_dir=model_dir, inputs=inputs, instruction=instruction, sensor=sensor, backend=backend,
                   options=options, batch_size=batch_size, sampling=sampling_config(sampling_kw),
                   output=Output(as_json=as_json, mask_dir=mask_dir, stream=stream, verbose=verbose),
-                  fail_fast=fail_fast, default_tokens=default_tokens(sampling_kw))
+                  fail_fast=fail_fast, default_tokens=default_tokens(sampling_kw), cluster=cluster)
     except (TaskError, ValueError, OSError, RuntimeError, MemoryError) as exc:
         raise UserError(message(exc)) from None
 

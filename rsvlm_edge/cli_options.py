@@ -128,3 +128,36 @@ def sampling_config(kw: dict[str, Any]) -> "SamplingConfig":
                               constrain=kw.get("constrain", True)).validate()
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def ray_options(fn):
+    """--ray, --actors, --threads-per-actor: run the command's tiles on a Ray cluster (extra ``rsvlm-edge[ray]``)."""
+    options = [
+        click.option("--ray", "ray_address", metavar="auto|ADDRESS",
+                     help="Spread the tiles over Ray actors, each holding one loaded engine: `auto` joins the cluster "
+                          "that RAY_ADDRESS or `ray start` set up (else starts one on this machine); or HOST:6379, "
+                          "ray://HOST:10001. Needs pip install 'rsvlm-edge[ray]'."),
+        click.option("--actors", type=click.IntRange(min=1), default=None,
+                     help="With --ray: pipelines to load.  [default: the cluster's CPUs / --threads-per-actor; its "
+                          "GPUs for --backend trt]"),
+        click.option("--threads-per-actor", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="With --ray: CPU threads each actor's backend runs on (and reserves on its node)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def ray_settings(ray_address: str | None, actors: int | None, threads_per_actor: int) -> Any:
+    """The :class:`~rsvlm_edge.distributed.settings.RaySettings` of the options above, None without --ray;
+    --actors or --threads-per-actor alone is a usage error (they would be silently ignored)."""
+    from rsvlm_edge.distributed.settings import RaySettings
+
+    if ray_address is None:
+        if actors is not None or threads_per_actor != 1:
+            raise UserError("--actors and --threads-per-actor go with --ray (auto or a cluster address)")
+        return None
+    try:
+        return RaySettings(ray_address, actors, threads_per_actor)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None

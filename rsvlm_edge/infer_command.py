@@ -18,6 +18,7 @@ import click
 from tqdm import tqdm
 
 from rsvlm_edge.cli_options import UserError, message, threads_line
+from rsvlm_edge.distributed.settings import RaySettings
 from rsvlm_edge.pipeline import InferenceResult, Pipeline, Tile, list_images, save_mask_png
 from rsvlm_edge.results import save_class_mask_png
 from rsvlm_edge.sampling import SamplingConfig
@@ -159,10 +160,17 @@ class MaskNames:
 
 def run_infer(*, model_dir: str, inputs: Inputs, instruction: str, sensor: str | None, backend: str,
               options: dict, batch_size: int, sampling: SamplingConfig, output: Output,
-              fail_fast: bool = False, default_tokens: bool = False) -> None:
+              fail_fast: bool = False, default_tokens: bool = False, cluster: RaySettings | None = None) -> None:
     """Answer every request of ``inputs``. A folder run gives each tile an answer or an error record and exits
     non-zero only when nothing was answered (or at the first failure with ``fail_fast``); one image or pair fails
-    the run on its error. ``default_tokens``: --max-new-tokens was not given, each answer gets its task's length."""
+    the run on its error. ``default_tokens``: --max-new-tokens was not given, each answer gets its task's length.
+    ``cluster``: answer the batches on a Ray actor pool instead (:mod:`rsvlm_edge.distributed.infer`)."""
+    if cluster is not None:
+        from rsvlm_edge.distributed.infer import run_infer_ray
+
+        return run_infer_ray(model_dir=model_dir, inputs=inputs, instruction=instruction, sensor=sensor,
+                             backend=backend, options=options, batch_size=batch_size, sampling=sampling,
+                             output=output, cluster=cluster, fail_fast=fail_fast, default_tokens=default_tokens)
     check_image_count(split_tag(instruction)[0], len(inputs.groups[0]))  # before the model loads
     stop_on_error = fail_fast or not inputs.folder
     with Pipeline(model_dir, backend=backend, **options) as pipe:
