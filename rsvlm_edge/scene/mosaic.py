@@ -2,10 +2,11 @@
 
 The scene mask is never whole in memory: the GeoTIFF is cut into ``block`` x ``block`` internal tiles and each is
 filled from the tile answers that cover it, then written through a rasterio window. Where tiles overlap, the
-*centre-most* tile wins: a pixel takes the class of the covering tile whose centre is nearest in units of that
-tile's half-size (L-infinity: ``max(|dx| / (w/2), |dy| / (h/2))``), ties to the lower tile index. On a regular grid
-this cuts every overlap at its middle, the part of a tile the model saw with the most context; a tile that failed
-leaves its area to its neighbours, and what no tile covers is nodata.
+*centre-most* tile wins: a pixel takes the class of the covering tile whose centre is nearest, distances measured
+in units of each tile's half-size (``(dx / (w/2))^2 + (dy / (h/2))^2``), ties to the tile first in row-major order.
+On a regular grid these are rectangles cut at the middle of every overlap, so each pixel comes from the tile that
+saw it with the most context around it; a tile that failed leaves its area to its neighbours, and what no tile
+covers is nodata.
 
 Class indices: 0 is the background (``others``), then the given class list, then any other label found, sorted.
 The file keeps the scene's CRS and transform, carries a colour table (the palette of the per-tile PNG masks) and the
@@ -16,6 +17,7 @@ A label whose score fails ``--min-score`` in a tile is written as background the
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,35 +75,13 @@ def write_class_mask(path: str | Path, tiles: Sequence[TileAnswer], georef: GeoR
         raise ValueError(f"the scene mask has {len(names)} classes; a class-indexed GeoTIFF holds at most 65535")
     index = {name: i for i, name in enumerate(names)}
     grids = [_class_grid(t.grid, label_scores(t), index, min_score, dtype) for t in painted if t.grid is not None]
-    buckets = _by_block(painted, block)
-    profile: dict[str, Any] = {
-        "driver": "GTiff", "width": georef.width, "height": georef.height, "count": 1, "dtype": dtype,
-        "nodata": nodata, "tiled": True, "blockxsize": block, "blockysize": block, "compress": "deflate",
-        "BIGTIFF": "IF_SAFER",
-    }
-    if georef.georeferenced:
-        profile.update(crs=georef.crs, transform=georef.transform)
-    pixels = np.zeros(len(names), dtype=np.int64)
-    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
-        for by in range(0, georef.height, block):
-            for bx in range(0, georef.width, block):
-                window = Window(bx, by, min(block, georef.width - bx), min(block, georef.height - by))
-                members = buckets.get((by // block, bx // block), [])
-                values = _paint(window, [painted[i] for i in members], [grids[i] for i in members], nodata, dtype)
-                pixels += np.bincount(values[values != nodata].ravel(), minlength=len(names))[:len(names)]
-                dst.write(values, 1, window=window)
-        palette = class_palette(len(names))
-        colours = {i: (*palette[3 * i:3 * i + 3], 255) for i in range(len(names))}
-        colours[nodata] = (0, 0, 0, 0)
-        dst.write_colormap(1, colours)
-        dst.set_band_description(1, "class index (names in the CLASSES tag)")
-        dst.update_tags(CLASSES=json.dumps(names), **(tags or {}))
+    with atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **_profile(georef, dtype, nodata, block)) as dst:
+            pixels = _write_blocks(dst, painted, grids, nodata, block)
+            _write_legend(dst, names, nodata, tags or {})
         if overviews:
-            factors = _overview_factors(georef.width, georef.height, block)
-            if factors:
-                dst.build_overviews(factors, Resampling.mode)
-                dst.update_tags(ns="rio_overview", resampling="mode")
-    return dict(zip(names, (int(n) for n in pixels)))
+            _build_overviews(tmp, georef, block)
+    return dict(zip(names, (int(n) for n in pixels[:len(names)])))
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -141,6 +121,76 @@ def vectorise_mask(path: str | Path, tiles: Sequence[TileAnswer], *, task: str =
             out.append(Feature(region, task, label, float(np.mean(known)) if known else None, owner, "mask",
                                {"tiles": len(over)}))
     return out
+
+
+# --------------------------------------------------------------------------------------------------- writing
+
+def _profile(georef: GeoReference, dtype: str, nodata: int, block: int) -> dict[str, Any]:
+    """GeoTIFF creation options: the scene's grid, internal tiles of ``block``, deflate, BigTIFF past 4 GB."""
+    profile: dict[str, Any] = {
+        "driver": "GTiff", "width": georef.width, "height": georef.height, "count": 1, "dtype": dtype,
+        "nodata": nodata, "tiled": True, "blockxsize": block, "blockysize": block, "compress": "deflate",
+        "BIGTIFF": "IF_SAFER",
+    }
+    if georef.georeferenced:
+        profile.update(crs=georef.crs, transform=georef.transform)
+    return profile
+
+
+def _write_blocks(dst: Any, tiles: Sequence[TileAnswer], grids: Sequence[np.ndarray], nodata: int,
+                  block: int) -> np.ndarray:
+    """Paint and write the mask block by block, row-major; pixels per class index back."""
+    buckets = _by_block(tiles, block)
+    pixels = np.zeros(nodata + 1, dtype=np.int64)
+    for by in range(0, dst.height, block):
+        for bx in range(0, dst.width, block):
+            window = Window(bx, by, min(block, dst.width - bx), min(block, dst.height - by))
+            members = buckets.get((by // block, bx // block), [])
+            values = _paint(window, [tiles[i] for i in members], [grids[i] for i in members], nodata,
+                            dst.dtypes[0])
+            pixels += np.bincount(values[values != nodata].ravel(), minlength=nodata + 1)
+            dst.write(values, 1, window=window)
+    return pixels
+
+
+def _write_legend(dst: Any, names: Sequence[str], nodata: int, tags: dict[str, str]) -> None:
+    """Colour table (transparent nodata), band description and the class names (``CLASSES``) with ``tags``."""
+    palette = class_palette(len(names))
+    colours = {i: (*palette[3 * i:3 * i + 3], 255) for i in range(len(names))}
+    colours[nodata] = (0, 0, 0, 0)
+    dst.write_colormap(1, colours)
+    dst.set_band_description(1, "class index (names in the CLASSES tag)")
+    dst.update_tags(CLASSES=json.dumps(list(names)), **tags)
+
+
+def _build_overviews(path: Path, georef: GeoReference, block: int) -> None:
+    """Internal ``mode`` overviews (class indices must not be averaged) down to one block.
+
+    GDAL computes each level from the one above, whose band has no colour table of its own, and logs "Computing
+    overviews on palette index raster bands without a palette" for every level; with mode resampling that is
+    harmless (the values stay class indices), so that one message is filtered out while the overviews are built.
+    """
+    factors = _overview_factors(georef.width, georef.height, block)
+    if not factors:
+        return
+    log = logging.getLogger("rasterio._env")
+    quiet = _DropMessage("palette index raster bands without a palette")
+    log.addFilter(quiet)
+    try:
+        with rasterio.open(path, "r+") as dst:
+            dst.build_overviews(factors, Resampling.mode)
+            dst.update_tags(ns="rio_overview", resampling="mode")
+    finally:
+        log.removeFilter(quiet)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 # --------------------------------------------------------------------------------------------------- painting
@@ -188,20 +238,22 @@ def _paint(window: Window, tiles: Sequence[TileAnswer], grids: Sequence[np.ndarr
 
 
 def _centre_distance(tile: TileAnswer, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """(len(ys), len(xs)) L-infinity distance of pixel centres to the tile's centre, in units of its half-size."""
+    """(len(ys), len(xs)) squared distance of pixel centres to the tile's centre, in units of its half-size."""
     half_w, half_h = tile.width / 2.0, tile.height / 2.0
-    dx = np.abs(xs + 0.5 - (tile.col_off + half_w)) / half_w
-    dy = np.abs(ys + 0.5 - (tile.row_off + half_h)) / half_h
-    return np.maximum(dy[:, None], dx[None, :])
+    dx = (xs + 0.5 - (tile.col_off + half_w)) / half_w
+    dy = (ys + 0.5 - (tile.row_off + half_h)) / half_h
+    return dy[:, None] ** 2 + dx[None, :] ** 2
 
 
 def _owner(point: shapely.Point, tiles: Sequence[TileAnswer]) -> str:
-    """The id of the tile that owns ``point`` under the centre-most rule ("" when none covers it)."""
+    """The id of the tile that owns ``point``'s pixel under the centre-most rule ("" when none covers it)."""
+    x, y = int(np.floor(point.x)), int(np.floor(point.y))
     best, owner = np.inf, ""
-    for tile in tiles:
-        d = float(_centre_distance(tile, np.array([np.floor(point.x)]), np.array([np.floor(point.y)]))[0, 0])
-        if d <= 1.0 and d < best:
-            best, owner = d, tile.tile_id
+    for tile in sorted(tiles, key=_tile_order):
+        if tile.col_off <= x < tile.col_off + tile.width and tile.row_off <= y < tile.row_off + tile.height:
+            d = float(_centre_distance(tile, np.array([x]), np.array([y]))[0, 0])
+            if d < best:
+                best, owner = d, tile.tile_id
     return owner
 
 
