@@ -203,6 +203,8 @@ def _register_optional_commands() -> None:
         ("rsvlm_edge.chat_command", "chat"),
         ("rsvlm_edge.bench_command", "bench"),
         ("rsvlm_edge.bench_command", "profile"),
+        ("rsvlm_edge.scene_command", "scene"),
+        ("rsvlm_edge.scene_command", "scene-bench"),
     ]:
         try:
             mod = importlib.import_module(module)

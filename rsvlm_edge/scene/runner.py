@@ -321,13 +321,14 @@ class SceneRun:
 
 def run_scene(pipe: Any, scene: SceneSpec | str | Path | Sequence[str | Path], out_dir: str | Path,
               options: SceneOptions | None = None, *, bands: str | None = None, sensor: str | None = None,
-              executor: Executor | None = None, log: Callable[[str], None] | None = None,
+              pair: bool | None = None, executor: Executor | None = None, log: Callable[[str], None] | None = None,
               **option_fields: Any) -> SceneRun:
     """Run a task over every tile of a scene and write the outputs into ``out_dir``.
 
     ``pipe``: an open :class:`~rsvlm_edge.pipeline.Pipeline`. ``scene``: a raster path, a list of band files (a
     before/after pair for a change task), a folder of band files, or a resolved :class:`SceneSpec`; ``bands`` and
-    ``sensor`` as in :func:`~rsvlm_edge.scene.source.resolve_scene`. ``options`` (or its fields as keywords:
+    ``sensor`` as in :func:`~rsvlm_edge.scene.source.resolve_scene`; ``pair``: two scenes are before and after
+    (default: for a change task such as ``ccd``). ``options`` (or its fields as keywords:
     ``task="det", tile="256", overlap="0.25"``): :class:`SceneOptions`. ``executor``: where the batches run (default:
     here). ``log``: where the scene and tiling lines go (default: stderr)."""
     from rsvlm_edge.scene.source import resolve_scene
@@ -337,7 +338,9 @@ def run_scene(pipe: Any, scene: SceneSpec | str | Path | Sequence[str | Path], o
     instruction = make_instruction(opts.task, opts.prompt)
     if not isinstance(scene, SceneSpec):
         inputs = [scene] if isinstance(scene, (str, os.PathLike)) else list(scene)
-        scene = resolve_scene(inputs, bands=bands, pair=split_tag(instruction)[0] in PAIR_TASKS, sensor=sensor)
+        if pair is None:
+            pair = split_tag(instruction)[0] in PAIR_TASKS
+        scene = resolve_scene(inputs, bands=bands, pair=pair, sensor=sensor)
     say = log or (lambda line: print(line, file=sys.stderr))
     source = open_scene(scene)
     try:
@@ -374,7 +377,8 @@ def _run(pipe: Any, spec: SceneSpec, source: SceneSource, out: Path, instruction
     default_tokens = opts.sampling is None if opts.default_tokens is None else opts.default_tokens
     job_fields = {"instruction": instruction, "default_tokens": default_tokens,
                   "sampling": dataclasses.asdict(opts.sampling) if opts.sampling is not None else None}
-    journal = Journal(out / f"{opts.stem}.journal.jsonl", run_key(spec, plan, job_fields, engine_key(pipe.model_dir)))
+    engine = engine_key(pipe.model_dir)
+    journal = Journal(out / f"{opts.stem}.journal.jsonl", run_key(spec, plan, job_fields, engine))
     if not opts.resume and journal.path.exists():
         journal.path.unlink()
     done = journal.load()
@@ -400,13 +404,13 @@ def _run(pipe: Any, spec: SceneSpec, source: SceneSource, out: Path, instruction
     counts = {s: sum(r.status == s for r in records) for s in ("ok", "nodata", "error")}
     summary = write_scene_outputs(
         [r for r in records if r.status != "nodata"], GeoReference.of(source), out, stem=opts.stem,
-        scene_name=spec.name, model=pipe.model_dir.name, engine=journal.key, min_score=opts.min_score,
+        scene_name=spec.name, model=pipe.model_dir.name, engine=engine, min_score=opts.min_score,
         merge=opts.merge, vectorise=opts.vectorise, tiles=len(todo), seconds=seconds,
         extra={"task": split_tag(instruction)[0], "instruction": instruction, "sensor": source.sensor,
                "sensor_reason": source.sensor_reason, "tiles_planned": len(plan.windows),
                "tiles_total": len(records), "tiles_nodata": counts["nodata"], "tiles_resumed": resumed,
                "tiles_run": len(todo), "tile_px": list(plan.tile), "step_px": list(plan.step),
-               "read_px": list(plan.read_size), "journal": str(journal.path)})
+               "read_px": list(plan.read_size), "journal": str(journal.path), "run_key": journal.key})
     return SceneRun(summary, records, len(plan.windows), resumed, len(todo), seconds, source.info())
 
 

@@ -112,7 +112,7 @@ def resolve_scene(inputs: Sequence[str | Path], *, bands: str | None = None, pai
     layout = _layout(bands)
     if pair:
         if len(paths) != 2:
-            raise SceneError(f"a change task takes two scenes (before, after), got {len(paths)} input(s)")
+            raise SceneError(f"a before/after pair takes two scenes (before, after), got {len(paths)} input(s)")
         images = [_image(p, bands, layout) for p in paths]
         names_seen = [names for _, names, _ in images]
         if names_seen[0] != names_seen[1] and not (bands or layout):
