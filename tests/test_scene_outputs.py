@@ -22,6 +22,7 @@ from rasterio.warp import transform as warp_points  # noqa: E402
 
 from rsvlm_edge.formats import BACKGROUND, MASK_SIZE, MaskFormatError  # noqa: E402
 from rsvlm_edge.results import class_palette  # noqa: E402
+from rsvlm_edge.scene import mosaic  # noqa: E402
 from rsvlm_edge.scene.geometry import read_record  # noqa: E402
 from rsvlm_edge.scene.georef import GeoReference  # noqa: E402
 from rsvlm_edge.scene.mosaic import read_class_names, vectorise_mask, write_class_mask  # noqa: E402
@@ -270,13 +271,29 @@ def test_the_whole_mask_output_goes_through_write_scene_outputs(tmp_path):
     assert {f["properties"]["label"] for f in layer["features"]} == {"bare", "forest", "road", "water"}
 
 
-def test_a_malformed_grid_leaves_no_mask_file_behind(tmp_path):
-    scene = write_scene(tmp_path / "scene.tif", 128, 128)
+def test_a_malformed_grid_is_refused_by_tile(tmp_path):
     bad = filled("water")[:-1]
+    with pytest.raises(MaskFormatError, match="tile r000000_c000128: expected a 24x24 grid, got 23 rows"):
+        read_record(record(128, 0, seg(bad), grid=bad))
+
+
+def test_a_mask_write_that_fails_midway_leaves_no_file_behind(tmp_path, monkeypatch):
+    scene = write_scene(tmp_path / "scene.tif", 300, 200)
+    tiles = [read_record(r) for r in mask_tiles()]
+    calls = []
+    real_paint = mosaic._paint
+
+    def paint_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_paint(*args, **kwargs)
+
+    monkeypatch.setattr(mosaic, "_paint", paint_then_fail)
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(MaskFormatError):
-        write_class_mask(out / "mask.tif", [read_record(record(0, 0, seg(bad), grid=bad))], open_georef(scene))
+    with pytest.raises(KeyboardInterrupt):
+        write_class_mask(out / "mask.tif", tiles, open_georef(scene), block=64)
     assert list(out.iterdir()) == []
 
 

@@ -8,7 +8,8 @@ A tile record is what the tile loop journals for one tile, JSON-ready (a mapping
 - ``image_size`` (optional; else the window's size): ``[width, height]`` of the image the model saw, which differs
   from the window when the tile was resampled (``--gsd``);
 - ``result``: :meth:`rsvlm_edge.results.Result.to_dict` of the answer, or None for a tile that failed;
-- ``grid`` (``[SEG]`` only): the 24x24 label grid of the answer.
+- ``grid`` (``[SEG]`` only): the 24x24 label grid of the answer; read into a compact :class:`TileMask` (a scene
+  of 40,000 tiles would otherwise hold 23 million label strings).
 
 Scene pixels are x right, y down, with pixel corners on integers, so the rasterio transform maps them straight to
 the CRS. An answer's pixels map to the scene by scaling each axis from the image to the window and shifting by the
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import shapely
 from shapely.geometry import Point, Polygon, box
 from shapely.geometry.base import BaseGeometry
@@ -64,6 +66,24 @@ class Feature:
     properties: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, eq=False)
+class TileMask:
+    """A tile's 24x24 mask, compact: ``cells`` index ``(background,) + labels``."""
+
+    labels: tuple[str, ...]  # the mask's labels in first-appearance order, background left out
+    cells: np.ndarray  # (24, 24) uint16
+
+    @classmethod
+    def from_grid(cls, grid: Sequence[Sequence[str]]) -> TileMask:
+        """From a 24x24 grid of labels; MaskFormatError when it is not one."""
+        if len(grid) != formats.MASK_SIZE or any(len(row) != formats.MASK_SIZE for row in grid):
+            raise formats.MaskFormatError(f"expected a {formats.MASK_SIZE}x{formats.MASK_SIZE} grid, got "
+                                          f"{len(grid)} rows of {sorted({len(row) for row in grid})} cells")
+        labels = tuple(formats.grid_labels(grid))
+        index = {formats.BACKGROUND: 0} | {lab: i + 1 for i, lab in enumerate(labels)}
+        return cls(labels, np.array([[index[str(c)] for c in row] for row in grid], dtype=np.uint16))
+
+
 @dataclass(frozen=True)
 class TileAnswer:
     """A tile record read back: where the tile is, how its image maps to the scene, and its answer."""
@@ -76,7 +96,7 @@ class TileAnswer:
     image_size: tuple[int, int]
     task: str | None
     result: Mapping[str, Any] | None
-    grid: list[list[str]] | None
+    mask: TileMask | None
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -112,7 +132,12 @@ def read_record(record: Mapping[str, Any] | Any) -> TileAnswer:
         raise ValueError(f"tile {tile_id}: image size {iw}x{ih}")
     result = data.get("result")
     task = data.get("task") or (result or {}).get("task")
-    return TileAnswer(str(tile_id), col_off, row_off, width, height, (iw, ih), task, result, data.get("grid"))
+    grid = data.get("grid")
+    try:
+        mask = None if grid is None or result is None else TileMask.from_grid(grid)
+    except formats.MaskFormatError as exc:
+        raise formats.MaskFormatError(f"tile {tile_id}: {exc}") from None
+    return TileAnswer(str(tile_id), col_off, row_off, width, height, (iw, ih), task, result, mask)
 
 
 def _field(obj: Any, name: str, *default: Any) -> Any:

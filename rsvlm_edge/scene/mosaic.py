@@ -35,7 +35,7 @@ from shapely.geometry import shape
 from rsvlm_edge import formats
 from rsvlm_edge.fileio import atomic_path
 from rsvlm_edge.results import class_palette
-from rsvlm_edge.scene.geometry import Feature, TileAnswer, passes
+from rsvlm_edge.scene.geometry import Feature, TileAnswer, TileMask, passes
 from rsvlm_edge.scene.georef import GeoReference
 
 BLOCK = 512  # GeoTIFF internal tile side: a multiple of 16, and the unit of work in RAM
@@ -45,7 +45,7 @@ def class_table(tiles: Sequence[TileAnswer], classes: Sequence[str] | None = Non
     """Class names by index: the background, then ``classes`` in their order, then other labels found, sorted."""
     names = [formats.BACKGROUND] + [c for c in dict.fromkeys(classes or []) if c != formats.BACKGROUND]
     known = set(names)
-    found = {cell for t in tiles if t.grid is not None for row in t.grid for cell in row}
+    found = {label for t in tiles if t.mask is not None for label in t.mask.labels}
     return names + sorted(found - known)
 
 
@@ -54,27 +54,27 @@ def label_scores(tile: TileAnswer) -> dict[str, float | None]:
     result = tile.result or {}
     own = result.get("mask_label_scores") or {}
     answer = result.get("score")
-    labels = formats.grid_labels(tile.grid) if tile.grid is not None else []
+    labels = tile.mask.labels if tile.mask is not None else ()
     return {lab: _float(own.get(lab, answer)) for lab in labels}
 
 
 def write_class_mask(path: str | Path, tiles: Sequence[TileAnswer], georef: GeoReference, *,
                      classes: Sequence[str] | None = None, min_score: float | None = None,
                      tags: dict[str, str] | None = None, block: int = BLOCK, overviews: bool = True) -> dict[str, int]:
-    """Write the stitched class-indexed mask of ``tiles`` (those with a ``grid``) to ``path``; pixels per class back,
+    """Write the stitched class-indexed mask of ``tiles`` (those with a mask) to ``path``; pixels per class back,
     in class-index order (so its keys are the class names by index).
 
     ``tags`` go into the file's metadata beside ``CLASSES`` (the run's task, model, engine).
     """
     if block % 16:
         raise ValueError(f"block must be a multiple of 16, got {block}")
-    painted = sorted((t for t in tiles if t.grid is not None), key=_tile_order)
+    painted = sorted((t for t in tiles if t.mask is not None), key=_tile_order)
     names = class_table(painted, classes)
     dtype, nodata = ("uint8", 255) if len(names) <= 255 else ("uint16", 65535)
     if len(names) > 65535:
         raise ValueError(f"the scene mask has {len(names)} classes; a class-indexed GeoTIFF holds at most 65535")
     index = {name: i for i, name in enumerate(names)}
-    grids = [_class_grid(t.grid, label_scores(t), index, min_score, dtype) for t in painted if t.grid is not None]
+    grids = [_class_grid(t.mask, label_scores(t), index, min_score, dtype) for t in painted if t.mask is not None]
     with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", **_profile(georef, dtype, nodata, block)) as dst:
             pixels = _write_blocks(dst, painted, grids, nodata, block)
@@ -108,7 +108,7 @@ def vectorise_mask(path: str | Path, tiles: Sequence[TileAnswer], *, task: str =
             keep = (values != 0) & (values != nodata)
             for geom, value in shapes(values, mask=keep, transform=Affine.translation(0, row)):
                 pieces[int(value)].append(shape(geom))
-    painted = [t for t in tiles if t.grid is not None]
+    painted = [t for t in tiles if t.mask is not None]
     footprints = shapely.STRtree([t.footprint for t in painted])
     scores = [label_scores(t) for t in painted]
     out: list[Feature] = []
@@ -199,11 +199,11 @@ def _tile_order(tile: TileAnswer) -> tuple[int, int]:
     return tile.row_off, tile.col_off
 
 
-def _class_grid(grid: list[list[str]], scores: dict[str, float | None], index: dict[str, int],
+def _class_grid(mask: TileMask, scores: dict[str, float | None], index: dict[str, int],
                 min_score: float | None, dtype: str) -> np.ndarray:
-    """A tile's 24x24 grid as scene class indices; labels failing ``min_score`` become the background."""
-    lookup = {lab: (index[lab] if passes(score, min_score) else 0) for lab, score in scores.items()}
-    return np.array([[lookup.get(cell, 0) for cell in row] for row in grid], dtype=dtype)
+    """A tile's 24x24 mask as scene class indices; labels failing ``min_score`` become the background."""
+    lookup = [0] + [index[lab] if passes(scores[lab], min_score) else 0 for lab in mask.labels]
+    return np.array(lookup, dtype=dtype)[mask.cells]
 
 
 def _by_block(tiles: Sequence[TileAnswer], block: int) -> dict[tuple[int, int], list[int]]:
