@@ -143,9 +143,10 @@ def test_different_labels_at_one_place_are_not_merged():
 def test_neighbouring_objects_are_not_merged():
     feats = features_from_records([record(0, 0, det(("car", [10, 10, 20, 20], 0.9), ("car", [21, 10, 31, 20], 0.8),
                                                     ("car", [14, 10, 24, 20], 0.7)))])[0]
-    kept = merge_features(feats)  # the third overlaps the first by IoU 6/14 < 0.5
-    assert len(kept) == 3
-    assert len(merge_features(feats, threshold=0.4)) == 2
+    assert len(merge_features(feats, metric="iou")) == 3  # the third overlaps the first by IoU 6/14 < 0.5
+    assert len(merge_features(feats, metric="iou", threshold=0.4)) == 2
+    assert len(merge_features(feats, metric="ios", threshold=0.7)) == 3  # and by IoS 6/10
+    assert len(merge_features(feats)) == 2  # the default: IoS over 0.5
 
 
 def test_a_cut_sliver_merges_by_intersection_over_smaller_not_by_iou():
@@ -178,8 +179,9 @@ def test_oriented_boxes_merge_by_rotated_iou():
     dx, dy = 20 * math.cos(math.radians(30)), 20 * math.sin(math.radians(30))
     feats = features_from_records([record(0, 0, obb(("ship", [100, 60, 100, 10, 30], 0.9))),
                                    record(96, 0, obb(("ship", [4 + dx, 60 + dy, 100, 10, 30], 0.8)))])[0]
-    assert len(merge_features(feats, threshold=0.6)) == 1
-    assert len(merge_features(feats, threshold=0.7)) == 2
+    assert len(merge_features(feats, metric="iou", threshold=0.6)) == 1
+    assert len(merge_features(feats, metric="iou", threshold=0.7)) == 2
+    assert len(merge_features(feats, metric="ios", threshold=0.75)) == 1  # IoS 80/100
 
 
 def test_crossing_oriented_boxes_are_not_merged_although_their_envelopes_coincide():

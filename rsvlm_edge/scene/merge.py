@@ -8,8 +8,10 @@ leader takes every later feature that overlaps it by more than ``threshold``:
 - ``nmm`` (non-maximum merging) grows the leader to cover them: the enclosing axis-aligned box for boxes, the
   minimum rotated rectangle of the union for oriented boxes.
 
-Overlap is measured on shapely polygons, so oriented boxes get their rotated IoU. ``iou`` is intersection over
-union; ``ios`` is intersection over the smaller area, which also catches the sliver of an object a tile edge cut off.
+Overlap is measured on shapely polygons, so oriented boxes get their rotated IoU. ``ios`` (the default) is
+intersection over the smaller area: a tile edge that cuts an object leaves one tile a sliver lying inside the whole
+object its neighbour saw, an IoU of only the sliver's share but an IoS near 1. ``iou`` is intersection over union,
+the stricter choice for dense scenes of objects that overlap each other.
 Points (zero-size grounding boxes) merge only with points at the same place. An STRtree finds the candidates, so a
 scene of many thousand objects merges in about linear time.
 """
@@ -29,7 +31,7 @@ METHODS = ("nms", "nmm")
 METRICS = ("iou", "ios")
 
 
-def merge_features(features: Sequence[Feature], *, method: str = "nms", metric: str = "iou",
+def merge_features(features: Sequence[Feature], *, method: str = "nms", metric: str = "ios",
                    threshold: float = 0.5) -> list[Feature]:
     """One feature per object across tile overlaps (see the module docstring); the result keeps input order."""
     if method not in METHODS:
