@@ -466,13 +466,25 @@ MIN_MASK_ROWS = MASK_SIZE // 2
 _MAX_NOTES = 10  # notes kept per answer; ``dropped`` still counts every item
 
 
+Span = tuple[int, int]  # [start, end) characters of the text a parser was given
+
+
 @dataclass
 class Salvage:
-    """What a lenient parser kept, and how many items it dropped and why (one note per dropped item or row)."""
+    """What a lenient parser kept, and how many items it dropped and why (one note per dropped item or row).
+
+    ``spans``: for each kept item, the character ranges of the text that wrote it (a detection: its label and its
+    box); for a mask, the ranges of each label's runs (``label_spans``). Answer scores read them."""
 
     items: list
     dropped: int = 0
     notes: list[str] | None = None
+    spans: list[list[Span]] = field(default_factory=list)
+    label_spans: dict[str, list[Span]] = field(default_factory=dict)
+
+    def add(self, item: Any, *spans: Span) -> None:
+        self.items.append(item)
+        self.spans.append(list(spans))
 
     def drop(self, note: str) -> None:
         self.dropped += 1
@@ -497,7 +509,9 @@ def salvage_grouped(text: str, count: int, what: str, check) -> Salvage:
     if _is_none(text):
         return Salvage([])
     found = Salvage([])
+    offset = 0  # of the segment in ``text``
     for segment in text.split(";"):
+        seg_at, offset = offset, offset + len(segment) + 1
         if not segment.strip():
             continue
         start = segment.find("[")
@@ -511,9 +525,12 @@ def salvage_grouped(text: str, count: int, what: str, check) -> Salvage:
             for _ in range(max(1, len(shapes))):
                 found.drop(str(exc))
             continue
+        label_at = seg_at + len(segment[:start]) - len(segment[:start].lstrip())
+        label_span = (label_at, seg_at + len(segment[:start].rstrip()))
         for match in shapes:
             try:
-                found.items.append((label, check(_int_group(match.group(0), count, what))))
+                found.add((label, check(_int_group(match.group(0), count, what))), label_span,
+                          (seg_at + match.start(), seg_at + match.end()))
             except BoxFormatError as exc:
                 found.drop(f"{label}: {exc}")
         if "[" in _GROUP.sub(" ", segment[start:]):
@@ -530,7 +547,7 @@ def salvage_boxes(text: str) -> Salvage:
     found = Salvage([])
     for match in _GROUP.finditer(text):
         try:
-            found.items.append(_check_box(_int_group(match.group(0), 4, "box")))
+            found.add(_check_box(_int_group(match.group(0), 4, "box")), match.span())
         except BoxFormatError as exc:
             found.drop(str(exc))
     if "[" in _GROUP.sub(" ", text):
@@ -540,10 +557,13 @@ def salvage_boxes(text: str) -> Salvage:
     return found
 
 
-def _mask_row(line: str, number: int) -> tuple[list[str], str | None]:
-    """The cells of one mask row and None, or its leading well-formed runs that fit 24 cells and what is wrong."""
+def _mask_row(line: str, number: int, runs: list[tuple[str, Span]] | None = None) -> tuple[list[str], str | None]:
+    """The cells of one mask row and None, or its leading well-formed runs that fit 24 cells and what is wrong.
+    ``runs`` collects each kept run's label and its character range in ``line``."""
     row: list[str] = []
+    at = 0
     for run in line.split(","):
+        run_at, at = at, at + len(run) + 1
         match = _RUN.fullmatch(run)
         if match is None:
             return row, f"row {number}: {run.strip()[:40]!r} is not 'label*count'"
@@ -556,6 +576,8 @@ def _mask_row(line: str, number: int) -> tuple[list[str], str | None]:
         if count <= 0 or len(row) + count > MASK_SIZE:
             return row, f"row {number}: run {run.strip()[:40]!r} does not fit {MASK_SIZE} cells"
         row.extend([label] * count)
+        if runs is not None:
+            runs.append((label, (run_at, run_at + len(run))))
     if len(row) != MASK_SIZE:
         return row, f"row {number} covers {len(row)} cells, not {MASK_SIZE}"
     return row, None
@@ -570,11 +592,20 @@ def salvage_mask(text: str) -> tuple[Salvage, list[int]]:
     as filled. Fewer than :data:`MIN_MASK_ROWS` well-formed rows -> :class:`MaskFormatError`: such a grid would be
     mostly invented background.
     """
-    lines = [line for line in text.strip().splitlines() if line.strip()]
+    lines, starts = [], []
+    at = 0
+    for line in text.splitlines(keepends=True):
+        if line.strip():
+            lines.append(line.splitlines()[0])  # without its line break, whichever splitlines() saw
+            starts.append(at)
+        at += len(line)
     found = Salvage([])
     filled: list[int] = []
     for number, line in enumerate(lines[:MASK_SIZE], 1):
-        row, problem = _mask_row(line, number)
+        runs: list[tuple[str, Span]] = []
+        row, problem = _mask_row(line, number, runs)
+        for label, (a, b) in runs:
+            found.label_spans.setdefault(label, []).append((starts[number - 1] + a, starts[number - 1] + b))
         if problem is not None:
             found.drop(problem)
             filled.append(number - 1)
@@ -619,9 +650,13 @@ class ParsedAnswer:
     dropped: int = 0
     notes: list[str] = field(default_factory=list)
     filled_rows: list[int] = field(default_factory=list)
+    #: character ranges of ``text`` per kept box / detection, and per mask label (see :class:`Salvage`)
+    item_spans: list[list[Span]] = field(default_factory=list)
+    label_spans: dict[str, list[Span]] = field(default_factory=dict)
 
     def keep(self, found: Salvage) -> list:
         """Record what a lenient parser dropped; its kept items back."""
+        self.item_spans, self.label_spans = found.spans, found.label_spans
         notes = list(found.notes or [])
         if len(notes) > _MAX_NOTES:  # a long garbled list would bury the JSON record in notes
             notes = notes[:_MAX_NOTES] + [f"... and {len(notes) - _MAX_NOTES} more"]

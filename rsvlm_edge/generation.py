@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from rsvlm_edge import dense as dense_heads
 from rsvlm_edge.backends.base import Backend, CacheHandle
 from rsvlm_edge.formats import format_box
 from rsvlm_edge.sampling import GenerationDefaults, SamplingConfig, TokenSampler
 from rsvlm_edge.tasks import Turn, expert_by_rule, expert_for_tag, split_tag
 from rsvlm_edge.templates import PromptIds, get_template
-from rsvlm_edge.tokenizer import StreamDecoder, Tokenizer
+from rsvlm_edge.tokenizer import StreamDecoder, Tokenizer, token_char_ends
 
 if TYPE_CHECKING:  # llguidance loads only when a request is constrained
     from rsvlm_edge.constrain import Constraints
@@ -59,6 +60,22 @@ class Generation:
     finish_reason: str  # "stop" or "length"
     timings: dict[str, float] = field(default_factory=dict)
     pointer: "Pointing | None" = None  # set when the box pointer wrote the answer
+    dense: "dense_heads.DenseAnswer | None" = None  # set when the dense heads wrote it ([DET], [OBB], [SEG])
+    #: per token of ``token_ids``: its log-probability (:func:`rsvlm_edge.sampling.token_logprob`) and where it ends
+    #: in ``text`` (characters); what :mod:`rsvlm_edge.scores` turns into per-answer and per-item confidences
+    token_logprobs: list[float] = field(default_factory=list)
+    token_ends: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Decoded:
+    """What :meth:`Generator.decode` produced per row: the tokens (stop token left out), why the row ended, the
+    tokens' log-probabilities; and how many decoder steps ran."""
+
+    generated: list[list[int]]
+    reasons: list[str]
+    logprobs: list[list[float]]
+    steps: int
 
 
 @dataclass
@@ -305,16 +322,27 @@ class Generator:
         full_mask = np.ones((len(requests), capacity), dtype=np.float32)  # grows by a view per step, never copied
         full_mask[:, : batch.width] = batch.mask
         pointed = [row for row, req in enumerate(requests) if self.uses_pointer(req.prompt, len(req.pixels))]
-        logits, hidden = self.prefill(cache, batch.embeds, batch.positions, batch.mask, keep_hidden=bool(pointed))
+        densed = [row for row, req in enumerate(requests)
+                  if dense_heads.uses_dense(self.backend, req.prompt, len(req.pixels))]
+        logits, hidden = self.prefill(cache, batch.embeds, batch.positions, batch.mask,
+                                      keep_hidden=bool(pointed or densed))
         forced: dict[int, list[int]] = {}
         pointings: dict[int, Pointing] = {}
         if pointed and hidden is not None:
             patches = np.stack([self.patch_states(batch.slots[r], hidden[r]) for r in pointed])
             for row, (answer_ids, pointing) in zip(pointed, self.point(hidden[pointed, -1], patches)):
                 forced[row], pointings[row] = answer_ids, pointing
+        dense_answers: dict[int, dense_heads.DenseAnswer] = {}
+        if densed and hidden is not None:
+            sets = [dense_heads.image_patches(self.config, batch.slots[r], hidden[r]) for r in densed]
+            written = dense_heads.write_answers(self.backend, self.tokenizer, hidden[densed, -1], sets,
+                                                [requests[r].prompt for r in densed])
+            for row, (answer_ids, answer) in zip(densed, written):
+                forced[row], dense_answers[row] = answer_ids, answer
         t_first = time.perf_counter()
-        generated, reasons, steps = self.decode(cache, logits, full_mask, batch.positions[:, -1] + 1, samplers,
-                                                sampling, on_token, indices, forced)
+        decoded = self.decode(cache, logits, full_mask, batch.positions[:, -1] + 1, samplers, sampling, on_token,
+                              indices, forced)
+        steps = decoded.steps
         t_end = time.perf_counter()
         timings = {
             "vision_ms": (t_vision - t0) * 1e3,
@@ -325,10 +353,21 @@ class Generator:
             "decode_tok_s": steps * len(requests) / (t_end - t_first) if steps else 0.0,
             "route_ms": route_ms,
         }
-        return [Generation(text=self.tokenizer.decode(generated[row]), token_ids=generated[row], routing=routings[row],
-                           prompt_tokens=len(batch.prompts[row]), finish_reason=reasons[row], timings=dict(timings),
-                           pointer=pointings.get(row))
-                for row in range(len(requests))]
+        out = [self.generation(decoded, row, routings[row], len(batch.prompts[row]), dict(timings),
+                               pointings.get(row))
+               for row in range(len(requests))]
+        for row, answer in dense_answers.items():
+            out[row].dense = answer
+        return out
+
+    def generation(self, decoded: Decoded, row: int, routing: Routing, prompt_tokens: int,
+                   timings: dict[str, float], pointer: Pointing | None) -> Generation:
+        """Row ``row`` of ``decoded`` as a :class:`Generation`: its text, and where each token ends in it."""
+        ids = decoded.generated[row]
+        return Generation(text=self.tokenizer.decode(ids), token_ids=ids, routing=routing,
+                          prompt_tokens=prompt_tokens, finish_reason=decoded.reasons[row], timings=timings,
+                          pointer=pointer, token_logprobs=decoded.logprobs[row],
+                          token_ends=token_char_ends(self.tokenizer, ids))
 
     def prefill(self, cache: CacheHandle, embeds: np.ndarray, positions: np.ndarray, mask: np.ndarray,
                 keep_hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
@@ -341,7 +380,7 @@ class Generator:
 
     def decode(self, cache: CacheHandle, logits: np.ndarray, full_mask: np.ndarray, next_pos: np.ndarray,
                samplers: list[TokenSampler], sampling: SamplingConfig, on_token: TokenCallback | None,
-               indices: list[int], forced: dict[int, list[int]] | None = None) -> tuple[list[list[int]], list[str], int]:
+               indices: list[int], forced: dict[int, list[int]] | None = None) -> Decoded:
         """Sample from ``logits`` and feed tokens back until every row stops. The stop token is not fed.
 
         ``forced``: rows whose answer is given (the box pointer's): their tokens are fed in order instead of sampled,
@@ -351,6 +390,7 @@ class Generator:
         stop = set() if sampling.ignore_stop else set(sampling.stop_ids) | self.stop_ids
         streams = [StreamDecoder(tok) for _ in range(rows)]
         generated: list[list[int]] = [[] for _ in range(rows)]
+        logprobs: list[list[float]] = [[] for _ in range(rows)]
         finished = [False] * rows
         reasons = ["length"] * rows
         steps = 0
@@ -362,7 +402,7 @@ class Generator:
                 script = forced.get(row) if forced else None
                 if script is not None and len(generated[row]) < len(script):
                     token = script[len(generated[row])]
-                    samplers[row].accept(token)
+                    samplers[row].accept(token, logits[row])
                 elif script is not None and stop:
                     finished[row], reasons[row] = True, "stop"
                     continue
@@ -372,6 +412,7 @@ class Generator:
                     finished[row], reasons[row] = True, "stop"
                     continue
                 generated[row].append(token)
+                logprobs[row].append(samplers[row].last_logprob)
                 new_ids[row, 0] = token
                 if on_token is not None:
                     piece = streams[row].push(token)
@@ -390,7 +431,7 @@ class Generator:
                 tail = stream.finish()  # bytes held back for an incomplete UTF-8 character
                 if tail:
                     on_token(indices[row], tail)
-        return generated, reasons, steps
+        return Decoded(generated, reasons, logprobs, steps)
 
 
 class ChatSession:
@@ -405,6 +446,7 @@ class ChatSession:
         self.position = 0  # next position id
         self.pending: list[int] = []  # a generated token not yet in the cache (answer cut by max_new_tokens)
         self.patches: np.ndarray | None = None  # the image's patch states for the box pointer (from the prefill)
+        self.image_patches: np.ndarray | None = None  # every image's patch states, for the dense heads
         self.counters = {"turns": 0, "reprefills": 0, "reused_tokens": 0, "cache_grows": 0}
 
     def ask(self, text: str, sampling: SamplingConfig | None = None,
@@ -469,29 +511,37 @@ class ChatSession:
         positions = np.arange(self.position, self.position + len(ids), dtype=np.int32)[None]
         full_mask = np.ones((1, self.cache.capacity), dtype=np.float32)
         pointed = gen.uses_pointer(text, len(self.pixels))
+        densed = dense_heads.uses_dense(gen.backend, text, len(self.pixels))
         # a prefill keeps the patch states: the image precedes every instruction, so later turns can point too
-        keep_hidden = gen.backend.has_box_pointer and (image_slots is not None or pointed)
+        keep_hidden = gen.backend.has_box_pointer and (image_slots is not None or pointed or densed)
         logits, hidden = gen.prefill(self.cache, embeds, positions, full_mask[:, : self.cache.length + len(ids)],
                                      keep_hidden=keep_hidden)
         pointing: Pointing | None = None
+        written: dense_heads.DenseAnswer | None = None
         forced: dict[int, list[int]] = {}
         if hidden is not None:
             if image_slots is not None:
                 self.patches = gen.patch_states(image_slots, hidden[0])
+                if gen.backend.has_dense_heads:
+                    self.image_patches = dense_heads.image_patches(gen.config, image_slots, hidden[0])
             if pointed and self.patches is not None:
                 (answer_ids, pointing), = gen.point(hidden[:, -1], self.patches[None])
                 forced[0] = answer_ids
+            if densed and self.image_patches is not None:
+                (answer_ids, written), = dense_heads.write_answers(gen.backend, gen.tokenizer, hidden[:, -1],
+                                                                    [self.image_patches], [text])
+                forced[0] = answer_ids
         t_first = time.perf_counter()
         sampler = gen.new_sampler(sampling, ids, image_slots, gen.constraint(sampling, text))
-        generated, reasons, steps = gen.decode(self.cache, logits, full_mask, positions[:, -1] + 1, [sampler],
-                                               sampling, on_token, [0], forced)
-        self.position = int(positions[0, -1]) + 1 + steps
-        self.pending = generated[0][-1:] if reasons[0] == "length" else []
-        answer = gen.tokenizer.decode(generated[0])
-        self.turns.append(Turn(text, answer))
-        self.counters["turns"] += 1
+        decoded = gen.decode(self.cache, logits, full_mask, positions[:, -1] + 1, [sampler], sampling, on_token,
+                             [0], forced)
+        self.position = int(positions[0, -1]) + 1 + decoded.steps
+        self.pending = decoded.generated[0][-1:] if decoded.reasons[0] == "length" else []
         t_end = time.perf_counter()
-        return Generation(text=answer, token_ids=generated[0], routing=routing, prompt_tokens=len(ids),
-                          finish_reason=reasons[0], pointer=pointing,
-                          timings={"ttft_ms": (t_first - t0) * 1e3, "decode_ms": (t_end - t_first) * 1e3,
-                                   "decode_steps": float(steps)})
+        answer = gen.generation(decoded, 0, routing, len(ids),
+                                {"ttft_ms": (t_first - t0) * 1e3, "decode_ms": (t_end - t_first) * 1e3,
+                                 "decode_steps": float(decoded.steps)}, pointing)
+        answer.dense = written
+        self.turns.append(Turn(text, answer.text))
+        self.counters["turns"] += 1
+        return answer

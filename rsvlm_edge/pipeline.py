@@ -152,14 +152,17 @@ class Pipeline:
         rule) picks the expert. ``sensor``: ``rgb``, ``sar``, ``ir`` or ``ms``, for every image of the call;
         None guesses it per request from its first image's bands and dtype. ``sampling`` (a
         :class:`~rsvlm_edge.sampling.SamplingConfig`) and keyword overrides of its fields (``max_new_tokens=8``,
-        ``temperature=0.7`` ...) set the decoding; the default is greedy, with the task's answer length
-        (:data:`rsvlm_edge.tasks.TASK_MAX_NEW_TOKENS`) unless ``sampling`` or ``max_new_tokens=`` is given."""
+        ``temperature=0.7`` ...) set the decoding; the default is greedy and grammar-constrained (``constrain=False``
+        turns it off), with the task's answer length (:data:`rsvlm_edge.tasks.TASK_MAX_NEW_TOKENS`) unless
+        ``sampling`` or ``max_new_tokens=`` is given."""
         self._check_open()
         batched, requests = split_requests(images)
         if prompt is not None:
             require_text(prompt, "prompt")
         instruction = make_instruction(task, prompt)
         default_tokens = sampling is None and "max_new_tokens" not in sampling_options
+        if sampling is None:  # tagged answers follow their grammar unless told otherwise, as on the command line
+            sampling_options.setdefault("constrain", True)
         sampling = _sampling(sampling, sampling_options)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")

@@ -8,6 +8,7 @@ prints, key for key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from rsvlm_edge import formats
 from rsvlm_edge.config import EXPERT_NAMES
 from rsvlm_edge.generation import Generation, Pointing
 from rsvlm_edge.inputs import Tile
+from rsvlm_edge.scores import AnswerScores, answer_scores
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
 OrientedBox = tuple[float, float, float, float, float]  # cx, cy, w, h in pixels, angle in degrees (y down)
@@ -26,12 +28,14 @@ OrientedBox = tuple[float, float, float, float, float]  # cx, cy, w, h in pixels
 class Detection:
     label: str
     box_px: Box
+    score: float | None = None  # confidence of this item (see rsvlm_edge.scores)
 
 
 @dataclass(frozen=True)
 class OrientedDetection:
     label: str
     obb_px: OrientedBox
+    score: float | None = None
 
 
 @dataclass
@@ -104,6 +108,31 @@ class Result:
         """Set when the box pointer, not sampled text, wrote the box."""
         return self.generation.pointer
 
+    # ------------------------------------------------------------------ scores
+    @cached_property
+    def scores(self) -> AnswerScores:
+        """Confidences in [0, 1] from the answer's token log-probabilities (:mod:`rsvlm_edge.scores`)."""
+        return answer_scores(self.generation, self.parsed)
+
+    @property
+    def score(self) -> float | None:
+        """The whole answer's confidence; None when the generation carries no token log-probabilities."""
+        return self.scores.answer
+
+    @property
+    def box_scores(self) -> list[float] | None:
+        """``[VG]``: one confidence per box of :attr:`boxes_px`."""
+        return self.scores.items if self.parsed.boxes is not None else None
+
+    @property
+    def mask_label_scores(self) -> dict[str, float] | None:
+        """``[SEG]``: one confidence per label of the mask (the runs that wrote it), background included."""
+        return self.scores.mask_labels
+
+    def _item_scores(self, count: int) -> list[float | None]:
+        items = self.scores.items
+        return list(items) if items is not None and len(items) == count else [None] * count
+
     # ------------------------------------------------------------------ parsed answer
     @property
     def parse_error(self) -> str | None:
@@ -139,14 +168,18 @@ class Result:
         """``[DET]`` labelled boxes."""
         if self.parsed.detections is None:
             return None
-        return [Detection(label, formats.box_to_pixels(b, *self.size)) for label, b in self.parsed.detections]
+        items = self.parsed.detections
+        return [Detection(label, formats.box_to_pixels(b, *self.size), score)
+                for (label, b), score in zip(items, self._item_scores(len(items)))]
 
     @property
     def oriented_detections(self) -> list[OrientedDetection] | None:
         """``[OBB]`` labelled oriented boxes."""
         if self.parsed.obbs is None:
             return None
-        return [OrientedDetection(label, formats.obb_to_pixels(o, *self.size)) for label, o in self.parsed.obbs]
+        items = self.parsed.obbs
+        return [OrientedDetection(label, formats.obb_to_pixels(o, *self.size), score)
+                for (label, o), score in zip(items, self._item_scores(len(items)))]
 
     @property
     def labels(self) -> list[str] | None:
@@ -218,19 +251,29 @@ class Result:
                 out["partial_notes"] = list(self.parsed.notes)
             if self.parsed.filled_rows:
                 out["mask_rows_filled"] = list(self.parsed.filled_rows)
+        out["score"] = _rounded(self.score)
         if self.boxes_px is not None:
             out["boxes_px"] = [list(b) for b in self.boxes_px]
+            if self.box_scores is not None:
+                out["box_scores"] = [_rounded(s) for s in self.box_scores]
         if self.detections is not None:
-            out["detections"] = [{"label": d.label, "box_px": list(d.box_px)} for d in self.detections]
+            out["detections"] = [{"label": d.label, "box_px": list(d.box_px), "score": _rounded(d.score)}
+                                 for d in self.detections]
         if self.oriented_detections is not None:
-            out["oriented_detections"] = [{"label": d.label, "obb_px": list(d.obb_px)}
+            out["oriented_detections"] = [{"label": d.label, "obb_px": list(d.obb_px), "score": _rounded(d.score)}
                                           for d in self.oriented_detections]
         if self.labels is not None:
             out["labels"] = self.labels
         if self.mask_labels is not None:
             out["mask_labels"] = self.mask_labels
+        if self.mask_label_scores is not None:
+            out["mask_label_scores"] = {k: _rounded(v) for k, v in self.mask_label_scores.items()}
         out.update(self.extras)
         return out
+
+
+def _rounded(score: float | None) -> float | None:
+    return None if score is None else round(score, 4)
 
 
 #: Earlier name of :class:`Result`.

@@ -136,6 +136,17 @@ def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarr
     return out
 
 
+def token_logprob(logits: np.ndarray, token: int) -> float:
+    """log p(token) under softmax(``logits``) at temperature 1: the model's own distribution over the tokens the
+    grammar allows (masked ones are -inf), whatever temperature or top-k/top-p picked the token. Scores use this so
+    that a request's confidence does not change with its sampling settings."""
+    finite = logits[np.isfinite(logits)]
+    if finite.size == 0 or not np.isfinite(logits[token]):
+        return float("-inf")
+    top = float(finite.max())
+    return float(logits[token]) - top - float(np.log(np.exp(finite.astype(np.float64) - top).sum()))
+
+
 class TokenSampler:
     """Picks tokens for one sequence; owns its RNG so batched requests stay reproducible one by one.
 
@@ -148,6 +159,8 @@ class TokenSampler:
         self.seen = np.zeros(vocab_size, dtype=bool)
         #: a :class:`rsvlm_edge.constrain.Constraint`: masks each pick to the answer grammar; None = free text
         self.constraint = constraint
+        #: log-probability of the last picked or accepted token (see :func:`token_logprob`): the answer scores' input
+        self.last_logprob = 0.0
 
     def observe(self, token_ids) -> None:
         """Ids now in the context: the repetition penalty applies to them."""
@@ -159,18 +172,26 @@ class TokenSampler:
         if self.config.penalize_prompt is not False:
             self.observe(token_ids)
 
-    def accept(self, token: int) -> None:
-        """A token the answer took without sampling (the box pointer's): in the context and through the grammar."""
+    def accept(self, token: int, logits: np.ndarray | None = None) -> None:
+        """A token the answer took without sampling (the box pointer's): in the context and through the grammar.
+        With ``logits``, :attr:`last_logprob` is what the model gave it."""
+        if logits is not None:
+            self.last_logprob = token_logprob(self._scored_logits(logits), token)
         self.observe([token])
         if self.constraint is not None:
             self.constraint.advance(token)
 
-    def __call__(self, logits: np.ndarray) -> int:
-        cfg = self.config
-        penalty = 1.0 if cfg.repetition_penalty is None else cfg.repetition_penalty
+    def _scored_logits(self, logits: np.ndarray) -> np.ndarray:
+        """The logits every choice starts from: repetition penalty applied, then the grammar's mask."""
+        penalty = 1.0 if self.config.repetition_penalty is None else self.config.repetition_penalty
         logits = penalize_repeats(np.asarray(logits, dtype=np.float32)[: self.seen.size], self.seen, penalty)
         if self.constraint is not None:  # before any choice: greedy, top-k and top-p see only grammatical tokens
             logits = np.where(self.constraint.allowed(), logits, -np.inf)
+        return logits
+
+    def __call__(self, logits: np.ndarray) -> int:
+        cfg = self.config
+        logits = self._scored_logits(logits)
         if cfg.greedy:
             token = int(np.argmax(logits))
         else:
@@ -178,6 +199,7 @@ class TokenSampler:
             probs = np.exp(scaled - scaled.max())
             probs /= probs.sum()
             token = int(self.rng.choice(probs.size, p=probs))
+        self.last_logprob = token_logprob(logits, token)
         self.seen[token] = True
         if self.constraint is not None:
             self.constraint.advance(token)

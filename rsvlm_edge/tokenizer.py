@@ -364,3 +364,18 @@ class StreamDecoder:
         """Everything emitted so far."""
         return "".join(self._parts)
 
+
+
+def token_char_ends(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    """Where each token of ``ids`` ends in ``tokenizer.decode(ids)``, in characters: token k covers
+    ``[ends[k-1], ends[k])``. A token that ends inside a multi-byte character covers nothing; the token that completes
+    the character covers all of it (as :class:`StreamDecoder` emits it)."""
+    stream = StreamDecoder(tokenizer)
+    ends, length = [], 0
+    for token in ids:
+        length += len(stream.push(token))
+        ends.append(length)
+    tail = len(stream.finish())
+    if ends and tail:
+        ends[-1] += tail
+    return ends

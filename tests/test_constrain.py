@@ -100,9 +100,14 @@ def test_constrained_answers_are_grammatical_and_parse_when_they_end(pipe, const
 
 
 def test_without_constrain_generation_is_unchanged(pipe, tiles):
-    default = pipe(tiles[:4], task="obb", max_new_tokens=40)
+    """constrain=False decodes as a plain SamplingConfig does (the loop without any grammar)."""
+    from rsvlm_edge.sampling import SamplingConfig
+
+    plain = pipe(tiles[:4], task="obb", sampling=SamplingConfig(max_new_tokens=40))
     off = pipe(tiles[:4], task="obb", max_new_tokens=40, constrain=False)
-    assert [r.generation.token_ids for r in default] == [r.generation.token_ids for r in off]
+    on = pipe(tiles[:4], task="obb", max_new_tokens=40)
+    assert [r.generation.token_ids for r in plain] == [r.generation.token_ids for r in off]
+    assert all(r.parse_error is None for r in on if r.finish_reason == "stop")
 
 
 def test_chat_turns_are_constrained_too(pipe, tiles):

@@ -96,7 +96,13 @@ def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_s
               help="ONNX Runtime threads (0 = auto, as infer chooses for the model).")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), help="Real data root (default ../shared/data).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
-def eval_command(model_dir, compare_dirs, backend, suites, limit, batch_size, threads, data_root, out_path) -> None:
+@click.option("--constrain/--no-constrain", default=True, show_default=True,
+              help="Mask each tagged answer to its grammar, as infer does (--no-constrain: free decoding).")
+@click.option("--reliability", is_flag=True,
+              help="Also report how well answer scores track being right: a reliability curve, ECE and AUROC for "
+                   "[CLS] answers, [VG] boxes and [DET]/[OBB] items.")
+def eval_command(model_dir, compare_dirs, backend, suites, limit, batch_size, threads, data_root, out_path, constrain,
+                 reliability) -> None:
     """Score a model per task: accuracy, BLEU-4/CIDEr, box Acc@0.5, detection F1, mask mIoU, change F1, router accuracy.
 
     \b
@@ -126,10 +132,11 @@ def eval_command(model_dir, compare_dirs, backend, suites, limit, batch_size, th
     else:
         pipe = Pipeline(model_dir, backend=backend, **options)
         try:
-            report = evaluate(pipe.generator, suites, limit=limit, data_root=_data_root(data_root), batch_size=batch_size)
+            report = evaluate(pipe.generator, suites, limit=limit, data_root=_data_root(data_root), batch_size=batch_size,
+                              constrain=constrain, reliability=reliability)
         finally:
             pipe.close()
-        report = {"model": str(model_dir), "backend": backend, "limit": limit, **report}
+        report = {"model": str(model_dir), "backend": backend, "limit": limit, "constrain": constrain, **report}
         click.echo(format_report(report))
     if out_path:
         atomic_write_text(out_path, json.dumps(report, indent=2) + "\n")

@@ -16,6 +16,7 @@ from rsvlm_edge import formats
 from rsvlm_edge.generation import Generator, Request
 from rsvlm_edge.preprocess import prepare_image
 from rsvlm_edge.sampling import SamplingConfig
+from rsvlm_edge.scores import AnswerScores, answer_scores
 from rsvlm_edge.training import metrics
 from rsvlm_edge.training.sample import Sample
 
@@ -34,12 +35,14 @@ class Prediction:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
     pointed: bool = False  # the box pointer wrote the answer
+    scores: AnswerScores | None = None  # the answer's confidences (rsvlm_edge.scores)
 
 
 def predict(generator: Generator, samples: list[Sample], batch_size: int = 8, max_new_tokens: int = 320,
-            progress: Callable[[int], None] | None = None) -> list[Prediction]:
+            progress: Callable[[int], None] | None = None, constrain: bool = True) -> list[Prediction]:
+    """Greedy answers to ``samples``; ``constrain``: each tagged answer masked to its grammar, as ``infer`` does."""
     size, mode = generator.config.image_size, generator.config.image_preprocess  # the model's own preprocessing
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, constrain=constrain)
     order = sorted(range(len(samples)), key=lambda i: (len(samples[i].images), samples[i].tag))  # similar lengths batch
     results: dict[int, Prediction] = {}
     for start in range(0, len(order), batch_size):
@@ -47,8 +50,9 @@ def predict(generator: Generator, samples: list[Sample], batch_size: int = 8, ma
         requests = [Request(pixels=[prepare_image(im, samples[i].sensor, size, mode=mode) for im in samples[i].images],
                             sensor=samples[i].sensor, prompt=samples[i].prompt) for i in idx]
         for i, gen in zip(idx, generator.generate(requests, sampling)):
-            results[i] = Prediction(samples[i], gen.text, formats.parse_answer(samples[i].tag, gen.text), gen.routing.expert,
-                                    list(gen.token_ids), gen.finish_reason, gen.pointer is not None)
+            parsed = formats.parse_answer(samples[i].tag, gen.text)
+            results[i] = Prediction(samples[i], gen.text, parsed, gen.routing.expert, list(gen.token_ids),
+                                    gen.finish_reason, gen.pointer is not None, answer_scores(gen, parsed))
         if progress:
             progress(len(idx))
     return [results[i] for i in range(len(samples))]
@@ -176,8 +180,13 @@ def loaded_suites(suites: list[str], limit: int | None, data_root: Path | None,
 
 
 def evaluate(generator: Generator, suites: list[str], limit: int | None = None, data_root: Path | None = None,
-             batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+             batch_size: int = 8, progress: bool = True, constrain: bool = True,
+             reliability: bool = False) -> dict[str, Any]:
+    """Per-suite metrics (:func:`score`); ``reliability``: also each scored task's reliability curve and ECE, under
+    ``suite/task/reliability`` (:mod:`rsvlm_edge.training.reliability`)."""
     from tqdm import tqdm
+
+    from rsvlm_edge.training import reliability as rel
 
     report: dict[str, Any] = {}
     for suite, samples in loaded_suites(suites, limit, data_root, report):
@@ -185,8 +194,11 @@ def evaluate(generator: Generator, suites: list[str], limit: int | None = None, 
             report.update(router_accuracy(generator, samples))
             continue
         with tqdm(total=len(samples), desc=f"eval {suite}", disable=not progress, dynamic_ncols=True) as bar:
-            preds = predict(generator, samples, batch_size=batch_size, progress=bar.update)
+            preds = predict(generator, samples, batch_size=batch_size, progress=bar.update, constrain=constrain)
         report.update({f"{suite}/{k}": v for k, v in score(preds).items()})
+        if reliability:
+            for tag, units in rel.scored_units(preds).items():
+                report[f"{suite}/{tag.strip('[]').lower()}/reliability"] = rel.reliability(units)
     return report
 
 
@@ -194,6 +206,11 @@ def format_report(report: dict[str, Any]) -> str:
     width = max((len(k) for k in report), default=10)
     lines = []
     for key, value in report.items():
+        if key.endswith("/reliability"):
+            from rsvlm_edge.training.reliability import format_reliability
+
+            lines.append(format_reliability(key, value))
+            continue
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         lines.append(f"{key:<{width}}  {shown}")
     return "\n".join(lines)

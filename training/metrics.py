@@ -393,8 +393,8 @@ def _grouped(items: Any, count: int, *, strict: bool, index: int) -> tuple[dict[
 
 
 def _greedy_matches(preds: list[tuple[float, ...]], refs: list[tuple[float, ...]],
-                    iou: Callable[[Any, Any], float], thr: float) -> int:
-    """Number of one-to-one matches, taking (pred, ref) pairs by decreasing IoU while IoU >= thr."""
+                    iou: Callable[[Any, Any], float], thr: float) -> set[int]:
+    """The predictions matched one-to-one, taking (pred, ref) pairs by decreasing IoU while IoU >= thr."""
     pairs = sorted(((iou(p, r), i, j) for i, p in enumerate(preds) for j, r in enumerate(refs)),
                    key=lambda x: (-x[0], x[1], x[2]))
     used_p: set[int] = set()
@@ -405,7 +405,7 @@ def _greedy_matches(preds: list[tuple[float, ...]], refs: list[tuple[float, ...]
         if i not in used_p and j not in used_r:
             used_p.add(i)
             used_r.add(j)
-    return len(used_p)
+    return used_p
 
 
 def _detection_scores(pred: Sequence[Any], ref: Sequence[Any], thr: float, count: int,
@@ -418,11 +418,30 @@ def _detection_scores(pred: Sequence[Any], ref: Sequence[Any], thr: float, count
         fp += bad
         for label in p_groups.keys() | r_groups.keys():
             ps, rs = p_groups.get(label, []), r_groups.get(label, [])
-            matched = _greedy_matches(ps, rs, iou, thr)
+            matched = len(_greedy_matches(ps, rs, iou, thr))
             tp, fp, fn = tp + matched, fp + len(ps) - matched, fn + len(rs) - matched
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
     return {"precision": precision, "recall": recall, "f1": _ratio(2 * tp, 2 * tp + fp + fn),
             "tp": tp, "fp": fp, "fn": fn}
+
+
+def detection_hits(pred: Sequence[Any], ref: Sequence[Any], thr: float = 0.5, oriented: bool = False) -> list[bool]:
+    """Per predicted item of one image, whether :func:`detection_f1`'s matching counts it a true positive
+    (``oriented``: :func:`obb_detection_f1`'s). A malformed item is a miss."""
+    count, iou = (5, obb_iou) if oriented else (4, box_iou)
+    r_groups, _ = _grouped(ref, count, strict=True, index=0)
+    items = list(pred or [])
+    by_label: dict[str, list[int]] = {}
+    for k, item in enumerate(items):
+        groups, bad = _grouped([item], count, strict=False, index=0)
+        if not bad:
+            by_label.setdefault(next(iter(groups)), []).append(k)
+    hits = [False] * len(items)
+    for label, idx in by_label.items():
+        shapes = [_numbers(items[k][1], count) for k in idx]
+        for i in _greedy_matches(shapes, r_groups.get(label, []), iou, thr):  # type: ignore[arg-type]
+            hits[idx[i]] = True
+    return hits
 
 
 def detection_f1(pred: Sequence[Any], ref: Sequence[Any], thr: float = 0.5) -> dict[str, float | int]:
