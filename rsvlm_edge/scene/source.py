@@ -206,10 +206,12 @@ _WORD = re.compile(r"[A-Za-z0-9]+")
 
 
 def _normalise(band: str) -> str:
-    """``b2``, ``B2``, ``B02`` -> ``B02``; ``b8a`` -> ``B8A``; ``vv`` -> ``VV``."""
+    """``b2``, ``B2``, ``B02`` -> ``B02``; ``b8a``, ``B08A`` -> ``B8A``; ``vv`` -> ``VV``."""
     b = band.strip().upper()
-    m = re.fullmatch(r"B0*(\d{1,2})(A?)", b)
-    return f"B{int(m.group(1)):02d}{m.group(2)}" if m else b
+    if re.fullmatch(r"B0?8A", b):
+        return "B8A"
+    m = re.fullmatch(r"B0*(\d{1,2})", b)
+    return f"B{int(m.group(1)):02d}" if m else b
 
 
 def _words(path: Path) -> list[str]:
@@ -285,8 +287,8 @@ class _Layer:
         from rasterio.enums import Resampling
         from rasterio.windows import Window
 
-        x0, y0 = self.to_layer * (col, row)
-        x1, y1 = self.to_layer * (col + width, row + height)
+        x0, y0 = self.to_layer @ (col, row)
+        x1, y1 = self.to_layer @ (col + width, row + height)
         window = Window(x0, y0, x1 - x0, y1 - y0)
         inside = x0 >= -1e-6 and y0 >= -1e-6 and x1 <= self.dataset.width + 1e-6 and y1 <= self.dataset.height + 1e-6
         down = out[0] < (x1 - x0) - 1e-6
@@ -466,7 +468,7 @@ def _image_grid(datasets: list[Any]) -> Grid:
 
 def _pair_grid(spec: SceneSpec, grids: list[Grid]) -> Grid:
     """Before's pixels over the extent both images cover."""
-    from rasterio.transform import array_bounds
+    from rasterio.transform import Affine, array_bounds
     from rasterio.warp import transform_bounds
     from rasterio.windows import from_bounds
 
@@ -478,11 +480,10 @@ def _pair_grid(spec: SceneSpec, grids: list[Grid]) -> Grid:
                          f"georeferenced scenes, or two plain images")
     if before.crs is None:
         return before  # plain images: the after image is stretched onto the before one's pixels
-    b = array_bounds(before.height, before.width, before.transform)  # (south, west, north, east)
-    b = (b[1], b[0], b[3], b[2])
+    b = array_bounds(before.height, before.width, before.transform)  # (left, bottom, right, top)
     a = array_bounds(after.height, after.width, after.transform)
-    a = transform_bounds(after.crs, before.crs, a[1], a[0], a[3], a[2]) if after.crs != before.crs else \
-        (a[1], a[0], a[3], a[2])
+    if after.crs != before.crs:
+        a = transform_bounds(after.crs, before.crs, *a)
     left, bottom, right, top = max(b[0], a[0]), max(b[1], a[1]), min(b[2], a[2]), min(b[3], a[3])
     if left >= right or bottom >= top:
         raise SceneError(f"{names[0]} ({_crs_name(before.crs)}) and {names[1]} ({_crs_name(after.crs)}) do not "
@@ -494,7 +495,7 @@ def _pair_grid(spec: SceneSpec, grids: list[Grid]) -> Grid:
     col0, row0, col1, row1 = max(col0, 0), max(row0, 0), min(col1, before.width), min(row1, before.height)
     if col1 <= col0 or row1 <= row0:
         raise SceneError(f"{names[0]} and {names[1]} overlap by less than one pixel")
-    transform = before.transform * before.transform.translation(col0, row0)
+    transform = before.transform @ Affine.translation(col0, row0)
     return Grid(col1 - col0, row1 - row0, before.crs, transform)
 
 
@@ -522,7 +523,7 @@ def _layers(stack: ExitStack, image: ImageSpec, datasets: list[Any], grid: Grid)
             to_layer = Affine.scale(ds.width / grid.width, ds.height / grid.height)
             layers.append(_Layer(ds.name, ds, indexes, nodata, to_layer))
         elif ds.crs == grid.crs:
-            layers.append(_Layer(ds.name, ds, indexes, nodata, ~ds.transform * grid.transform))
+            layers.append(_Layer(ds.name, ds, indexes, nodata, ~ds.transform @ grid.transform))
         else:
             vrt = stack.enter_context(WarpedVRT(ds, crs=grid.crs, transform=grid.transform, width=grid.width,
                                                 height=grid.height, resampling=Resampling.bilinear,
