@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray_cluster
 from click.testing import CliRunner
 from PIL import Image
 
@@ -27,18 +28,12 @@ ray = pytest.importorskip("ray")
 from rsvlm_edge.distributed.executor import RayExecutor  # noqa: E402
 from rsvlm_edge.distributed.infer import infer_batch  # noqa: E402
 
+cluster = ray_cluster.cluster  # the Ray cluster the distributed tests share
+
 DEMO = Path(__file__).resolve().parents[1] / "models" / "tiny-demo"
 INSTRUCTION = "[CAP] Describe the image."
 SAMPLING = SamplingConfig(max_new_tokens=48, constrain=True)
 BATCH = 2  # tiles per job: a job lasts long enough that a kill lands while the actor still holds one
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """Two CPUs on 127.0.0.1, no dashboard: a cluster like `ray start --head`, for this module only."""
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,86 @@
+"""`rsvlm-edge scene` batches on a Ray actor pool (one-machine cluster on the loopback address): a 2-actor run with
+one actor killed mid-scene journals every tile once and writes the local run's GeoJSON; a rerun of the finished job
+sends no work to the cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray_cluster
+
+ray = pytest.importorskip("ray")
+rasterio = pytest.importorskip("rasterio")
+pytest.importorskip("shapely")
+
+from rasterio.crs import CRS  # noqa: E402
+from rasterio.transform import from_origin  # noqa: E402
+
+from rsvlm_edge.distributed.executor import RayExecutor  # noqa: E402
+from rsvlm_edge.distributed.scene import EngineView, run_scene_ray  # noqa: E402
+from rsvlm_edge.distributed.settings import RaySettings  # noqa: E402
+from rsvlm_edge.sampling import SamplingConfig  # noqa: E402
+from rsvlm_edge.scene.runner import SceneOptions, run_scene  # noqa: E402
+
+cluster = ray_cluster.cluster  # the Ray cluster the distributed tests share
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "tiny-demo"
+# [DET] with short answers: features to merge, quickly; 2 tiles per batch so a kill lands on a batch in flight
+OPTIONS = SceneOptions(task="det", tile="128", overlap="0.25", batch_size=2, progress=False,
+                       sampling=SamplingConfig(max_new_tokens=40, constrain=True), default_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Path:
+    """384x256 RGB in UTM 33N at 10 m: 12 tiles of 128 px with a quarter overlap, bright and dark blocks."""
+    path = tmp_path_factory.mktemp("ray-scene") / "scene.tif"
+    rng = np.random.default_rng(3)
+    pixels = (rng.random((3, 256, 384)) * 60 + 80).astype(np.uint8)
+    pixels[:, 40:80, 60:120] = 250
+    pixels[:, 150:200, 250:300] = 20
+    with rasterio.open(path, "w", driver="GTiff", width=384, height=256, count=3, dtype="uint8",
+                       crs=CRS.from_epsg(32633), transform=from_origin(500_000, 5_000_000, 10, 10)) as dst:
+        dst.write(pixels)
+    return path
+
+
+def _tiles(out: Path) -> dict[str, dict]:
+    """The journal's records by tile id (one line per tile expected), less their timings."""
+    lines = [json.loads(line)["record"] for line in (out / "scene.journal.jsonl").read_text().splitlines()]
+    records = {}
+    for record in lines:
+        assert record["tile_id"] not in records, f"tile {record['tile_id']} journalled twice"
+        record["result"].pop("timings_ms", None)
+        records[record["tile_id"]] = record
+    return records
+
+
+class KillOnce(RayExecutor):
+    """The pool, killing its first actor as soon as the first batch of the scene comes back."""
+
+    def map(self, fn, items):
+        for n, pair in enumerate(super().map(fn, items)):
+            if n == 0:
+                ray.kill(self.actors[0])
+            yield pair
+
+
+def test_a_scene_on_two_actors_with_one_killed_is_the_local_run_and_a_rerun_does_no_work(cluster, scene, tmp_path):
+    from rsvlm_edge.pipeline import Pipeline
+
+    with Pipeline(DEMO, threads=1) as pipe:
+        local = run_scene(pipe, scene, tmp_path / "local", OPTIONS, log=lambda _: None)
+    with KillOnce(RaySettings(actors=2), str(DEMO)) as pool:
+        remote = run_scene(EngineView.of(DEMO), scene, tmp_path / "ray", OPTIONS, executor=pool, log=lambda _: None)
+        assert pool.stats.retried >= 1
+    assert remote.ran == local.ran == 12
+    assert _tiles(tmp_path / "ray") == _tiles(tmp_path / "local")
+    for name in ("scene.geojson", "scene.crs.geojson"):
+        assert json.loads((tmp_path / "ray" / name).read_text()) == json.loads((tmp_path / "local" / name).read_text())
+
+    journal = (tmp_path / "ray" / "scene.journal.jsonl").read_text()
+    again = run_scene_ray(DEMO, scene, tmp_path / "ray", OPTIONS, cluster=RaySettings(actors=1), log=lambda _: None)
+    assert (again.ran, again.resumed) == (0, 12)
+    assert (tmp_path / "ray" / "scene.journal.jsonl").read_text() == journal  # nothing answered again
