@@ -36,7 +36,7 @@ from rsvlm_edge.manifest import (
 )
 
 LM_HEAD = re.compile(r"lm_head")
-COPIED_KINDS = ("stem", "router", "box_pointer")  # the pointer is tiny and its boxes need FP32 precision
+COPIED_KINDS = ("stem", "router", "box_pointer", "dense_heads")  # tiny heads whose boxes need FP32 precision
 SCHEMES = ("qdq", "weight-only")
 # (graph, its external weights, component name, weight name -> its file) -> the rewritten graph and its tensors.
 # The file of each weight lets a rewrite stack weights without mixing the decoder's trunk and expert files.
@@ -93,8 +93,9 @@ def shared_kv_specs(comp: Component, model: onnx.ModelProto) -> tuple[list[Tenso
 class Int8Writer:
     """Quantizes each component of ``source`` into ``staging`` and collects the new manifest entries."""
 
-    def __init__(self, source: Manifest, staging: Path, quantize: Quantizer):
+    def __init__(self, source: Manifest, staging: Path, quantize: Quantizer, decoder_precision: str = "int8"):
         self.src, self.dir, self.quantize = source, staging, quantize
+        self.decoder_precision = decoder_precision  # "int4": the decoders' weights; other graphs stay "int8"
         self.components: dict[str, Component] = {}
         self.report: dict[str, Any] = {}
 
@@ -156,19 +157,22 @@ class Int8Writer:
             expert_layout = this_layout
             where = {n: (trunk_file, trunk_layout[n]) for n in trunk_names} | {n: (data_file, this_layout[n]) for n in expert_names}
             _save_graph(q, where, self.dir / comp.file)
-            self.components[name] = self._entry(comp, [comp.file, trunk_file, data_file], "int8", self._extra(q), q)
+            self.components[name] = self._entry(comp, [comp.file, trunk_file, data_file], self.decoder_precision,
+                                                self._extra(q), q)
             self.report[name] = self._stats(q)
             experts[e] = q
         q0 = experts[0]
 
         def describe(entries: dict[str, TensorLayout], source_layout: dict[str, TensorLayout]) -> dict[str, TensorLayout]:
-            """Each written tensor with the parameter it came from and, for INT8 data and scales, which
-            initializer it quantizes (``quantization``: "int8" / "scale" / null, ``of``: that initializer)."""
+            """Each written tensor with the parameter it came from and, for quantized data, scales and zero
+            points, which initializer it quantizes (``quantization``: "int8" / "int4" / "scale" / "zero_point" /
+            null, ``of``: that initializer)."""
             out = {}
             for n, entry in entries.items():
                 origin = q0.tensors[n][1]
                 src = source_layout.get(origin)
-                role = "int8" if n.endswith("_quantized") else "scale" if n.endswith("_scale") and n != origin else None
+                role = (self.decoder_precision if n.endswith("_quantized") else None if n == origin
+                        else "scale" if n.endswith("_scale") else "zero_point" if n.endswith("_zero_points") else None)
                 out[n] = replace(entry, source=(src.source if src else None) or origin, transform=src.transform if src else None,
                                  extra={"quantization": role, "of": origin if role else None})
             return out
@@ -191,13 +195,22 @@ class Int8Writer:
 
 def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype: str, keep_lm_head: bool,
               block_size: int, model_config: dict[str, Any] | None = None,
-              stack: bool = True, attention: bool = True) -> tuple[Quantizer, dict[str, Any]]:
+              stack: bool = True, attention: bool = True, bits: int = 8, symmetric: bool = True,
+              method: str = "rtn") -> tuple[Quantizer, dict[str, Any]]:
     """The per-graph rewrite of ``scheme`` and the manifest's description of it. The weight-only graphs are
     ORT-only anyway, so they also get the ORT rotary fusion (needs ``model_config``); ``stack`` (weight-only) merges
     the products that read one activation into one ``MatMulNBits``; ``attention`` (weight-only) makes each decoder
-    layer's attention one ``GroupQueryAttention`` over a shared KV buffer."""
+    layer's attention one ``GroupQueryAttention`` over a shared KV buffer.
+
+    ``bits`` 4 (weight-only): the decoders' weights are INT4 (``symmetric``, ``method`` "rtn" or "hqq", per
+    ``block_size``); the other graphs (vision encoder, embedding) keep symmetric INT8 per block of 128. Decode reads
+    every decoder weight per token, so its speed follows their bytes; the vision encoder runs once per tile over
+    hundreds of patches, bound by arithmetic rather than weight bytes, so 4 bits would cost it accuracy and buy
+    nothing."""
     keep = keep_fp32_predicate(keep_lm_head)
-    lm_head = "fp32" if keep_lm_head else "int8"
+    lm_head = "fp32" if keep_lm_head else f"int{bits}"
+    if bits != 8 and scheme != "weight-only":
+        raise Int8WriteError(f"{bits}-bit weights are written by the weight-only scheme (--scheme weight-only)")
     if scheme == "qdq":
         if table is None:
             raise Int8WriteError("the Q/DQ scheme needs a calibration table (run `rsvlm-edge calibrate`)")
@@ -207,15 +220,21 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
                            "see each component's int8_scheme), activations per-tensor symmetric",
                  "activation_dtype": act_dtype, "lm_head": lm_head})
     if scheme == "weight-only":
-        from rsvlm_edge.calibration.weight_only import quantize_weight_only
+        from rsvlm_edge.calibration.weight_only import DEFAULT_BLOCK, WeightScheme, quantize_weight_only
         from rsvlm_edge.config import ModelConfig
         from rsvlm_edge.engines.ort_fusions import fuse_attention, fuse_rotary, fuse_skip_rms_norm
 
         cfg = ModelConfig.from_dict(model_config) if model_config else None
+        try:
+            decoder_scheme = WeightScheme(bits=bits, block_size=block_size, symmetric=symmetric, method=method)
+        except ValueError as exc:
+            raise Int8WriteError(str(exc)) from None
+        other_scheme = decoder_scheme if bits == 8 else WeightScheme(block_size=DEFAULT_BLOCK)
 
         def weight_only(model: onnx.ModelProto, arrays: dict[str, np.ndarray], name: str,
                         file_of: FileOf) -> QuantizedGraph:
-            q = quantize_weight_only(model, arrays, keep, block_size, fuse=stack, file_of=file_of)
+            q = quantize_weight_only(model, arrays, keep, fuse=stack, file_of=file_of,
+                                     scheme=decoder_scheme if name.startswith("decoder") else other_scheme)
             if cfg is not None:
                 q.fused["rotary"] = fuse_rotary(q.model, cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
                 if name.startswith("decoder"):
@@ -228,9 +247,15 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
                     q.fused["skip_rms_norm"] = fuse_skip_rms_norm(q.model)
             return q
 
+        kind = "symmetric" if symmetric else f"asymmetric ({method.upper()})"
+        text = (f"weight-only INT8 (ONNX Runtime MatMulNBits), symmetric per block of {block_size} along K"
+                if bits == 8 else
+                f"weight-only INT4 decoders (ONNX Runtime MatMulNBits), {kind} per block of {block_size} along K; "
+                f"other graphs INT8 symmetric per block of {other_scheme.block_size}")
         return (weight_only,
-                {"scheme": f"weight-only INT8 (ONNX Runtime MatMulNBits), symmetric per block of {block_size} along K; "
-                           f"activations quantized per block at run time", "weight_block_size": block_size,
+                {"scheme": f"{text}; activations quantized per block at run time", "weight_block_size": block_size,
+                 "weight_bits": bits, "decoder_weights": decoder_scheme.describe(),
+                 "other_weights": other_scheme.describe(),
                  "activation_dtype": "dynamic", "lm_head": lm_head, "runtime": "onnxruntime",
                  "fusions": (["stacked MatMulNBits (shared-input products, bias folded)"] if stack else [])
                             + ((["GroupQueryAttention (rotary inside, shared KV buffer)"] if attention
@@ -243,24 +268,27 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
                       act_dtype: str = "int8", keep_lm_head: bool = False, overwrite: bool = False,
                       extra_files: dict[str, bytes] | None = None, info: dict[str, Any] | None = None,
                       progress: Callable[[str], None] | None = None, scheme: str = "qdq",
-                      block_size: int = 128, stack: bool = True, attention: bool = True) -> Manifest:
+                      block_size: int = 128, stack: bool = True, attention: bool = True, bits: int = 8,
+                      symmetric: bool = True, method: str = "rtn") -> Manifest:
     """Quantize ``src_dir`` (an FP32 ONNX engine dir) into ``out_dir``; ``extra_files`` (name -> bytes) are
     written beside (the calibration table, TensorRT caches). ``scheme`` "qdq" needs ``table`` (activation ranges);
-    "weight-only" ignores it. Returns the new, saved manifest."""
+    "weight-only" ignores it and takes ``bits`` (8, or 4 for the decoders: see :func:`quantizer`), ``symmetric``
+    and ``method``. Returns the new, saved manifest."""
     from rsvlm_edge.fileio import atomic_write_bytes
 
     src = Manifest.load(src_dir, verify=True)
     if src.engine_kind != "onnx":
         raise Int8WriteError(f"{src_dir} holds {src.engine_kind} engines; INT8 quantization needs the exported ONNX")
     quantize, description = quantizer(scheme, table, act_dtype, keep_lm_head, block_size, src.model_config, stack,
-                                      attention)
+                                      attention, bits, symmetric, method)
+    precision = f"int{bits}"
     bad = [c.name for c in src.components.values() if c.precision != "fp32"]
     if bad:
         raise Int8WriteError(f"{src_dir} is not an FP32 export ({', '.join(bad)} are {src.components[bad[0]].precision}); "
                              f"quantize the fp32 export")
     out_dir = Path(out_dir)
     with staged_dir(out_dir, overwrite, Int8WriteError) as staging:
-        writer = Int8Writer(src, staging, quantize)
+        writer = Int8Writer(src, staging, quantize, decoder_precision=precision)
         decoders = set(src.experts.decoders)
         for comp in src.components.values():
             if comp.name in decoders:
@@ -278,7 +306,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
         for name, data in (extra_files or {}).items():
             atomic_write_bytes(staging / name, data)
         extra = dict(src.extra)
-        extra["quantization"] = {"precision": "int8", **description, "source_sha256": src.all_files(),
+        extra["quantization"] = {"precision": precision, **description, "source_sha256": src.all_files(),
                                  "components": writer.report, **(info or {})}
         components = {name: writer.components[name] for name in src.components}
         manifest = Manifest(model_config=src.model_config, components=components, tokenizer=src.tokenizer,

@@ -16,12 +16,22 @@ one ``MatMulNBits`` over their weights stacked along N, followed by a ``Split``;
 folded into the kernel's bias input. At batch 1 the k/v projections are small (rsunivlm-1b: 896 x 128) and a kernel
 call that small is mostly thread hand-off, not weight streaming. Members are stacked only when their weights live
 in the same file (all trunk or all one expert), so the expert swap still replaces one file.
+
+INT4 (:class:`WeightScheme` with ``bits=4``): the codes come from onnxruntime's own MatMulNBits quantizer
+(``onnxruntime.quantization.matmul_nbits_quantizer``): round-to-nearest per block (its ``DefaultWeightOnlyQuantizer``,
+the C++ ``quantize_matmul_4bits`` kernel, symmetric or asymmetric with a 4-bit zero point per block) or HQQ (its
+``HQQWeightOnlyQuantizer``: half-quadratic refinement of each block's zero point, a float zero point per block; needs
+torch at build time). Each weight is quantized on its own through the quantizer's node-level ``quantize`` on a
+one-``MatMul`` graph, so the layout is exactly what the kernel reads, and the rewrite here still decides stacking,
+bias folding and which file each tensor goes to.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -60,6 +70,103 @@ def blockwise_int8(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarr
     scales = (np.maximum(np.abs(wt).max(-1), 1e-12) / QMAX).astype(np.float32)
     codes = np.clip(np.rint(wt / scales[..., None]), -QMAX, QMAX) + ZERO_CODE
     return codes.astype(np.uint8), scales
+
+
+METHODS = ("rtn", "hqq")
+BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """How the weights of ``MatMulNBits`` products are stored: ``bits`` per code, one scale (and, unless
+    ``symmetric``, one zero point) per ``block_size`` weights along K, codes chosen by ``method`` ("rtn":
+    round to nearest; "hqq": half-quadratic refinement, 4 bits only). ``accuracy_level`` is the kernel's compute
+    type (4: activations quantized to INT8 per block at run time, the integer dot-product kernels)."""
+
+    bits: int = 8
+    block_size: int = DEFAULT_BLOCK
+    symmetric: bool = True
+    method: str = "rtn"
+    accuracy_level: int = ACCURACY_INT8
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"weight bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
+        if self.method not in METHODS:
+            raise ValueError(f"quantization method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.method == "hqq" and (self.bits != 4 or self.symmetric):
+            raise ValueError("HQQ quantizes 4-bit weights with a float zero point per block: asymmetric INT4 only")
+
+    @property
+    def ours(self) -> bool:
+        """Symmetric round-to-nearest INT8 is :func:`blockwise_int8` (zero point implied, no zero-point input)."""
+        return self.bits == 8 and self.symmetric and self.method == "rtn"
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's record of the scheme."""
+        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric, "method": self.method,
+                "accuracy_level": self.accuracy_level,
+                "quantizer": "rsvlm_edge blockwise_int8" if self.ours else _ort_quantizer_name()}
+
+
+@dataclass
+class BlockCodes:
+    """One weight as ``MatMulNBits`` reads it: ``codes`` uint8 (N, K_blocks, block_size * bits / 8), ``scales``
+    float32 (N, K_blocks), ``zero_points`` None (symmetric), packed uint8 (N, ceil(K_blocks * bits / 8)) or float32
+    (N, K_blocks) (HQQ)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+
+
+def _ort_quantizer_name() -> str:
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__} matmul_nbits_quantizer"
+
+
+def _ort_quantizer(scheme: WeightScheme) -> Any:
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    logging.getLogger(mnq.__name__).setLevel(logging.WARNING)  # it logs every node at INFO
+    if scheme.method == "hqq":
+        return mnq.HQQWeightOnlyQuantizer(mnq.HQQWeightOnlyQuantConfig(block_size=scheme.block_size, bits=scheme.bits))
+    return mnq.DefaultWeightOnlyQuantizer(mnq.DefaultWeightOnlyQuantConfig(
+        block_size=scheme.block_size, is_symmetric=scheme.symmetric, bits=scheme.bits))
+
+
+def ort_block_quant(w: np.ndarray, scheme: WeightScheme) -> BlockCodes:
+    """``w`` (K, N) quantized by onnxruntime's MatMulNBits quantizer: one ``MatMul`` graph goes through its
+    node-level ``quantize`` and the initializers of the ``MatMulNBits`` it returns are read back."""
+    w = np.array(w, dtype=np.float32)  # a private, writable copy (HQQ hands it to torch)
+    if w.ndim != 2:
+        raise ValueError(f"blockwise quantization needs a 2-D (K, N) weight, got shape {w.shape}")
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"], name="w")], "one",
+                              [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [1, w.shape[0]])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    with warnings.catch_warnings():  # HQQ wraps the (read-only) initializer array in a torch tensor; it only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        nodes = _ort_quantizer(scheme).quantize(graph.node[0], [graph])
+    if len(nodes) != 1 or nodes[0].op_type != "MatMulNBits":
+        raise ValueError(f"onnxruntime's quantizer returned {[n.op_type for n in nodes]} for a {w.shape} weight, "
+                         f"not one MatMulNBits")
+    inits = {i.name: i for i in graph.initializer}
+    arrays = [numpy_helper.to_array(inits[name]) for name in nodes[0].input[1:4]]
+    n = w.shape[1]
+    zero_points = arrays[2].reshape(n, -1) if len(arrays) > 2 else None
+    return BlockCodes(arrays[0].reshape(n, -1, arrays[0].shape[-1]), arrays[1].reshape(n, -1).astype(np.float32),
+                      zero_points)
+
+
+def quantize_blocks(w: np.ndarray, scheme: WeightScheme) -> BlockCodes:
+    """``w`` (K, N) in ``scheme``'s storage."""
+    if scheme.ours:
+        return BlockCodes(*blockwise_int8(w, scheme.block_size), None)
+    return ort_block_quant(w, scheme)
 
 
 def dequantize_blockwise(codes: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
@@ -125,12 +232,15 @@ def shared_input_groups(targets: list[onnx.NodeProto], weights: dict[str, np.nda
 def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
                          keep_fp32: Callable[[onnx.NodeProto], bool] | None = None,
                          block_size: int = DEFAULT_BLOCK, accuracy_level: int = ACCURACY_INT8,
-                         fuse: bool = True, file_of: Callable[[str], str] | None = None) -> QuantizedGraph:
+                         fuse: bool = True, file_of: Callable[[str], str] | None = None,
+                         scheme: WeightScheme | None = None) -> QuantizedGraph:
     """Rewrite a copy of ``model`` (loaded without external data); ``weights`` holds every external initializer.
+    ``scheme`` (default: symmetric INT8 per ``block_size`` at ``accuracy_level``) says how weights are stored.
     Same contract as :func:`rsvlm_edge.calibration.qdq.quantize_graph`: the result's ``tensors`` lists every external
     initializer with the name of the original it came from, so the caller keeps the trunk / expert file split (a
     stacked weight names its first member). ``file_of(weight name)`` names the file a weight is stored in; only
     weights of one file are stacked (default: every weight in one file)."""
+    scheme = scheme or WeightScheme(block_size=block_size, accuracy_level=accuracy_level)
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     result = QuantizedGraph(model)
@@ -154,13 +264,20 @@ def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
 
     def matmul(a: str, w: str, origin: str, arrays: list[np.ndarray], outputs: list[str], name: str,
                bias: str | None = None):
-        codes, scales = zip(*(blockwise_int8(x, block_size) for x in arrays))
-        external(f"{w}_quantized", np.concatenate(codes), origin)
-        external(f"{w}_scale", np.concatenate(scales), origin)
+        blocks = [quantize_blocks(x, scheme) for x in arrays]  # stacked along N: codes, scales, zero points by row
+        external(f"{w}_quantized", np.concatenate([b.codes for b in blocks]), origin)
+        external(f"{w}_scale", np.concatenate([b.scales for b in blocks]), origin)
+        zero_points = ""
+        if blocks[0].zero_points is not None:
+            zero_points = f"{w}_zero_points"
+            external(zero_points, np.concatenate([b.zero_points for b in blocks if b.zero_points is not None]), origin)
         k, n = int(np.shape(arrays[0])[0]), sum(int(np.shape(x)[1]) for x in arrays)
-        inputs = [a, f"{w}_quantized", f"{w}_scale"] + (["", "", bias] if bias else [])
+        inputs = [a, f"{w}_quantized", f"{w}_scale", zero_points, "", bias or ""]
+        while not inputs[-1]:
+            inputs.pop()
         new_nodes.append(helper.make_node("MatMulNBits", inputs, outputs, name=f"{name}/MatMulNBits", domain=CONTRIB,
-                                          K=k, N=n, bits=8, block_size=block_size, accuracy_level=accuracy_level))
+                                          K=k, N=n, bits=scheme.bits, block_size=scheme.block_size,
+                                          accuracy_level=scheme.accuracy_level))
         result.weights_quantized += len(arrays)
 
     quantized: set[str] = set()

@@ -33,17 +33,23 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
 @click.argument("onnx_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
-              help="ort: fp32 (default) or int8; trt: fp16 (default) or int8.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
+              help="ort: fp32 (default), int8 or int4 (weight-only INT4 decoders); trt: fp16 (default) or int8.")
 @click.option("--calibration", type=click.Path(exists=True), help="ort int8: calibration.json from `rsvlm-edge calibrate`; "
               "trt int8 (TensorRT 8.5-10.x): a TensorRT cache file or a trt_calib/ folder of <component>.cache.")
 @click.option("--activations", "act_dtype", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
               help="ort int8: activation Q/DQ type (uint8 = fast ORT CPU kernels, int8 = TensorRT Q/DQ import).")
-@click.option("--scheme", type=click.Choice(["qdq", "weight-only"]), default="qdq", show_default=True,
-              help="ort int8: qdq = explicit Q/DQ from --calibration (also imports into TensorRT); weight-only = "
-                   "blockwise INT8 weights for ONNX Runtime's MatMulNBits, no calibration, faster CPU decode.")
-@click.option("--block-size", type=click.Choice(["32", "64", "128", "256"]), default="128", show_default=True,
-              help="ort int8 weight-only: weights per scale along K.")
+@click.option("--scheme", type=click.Choice(["qdq", "weight-only"]), default=None,
+              help="ort int8: qdq (default) = explicit Q/DQ from --calibration (also imports into TensorRT); "
+                   "weight-only = blockwise INT8 weights for ONNX Runtime's MatMulNBits, no calibration, faster CPU "
+                   "decode. ort int4: weight-only (the only one).")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+              help="ort weight-only: weights per scale along K [default: 128 for int8, 32 for int4].")
+@click.option("--symmetric/--asymmetric", default=None,
+              help="ort int4: symmetric codes, or a 4-bit zero point per block (the default, more accurate).")
+@click.option("--method", type=click.Choice(["rtn", "hqq"]), default="rtn", show_default=True,
+              help="ort int4: rtn = round to nearest; hqq = half-quadratic refinement of each block's zero point "
+                   "(asymmetric; needs torch to build). Both from onnxruntime's MatMulNBits quantizer.")
 @click.option("--stack/--no-stack", default=True, show_default=True,
               help="ort int8 weight-only: stack the products that read one activation (q/k/v with their biases, "
                    "gate/up) into one MatMulNBits + Split; --no-stack keeps one node per weight (a baseline to bench).")
@@ -55,8 +61,8 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
 @click.option("--preset", type=click.Choice(TRT_PRESETS), default="datacenter", show_default=True, help="trt only.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="trt only: TensorRT timing cache file (reused).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
-def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, scheme, block_size, stack, attention,
-                  keep_lm_head, preset, timing_cache, overwrite) -> None:
+def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, scheme, block_size, symmetric, method,
+                  stack, attention, keep_lm_head, preset, timing_cache, overwrite) -> None:
     """Build engines from the exported ONNX engine dir ONNX_DIR into OUT_DIR.
 
     \b
@@ -64,6 +70,7 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
       rsvlm-edge build engines/tiny engines/tiny-opt --target ort --precision fp32
       rsvlm-edge build engines/tiny engines/tiny-int8 --target ort --precision int8 --calibration calib.json
       rsvlm-edge build engines/tiny engines/tiny-int8w --target ort --precision int8 --scheme weight-only
+      rsvlm-edge build engines/tiny engines/tiny-int4 --target ort --precision int4 --block-size 32
     TensorRT (run on the target device; plans are device-specific):
       rsvlm-edge build engines/tiny engines/tiny-trt --target trt --preset orin-agx --precision fp16
       rsvlm-edge build engines/tiny engines/tiny-trt8 --target trt --precision int8 --calibration engines/tiny-int8/trt_calib
@@ -74,12 +81,14 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
         precision = precision or "fp16"
         if precision not in ("fp16", "int8", "fp32"):
             raise click.BadParameter(f"TensorRT builds take fp16 or int8, not {precision}", param_hint="--precision")
+        if scheme is not None or block_size is not None or symmetric is not None or method != "rtn":
+            raise click.BadParameter("applies to --target ort", param_hint="--scheme/--block-size/--symmetric/--method")
         _build_trt(onnx_dir, out_dir, preset, precision, calibration, timing_cache)
         click.echo(f"TensorRT {precision} plans written to {out_dir}")
         return
     precision = precision or "fp32"
     if precision == "fp16":
-        raise click.BadParameter("ONNX Runtime builds take fp32 or int8 (for FP16 ONNX use `rsvlm-edge export "
+        raise click.BadParameter("ONNX Runtime builds take fp32 or int8 (or int4 weight-only; for FP16 ONNX use `rsvlm-edge export "
                                  "--precision fp16`)", param_hint="--precision")
     from rsvlm_edge.calibration.int8_writer import Int8WriteError  # these import onnx (the export extra)
     from rsvlm_edge.calibration.table import CalibrationTableError
@@ -88,9 +97,9 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
 
     try:
         build_ort(onnx_dir, out_dir, precision, calibration, overwrite=overwrite, act_dtype=act_dtype,
-                  keep_lm_head=keep_lm_head, scheme=scheme, block_size=int(block_size), stack=stack,
-                  attention=attention)
+                  keep_lm_head=keep_lm_head, scheme=scheme, block_size=int(block_size) if block_size else None,
+                  stack=stack, attention=attention, symmetric=symmetric, method=method)
     except (Int8WriteError, CalibrationTableError, ManifestError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    what = f"{precision} ({scheme})" if precision == "int8" else precision
+    what = f"{precision} ({scheme or ('weight-only' if precision == 'int4' else 'qdq')})" if precision != "fp32" else precision
     click.echo(f"ONNX Runtime {what} engine dir written to {out_dir}")

@@ -6,6 +6,8 @@ CPU-specific fusions are applied again at load time anyway). Decoder graphs are 
 the shared trunk and expert weights by initializer name, which optimizing a graph may rename.
 INT8: :func:`rsvlm_edge.calibration.int8_writer.write_int8_engine`, either explicit Q/DQ from a calibration table
 (portable to TensorRT) or weight-only ``MatMulNBits`` (ONNX Runtime only, no calibration; the faster CPU decode).
+INT4: weight-only ``MatMulNBits`` decoders quantized by onnxruntime's MatMulNBits quantizer (RTN or HQQ, symmetric
+or asymmetric, per block of 16-256), the other graphs weight-only INT8.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from rsvlm_edge.calibration.int8_writer import Int8WriteError
 from rsvlm_edge.fileio import staged_dir
 from rsvlm_edge.manifest import Component, Manifest, copy_side_files, sha256_file
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int4")
+#: Weights per scale along K when none is given: 128 for INT8 (finer buys nothing measurable at 8 bits), 32 for INT4
+#: (a 4-bit step is 16x coarser, so each scale covers fewer weights; llama.cpp's Q4_0 and ORT GenAI also use 32).
+DEFAULT_BLOCK = {"int8": 128, "int4": 32}
 
 
 def optimize_component(src: Manifest, comp: Component, out_dir: Path, level: str = "basic") -> Component:
@@ -64,22 +69,32 @@ def build_ort_fp32(onnx_dir: str | Path, out_dir: str | Path, overwrite: bool = 
 
 
 def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32", calibration: str | Path | None = None,
-              overwrite: bool = False, act_dtype: str = "uint8", keep_lm_head: bool = False, scheme: str = "qdq",
-              block_size: int = 128, stack: bool = True, attention: bool = True) -> Manifest:
-    """An ORT engine dir: ``fp32`` (optimized graphs) or ``int8`` (``scheme`` "qdq": Q/DQ from the calibration
-    table; "weight-only": blockwise INT8 weights for ``MatMulNBits``, no table, shared-input products stacked
-    unless ``stack`` is False, attention fused into ``GroupQueryAttention`` unless ``attention`` is False)."""
+              overwrite: bool = False, act_dtype: str = "uint8", keep_lm_head: bool = False, scheme: str | None = None,
+              block_size: int | None = None, stack: bool = True, attention: bool = True, symmetric: bool | None = None,
+              method: str = "rtn") -> Manifest:
+    """An ORT engine dir: ``fp32`` (optimized graphs), ``int8`` (``scheme`` "qdq", the default: Q/DQ from the
+    calibration table; "weight-only": blockwise INT8 weights for ``MatMulNBits``, no table, shared-input products
+    stacked unless ``stack`` is False, attention fused into ``GroupQueryAttention`` unless ``attention`` is False)
+    or ``int4`` (weight-only only: INT4 decoders, ``symmetric`` (default asymmetric), ``method`` "rtn" or "hqq")."""
     if precision not in PRECISIONS:
         raise ValueError(f"ORT precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
         return build_ort_fp32(onnx_dir, out_dir, overwrite)
     from rsvlm_edge.calibration.int8_writer import write_int8_engine
 
+    scheme = scheme or ("weight-only" if precision == "int4" else "qdq")
+    block_size = block_size or DEFAULT_BLOCK[precision]
+    if precision == "int4" and scheme != "weight-only":
+        raise ValueError("--precision int4 is weight-only (--scheme weight-only): INT4 activations lose too much")
+    if precision == "int8" and (symmetric is False or method != "rtn"):
+        raise ValueError("--asymmetric and --method apply to --precision int4 (INT8 weights are symmetric RTN)")
     if scheme == "weight-only":
         if calibration is not None:
             raise ValueError("--scheme weight-only needs no --calibration (it quantizes weights only)")
         return write_int8_engine(onnx_dir, out_dir, None, keep_lm_head=keep_lm_head, overwrite=overwrite,
-                                 scheme=scheme, block_size=block_size, stack=stack, attention=attention)
+                                 scheme=scheme, block_size=block_size, stack=stack, attention=attention,
+                                 bits=4 if precision == "int4" else 8,
+                                 symmetric=precision == "int8" if symmetric is None else symmetric, method=method)
     if not stack:
         raise ValueError("--no-stack applies to --scheme weight-only (the Q/DQ scheme stacks nothing)")
     if not attention:

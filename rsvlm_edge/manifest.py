@@ -11,7 +11,7 @@ Layout (``format_version`` 1)::
       "components": {
         "<name>": {
           "file": "<name>.onnx",                      # graph (ONNX) or plan (TensorRT)
-          "precision": "fp32" | "fp16" | "int8",
+          "precision": "fp32" | "fp16" | "int8" | "int4",
           "inputs":  [{"name": ..., "dtype": "float32", "shape": ["batch", "seq", 256]}, ...],
           "outputs": [...],                            # shape entries: ints, or axis names for dynamic axes
           "sha256": {"<name>.onnx": "<hex>", "<data>.bin": "<hex>", ...},   # the graph + every data file
@@ -77,7 +77,7 @@ from typing import Any, Iterable, Literal
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # int4: weight-only decoders (MatMulNBits)
 ENGINE_KINDS = ("onnx", "tensorrt")
 DTYPES = ("float32", "float16", "int32", "int64", "int8", "uint8", "bool")
 #: Decoder KV cache layouts (a decoder component's ``kv_layout``; absent means the exported sequence-major one).

@@ -94,7 +94,7 @@ def test_missing_and_truncated_files(engine_dir):
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(format_version=2), "format_version 2 is not supported"),
     (lambda d: d.pop("components"), "lacks 'components'"),
-    (lambda d: d["components"]["a"].update(precision="int4"), "precision must be one of"),
+    (lambda d: d["components"]["a"].update(precision="int2"), "precision must be one of"),
     (lambda d: d["components"]["a"]["sha256"].pop("a.onnx"), "sha256 must map every file"),
     (lambda d: d["components"]["a"]["external_data"].append("other.bin"), "other.bin' has no sha256"),
     (lambda d: d["components"]["a"]["sha256"].update({"../escape.bin": "0"}), "stay inside the directory"),

@@ -263,7 +263,7 @@ class OrtBackend(Backend):
         self._session_lock = threading.Lock()
         self.embedding = self._session("embedding")
         if prepack_weights is None:
-            prepack_weights = self._decoder_precision() == "int8"
+            prepack_weights = self._decoder_precision() in ("int8", "int4")
         self.prepack_weights = prepack_weights
         self.experts = ExpertLoader(manifest, self._options, self.providers, prepack=prepack_weights)
         budget = expert_budget_bytes
