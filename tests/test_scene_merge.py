@@ -146,24 +146,35 @@ def test_neighbouring_objects_are_not_merged():
     assert len(merge_features(feats, metric="iou")) == 3  # the third overlaps the first by IoU 6/14 < 0.5
     assert len(merge_features(feats, metric="iou", threshold=0.4)) == 2
     assert len(merge_features(feats, metric="ios", threshold=0.7)) == 3  # and by IoS 6/10
-    assert len(merge_features(feats)) == 2  # the default: IoS over 0.5
+    assert len(merge_features(feats, metric="ios")) == 2
+    assert len(merge_features(feats)) == 3  # the default: IoU over 0.5
 
 
-def test_a_cut_sliver_merges_by_intersection_over_smaller_not_by_iou():
-    """A tile edge cut the object: one tile saw all of it, the other a 30% sliver."""
+def test_a_sliver_cut_by_a_tile_edge_merges_into_the_whole_object():
+    """One tile saw all of the ship, the next a 30% sliver at its left edge (IoU 0.3, IoS 1): one ship, its whole
+    extent, the better score."""
     feats = features_from_records([record(0, 0, det(("ship", [100, 40, 120, 60], 0.6))),
                                    record(114, 0, det(("ship", [0, 40, 6, 60], 0.9)))])[0]
-    assert len(merge_features(feats, metric="iou")) == 2
-    (f,) = merge_features(feats, metric="ios")
-    assert scene_bounds(f) == (114, 40, 120, 60)  # nms keeps the leader as it is
-    (grown,) = merge_features(feats, method="nmm", metric="ios")
-    assert scene_bounds(grown) == (100, 40, 120, 60) and grown.score == 0.9
+    assert [f.cut for f in feats] == [False, True]
+    for method in ("nms", "nmm"):
+        (f,) = merge_features(feats, method=method)
+        assert scene_bounds(f) == (100, 40, 120, 60) and f.score == 0.9 and f.properties["merged"] == 2
+
+
+def test_a_large_box_does_not_swallow_the_objects_inside_it():
+    """A neighbour's big 'ship' box over a small ship away from every tile border: two features, unless IoS is the
+    overlap measure for every pair."""
+    feats = features_from_records([record(0, 0, det(("ship", [100, 10, 127, 120], 0.9))),
+                                   record(96, 0, det(("ship", [10, 50, 20, 60], 0.8)))])[0]
+    assert not any(f.cut for f in feats[1:])
+    assert len(merge_features(feats)) == 2
+    assert len(merge_features(feats, metric="ios")) == 1
 
 
 def test_equal_scores_let_the_larger_box_lead():
     feats = features_from_records([record(0, 0, det(("ship", [100, 40, 120, 60], 0.5))),
                                    record(114, 0, det(("ship", [0, 40, 6, 60], 0.5)))])[0]
-    (f,) = merge_features(feats, metric="ios")
+    (f,) = merge_features(feats)
     assert f.tile_id == "r000000_c000000"
 
 
@@ -177,8 +188,9 @@ def test_unknown_scores_rank_after_known_ones():
 def test_oriented_boxes_merge_by_rotated_iou():
     """Two 100x10 boxes at 30 degrees shifted by 20 px along their long side: rotated IoU 80/120 = 0.667."""
     dx, dy = 20 * math.cos(math.radians(30)), 20 * math.sin(math.radians(30))
-    feats = features_from_records([record(0, 0, obb(("ship", [100, 60, 100, 10, 30], 0.9))),
-                                   record(96, 0, obb(("ship", [4 + dx, 60 + dy, 100, 10, 30], 0.8)))])[0]
+    feats = features_from_records([record(0, 0, obb(("ship", [150, 128, 100, 10, 30], 0.9)), size=256),
+                                   record(50, 0, obb(("ship", [100 + dx, 128 + dy, 100, 10, 30], 0.8)), size=256)])[0]
+    assert not any(f.cut for f in feats)
     assert len(merge_features(feats, metric="iou", threshold=0.6)) == 1
     assert len(merge_features(feats, metric="iou", threshold=0.7)) == 2
     assert len(merge_features(feats, metric="ios", threshold=0.75)) == 1  # IoS 80/100

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import shapely
@@ -38,24 +38,12 @@ TILE_TASKS = ("[CLS]", "[CAP]", "[VQA]", "[CCD]", "[REF]")
 MASK_TASKS = ("[SEG]",)
 
 
-class WindowLike(Protocol):
-    """What a tile window offers: its top-left corner and size in scene pixels (``TileWindow`` fits)."""
-
-    @property
-    def col_off(self) -> int: ...
-    @property
-    def row_off(self) -> int: ...
-    @property
-    def width(self) -> int: ...
-    @property
-    def height(self) -> int: ...
-
-
 @dataclass(frozen=True)
 class Feature:
     """One answer item in scene pixels. ``kind`` is ``box``, ``obb``, ``point`` (a zero-size [VG] box), ``tile``
     (a grid-layer cell) or ``mask`` (a vectorised [SEG] region); ``properties`` holds the rest (``text``,
-    ``labels``, ``merged``) and ends up in the GeoJSON properties."""
+    ``labels``, ``merged``) and ends up in the GeoJSON properties. ``cut``: the object reaches its tile's border,
+    so the tile may have seen only part of it (merging lets a neighbour's whole view absorb it)."""
 
     geometry: BaseGeometry
     task: str
@@ -64,6 +52,7 @@ class Feature:
     tile_id: str
     kind: str
     properties: Mapping[str, Any] = field(default_factory=dict)
+    cut: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,6 +96,15 @@ class TileAnswer:
     def footprint(self) -> Polygon:
         """The window as a polygon in scene pixels."""
         return box(self.col_off, self.row_off, self.col_off + self.width, self.row_off + self.height)
+
+    def at_border(self, geometry: BaseGeometry) -> bool:
+        """Whether ``geometry`` reaches the window's border, within half an answer unit (1/200 of the tile)."""
+        if geometry.geom_type == "Point":
+            return False
+        minx, miny, maxx, maxy = geometry.bounds
+        mx, my = self.width / 200.0, self.height / 200.0
+        return bool(minx <= self.col_off + mx or miny <= self.row_off + my
+                    or maxx >= self.col_off + self.width - mx or maxy >= self.row_off + self.height - my)
 
     def to_scene(self, x: float, y: float) -> tuple[float, float]:
         """An answer's pixel (x, y) in the tile image -> scene pixels."""
@@ -175,7 +173,7 @@ def tile_features(tile: TileAnswer) -> list[Feature]:
         geom = _scene_box(tile, b)
         score = _score(box_scores[i]) if box_scores is not None else answer_score
         kind = "point" if isinstance(geom, Point) else "box"
-        out.append(Feature(geom, task, label, score, tile.tile_id, kind))
+        out.append(Feature(geom, task, label, score, tile.tile_id, kind, cut=tile.at_border(geom)))
     return out
 
 
@@ -226,7 +224,8 @@ def _scene_box(tile: TileAnswer, box_px: Sequence[float]) -> BaseGeometry:
 def _feature(geom: BaseGeometry, task: str, label: str, item: Mapping[str, Any], answer_score: float | None,
              tile: TileAnswer, kind: str) -> Feature:
     own = _score(item.get("score"))
-    return Feature(geom, task, str(label), answer_score if own is None else own, tile.tile_id, kind)
+    return Feature(geom, task, str(label), answer_score if own is None else own, tile.tile_id, kind,
+                   cut=tile.at_border(geom))
 
 
 def _score(value: Any) -> float | None:

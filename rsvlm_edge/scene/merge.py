@@ -2,18 +2,20 @@
 
 Greedy, per task and label, best first: features are ranked by score (unknown scores last), then by area (an object
 cut by a tile edge is smaller than the whole one a neighbour saw, so the whole one leads), then by tile order. Each
-leader takes every later feature that overlaps it by more than ``threshold``:
+leader takes every later feature that
 
-- ``nms`` drops the taken features and keeps the leader as it is;
-- ``nmm`` (non-maximum merging) grows the leader to cover them: the enclosing axis-aligned box for boxes, the
-  minimum rotated rectangle of the union for oriented boxes.
+- overlaps it by more than ``threshold`` (``iou``: intersection over union, the default; ``ios``: over the smaller
+  area), or
+- comes from another tile, one of the two reaching its tile's border (:attr:`Feature.cut`), and lies inside it by
+  more than ``threshold`` of the smaller area: the sliver of an object that a tile edge cut off has a low IoU with
+  the whole object its neighbour saw but an IoS near 1. Only cut pieces get this rule, so a large box does not
+  swallow the smaller objects of the same label inside it.
 
-Overlap is measured on shapely polygons, so oriented boxes get their rotated IoU. ``ios`` (the default) is
-intersection over the smaller area: a tile edge that cuts an object leaves one tile a sliver lying inside the whole
-object its neighbour saw, an IoU of only the sliver's share but an IoS near 1. ``iou`` is intersection over union,
-the stricter choice for dense scenes of objects that overlap each other.
-Points (zero-size grounding boxes) merge only with points at the same place. An STRtree finds the candidates, so a
-scene of many thousand objects merges in about linear time.
+``nms`` keeps the leader as it is, ``nmm`` (non-maximum merging) grows it to cover what it took: the enclosing box
+for boxes, the minimum rotated rectangle of the union for oriented boxes. A leader that took a cut piece, or is
+one, always grows that way: a cut piece is not the object's extent. Overlap is measured on shapely polygons, so
+oriented boxes get their rotated IoU; points (zero-size grounding boxes) merge only with points at the same place.
+An STRtree finds the candidates, so a scene of many thousand objects merges in about linear time.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ METHODS = ("nms", "nmm")
 METRICS = ("iou", "ios")
 
 
-def merge_features(features: Sequence[Feature], *, method: str = "nms", metric: str = "ios",
+def merge_features(features: Sequence[Feature], *, method: str = "nms", metric: str = "iou",
                    threshold: float = 0.5) -> list[Feature]:
     """One feature per object across tile overlaps (see the module docstring); the result keeps input order."""
     if method not in METHODS:
@@ -63,26 +65,34 @@ def _merge_group(group: list[Feature], positions: list[int], method: str, metric
             continue
         taken[i] = True
         candidates = np.array([j for j in tree.query(geoms[i]) if not taken[j]], dtype=int)
+        matched, grow = candidates, False
         if candidates.size:
-            overlap = _overlap(geoms[i], areas[i], geoms[candidates], areas[candidates], metric)
-            matched = candidates[overlap > threshold]
-        else:
-            matched = candidates
+            iou, ios = _overlaps(geoms[i], areas[i], geoms[candidates], areas[candidates])
+            cut_pair = np.array([(group[i].cut or group[j].cut) and group[i].tile_id != group[j].tile_id
+                                 for j in candidates], dtype=bool)
+            by_overlap = (iou if metric == "iou" else ios) > threshold
+            by_cut = cut_pair & (ios > threshold)
+            matched = candidates[by_overlap | by_cut]
+            grow = bool(np.any(by_cut)) or (group[i].cut and matched.size > 0)
         taken[matched] = True
-        out[positions[i]] = _combine(group[i], [group[j] for j in matched], method)
+        out[positions[i]] = _combine(group[i], [group[j] for j in matched], "nmm" if grow else method)
     return out
 
 
-def _overlap(geom: shapely.Geometry, geom_area: float, others: np.ndarray, other_areas: np.ndarray,
-             metric: str) -> np.ndarray:
-    """Overlap of ``geom`` with each of ``others``: IoU or intersection over the smaller area; points count as
-    fully overlapping only points equal to them."""
+def _overlaps(geom: shapely.Geometry, geom_area: float, others: np.ndarray,
+              other_areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(IoU, intersection over the smaller area) of ``geom`` with each of ``others``; a point overlaps only the
+    points equal to it, fully."""
     if geom_area == 0.0:
-        return np.where(shapely.equals(others, geom), 1.0, 0.0)
+        same = np.where(shapely.equals(others, geom), 1.0, 0.0)
+        return same, same
     inter = shapely.area(shapely.intersection(geom, others))
-    denom = geom_area + other_areas - inter if metric == "iou" else np.minimum(geom_area, other_areas)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denom > 0, inter / np.where(denom > 0, denom, 1.0), 0.0)
+    return _ratio(inter, geom_area + other_areas - inter), _ratio(inter, np.minimum(geom_area, other_areas))
+
+
+def _ratio(num: np.ndarray, denom: np.ndarray) -> np.ndarray:
+    """num / denom, 0 where denom is 0 (zero-area boxes)."""
+    return np.divide(num, denom, out=np.zeros_like(num, dtype=float), where=denom > 0)
 
 
 def _combine(leader: Feature, taken: list[Feature], method: str) -> Feature:

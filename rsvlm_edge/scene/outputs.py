@@ -102,7 +102,7 @@ def write_summary(path: str | Path, summary: Mapping[str, Any]) -> Path:
 def write_scene_outputs(records: Iterable[Mapping[str, Any] | Any], georef: GeoReference, out_dir: str | Path, *,
                         stem: str = "scene", scene_name: str = "the scene", model: str | None = None,
                         engine: str | None = None, min_score: float | None = None, merge: str = "nms",
-                        metric: str = "ios", threshold: float = 0.5, classes: Sequence[str] | None = None,
+                        metric: str = "iou", threshold: float = 0.5, classes: Sequence[str] | None = None,
                         vectorise: bool = False, tiles: int | None = None, seconds: float = 0.0,
                         extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Merge the tile records of one run and write its outputs into ``out_dir`` (module docstring); the summary
