@@ -205,6 +205,7 @@ def _register_optional_commands() -> None:
         ("rsvlm_edge.bench_command", "profile"),
         ("rsvlm_edge.scene_command", "scene"),
         ("rsvlm_edge.scene_command", "scene-bench"),
+        ("rsvlm_edge.bench.peers.cli", "bench-peers"),
     ]:
         try:
             mod = importlib.import_module(module)
