@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rsvlm_edge.scene.tiling import Length, TilingError, TileWindow, parse_length, plan_tiles
+from rsvlm_edge.scene.tiling import Length, TileWindow, TilingError, parse_length, plan_tiles
 
 
 def _covered(plan, width, height):

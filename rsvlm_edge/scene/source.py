@@ -342,12 +342,15 @@ class SceneSource:
     def read(self, window: Any, out_size: tuple[int, int] | None = None) -> list[np.ndarray]:
         """The pixels of ``window`` (a :class:`~rsvlm_edge.scene.tiling.TileWindow`, or anything with col_off,
         row_off, width, height) at ``out_size`` (width, height; default: native), one array per image."""
+        import rasterio
+
         out = out_size or (window.width, window.height)
         arrays = []
-        for layers in self.images:
-            parts = [layer.read(window.col_off, window.row_off, window.width, window.height, out, self.dtype)
-                     for layer in layers]
-            arrays.append(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
+        with rasterio.Env(GDAL_CACHEMAX=SCENE_CACHE_MB), _quiet():
+            for layers in self.images:
+                parts = [layer.read(window.col_off, window.row_off, window.width, window.height, out, self.dtype)
+                         for layer in layers]
+                arrays.append(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
         return arrays
 
     def invalid(self, array: np.ndarray) -> np.ndarray:
@@ -397,14 +400,13 @@ def open_scene(spec: SceneSpec) -> SceneSource:
 
     stack = ExitStack()
     try:
-        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=SCENE_CACHE_MB))
-        stack.enter_context(_quiet())
         opened = []
         for image in spec.images:
             datasets = []
             for path in image.files:
                 try:
-                    datasets.append(stack.enter_context(rasterio.open(path)))
+                    with _quiet():
+                        datasets.append(stack.enter_context(rasterio.open(path)))
                 except RasterioError as exc:
                     raise SceneError(f"cannot open raster {path} ({' '.join(str(exc).split())})") from None
             opened.append(datasets)
