@@ -83,6 +83,18 @@ def test_grounding_boxes_take_the_instruction_as_label_and_a_zero_size_box_is_a_
     assert (feats[1].geometry.x, feats[1].geometry.y) == (50, 60)
 
 
+def test_boxes_without_area_become_valid_lines_and_points():
+    result = det(("car", [10, 20, 30, 20], 0.9), ("car", [40, 10, 40, 30], 0.8), ("car", [50, 50, 50, 50], 0.7))
+    feats = tile_features(read_record(record(0, 0, result)))
+    assert [(f.geometry.geom_type, f.kind) for f in feats] == [("LineString", "line"), ("LineString", "line"),
+                                                                ("Point", "point")]
+    assert all(f.geometry.is_valid for f in feats)
+    flat = tile_features(read_record(record(0, 0, obb(("ship", [64, 64, 40, 0, 30], 0.8)))))[0]
+    assert flat.kind == "line" and flat.geometry.length == pytest.approx(40)
+    (merged,) = merge_features(feats[:1] * 2, method="nmm")
+    assert merged.geometry.is_valid and not merged.geometry.is_empty
+
+
 def test_a_box_without_its_own_score_takes_the_answer_score():
     feats = tile_features(read_record(record(0, 0, det(("ship", [0, 0, 5, 5], None), score=0.4))))
     assert feats[0].score == 0.4

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import shapely
-from shapely.geometry import Point, Polygon, box
+from shapely.geometry import Polygon, box
 from shapely.geometry.base import BaseGeometry
 
 from rsvlm_edge import formats
@@ -40,8 +40,10 @@ MASK_TASKS = ("[SEG]",)
 
 @dataclass(frozen=True)
 class Feature:
-    """One answer item in scene pixels. ``kind`` is ``box``, ``obb``, ``point`` (a zero-size [VG] box), ``tile``
-    (a grid-layer cell) or ``mask`` (a vectorised [SEG] region); ``properties`` holds the rest (``text``,
+    """One answer item in scene pixels.
+
+    ``kind`` is ``box``, ``obb``, ``point`` / ``line`` (a box of zero size or width, which the model does write),
+    ``tile`` (a grid-layer cell) or ``mask`` (a vectorised [SEG] region); ``properties`` holds the rest (``text``,
     ``labels``, ``merged``) and ends up in the GeoJSON properties. ``cut``: the object reaches its tile's border,
     so the tile may have seen only part of it (merging lets a neighbour's whole view absorb it)."""
 
@@ -163,7 +165,7 @@ def tile_features(tile: TileAnswer) -> list[Feature]:
         out.append(_feature(_scene_box(tile, det["box_px"]), task, det["label"], det, answer_score, tile, "box"))
     for det in result.get("oriented_detections") or []:
         corners = [tile.to_scene(x, y) for x, y in formats.obb_corners(*det["obb_px"])]
-        out.append(_feature(Polygon(corners), task, det["label"], det, answer_score, tile, "obb"))
+        out.append(_feature(_solid(Polygon(corners)), task, det["label"], det, answer_score, tile, "obb"))
     boxes = result.get("boxes_px") or []
     box_scores = result.get("box_scores")
     if box_scores is not None and len(box_scores) != len(boxes):
@@ -172,8 +174,7 @@ def tile_features(tile: TileAnswer) -> list[Feature]:
     for i, b in enumerate(boxes):
         geom = _scene_box(tile, b)
         score = _score(box_scores[i]) if box_scores is not None else answer_score
-        kind = "point" if isinstance(geom, Point) else "box"
-        out.append(Feature(geom, task, label, score, tile.tile_id, kind, cut=tile.at_border(geom)))
+        out.append(Feature(geom, task, label, score, tile.tile_id, _kind(geom, "box"), cut=tile.at_border(geom)))
     return out
 
 
@@ -213,18 +214,27 @@ def features_from_records(records: Iterable[Mapping[str, Any] | TileAnswer | Any
 
 
 def _scene_box(tile: TileAnswer, box_px: Sequence[float]) -> BaseGeometry:
-    """A pixel box of the tile image -> a scene box; a zero-size box is its point."""
+    """A pixel box of the tile image -> a scene box (a point or a line when it has no area)."""
     x1, y1 = tile.to_scene(box_px[0], box_px[1])
     x2, y2 = tile.to_scene(box_px[2], box_px[3])
-    if x1 == x2 and y1 == y2:
-        return Point(x1, y1)
-    return box(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+    return _solid(box(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)))
+
+
+def _solid(polygon: Polygon) -> BaseGeometry:
+    """``polygon``, or the point or line it collapses to when it has no area: a valid geometry either way
+    (GEOS and GeoJSON readers refuse a zero-area ring)."""
+    return polygon if polygon.area > 0 else shapely.convex_hull(polygon)
+
+
+def _kind(geometry: BaseGeometry, solid: str) -> str:
+    """``solid`` for an area, else ``point`` or ``line``."""
+    return {"Point": "point", "LineString": "line"}.get(geometry.geom_type, solid)
 
 
 def _feature(geom: BaseGeometry, task: str, label: str, item: Mapping[str, Any], answer_score: float | None,
              tile: TileAnswer, kind: str) -> Feature:
     own = _score(item.get("score"))
-    return Feature(geom, task, str(label), answer_score if own is None else own, tile.tile_id, kind,
+    return Feature(geom, task, str(label), answer_score if own is None else own, tile.tile_id, _kind(geom, kind),
                    cut=tile.at_border(geom))
 
 
