@@ -168,3 +168,28 @@ def test_scene_command_bad_input_is_one_line_and_writes_nothing(tmp_path, args, 
     assert result.exit_code == 2
     assert words in result.output and "Traceback" not in result.output
     assert not out.exists() or not [p for p in out.iterdir() if p.suffix in (".geojson", ".json", ".tif")]
+
+
+def test_an_interrupted_run_leaves_its_journal_and_no_outputs_then_resumes(pipe, scene, tmp_path):
+    from rsvlm_edge.scene.runner import LocalExecutor
+
+    class Crash(LocalExecutor):
+        def map(self, fn, items):
+            for n, item in enumerate(super().map(fn, items)):
+                if n == 1:
+                    raise KeyboardInterrupt
+                yield item
+
+    out = tmp_path / "out"
+    opts = SceneOptions(task="cls", sampling=_sampling(), batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_scene(pipe, scene, out, opts, executor=Crash(pipe), log=_quiet)
+    assert [p.name for p in out.iterdir()] == ["scene.journal.jsonl"]  # one batch journalled, nothing else
+    run = run_scene(pipe, scene, out, opts, log=_quiet)
+    assert run.resumed == 2 and run.ran == run.planned - 2 and (out / "scene.summary.json").is_file()
+
+
+def test_gsd_tiles_cover_more_ground_and_are_read_at_the_model_input(pipe, scene, tmp_path):
+    run = run_scene(pipe, scene, tmp_path / "out", task="cls", gsd=20.0, sampling=_sampling(), log=_quiet)
+    assert {(r.window.width, r.window.height) for r in run.records} == {(256, 200)}  # the scene is 200 px high
+    assert {r.image_size for r in run.records} == {(128, 100)}
