@@ -168,6 +168,19 @@ def test_a_raster_without_georeferencing_gives_pixel_coordinates_and_a_warning(t
     assert (min(xs), max(xs), min(ys), max(ys)) == (100, 120, 40, 60)
 
 
+def test_a_scene_in_lon_lat_gives_the_same_coordinates_in_both_layers(tmp_path):
+    scene = tmp_path / "geographic.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=200, height=100, count=1, dtype="uint8", crs="EPSG:4326",
+                       transform=from_origin(-3.5, 40.5, 0.001, 0.001)) as dst:
+        dst.write(np.zeros((1, 100, 200), dtype=np.uint8))
+    write_scene_outputs([record(0, 0, det(("ship", [10, 20, 30, 40], 0.8)))], open_georef(scene), tmp_path / "out")
+    wgs84 = json.loads((tmp_path / "out" / "scene.geojson").read_text())["features"][0]["geometry"]
+    native = json.loads((tmp_path / "out" / "scene.crs.geojson").read_text())["features"][0]["geometry"]
+    assert wgs84 == native
+    lons, lats = zip(*wgs84["coordinates"][0])
+    assert (min(lons), max(lons), min(lats), max(lats)) == pytest.approx((-3.49, -3.47, 40.46, 40.48))
+
+
 def test_per_tile_labels_form_a_grid_layer(tmp_path):
     scene = write_scene(tmp_path / "scene.tif", 256, 128)
     cls = [{"task": "[CLS]", "instruction": "[CLS] Classify the scene.", "text": t, "score": s, "labels": t.split(", ")}
