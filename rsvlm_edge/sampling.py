@@ -140,11 +140,11 @@ def token_logprob(logits: np.ndarray, token: int) -> float:
     """log p(token) under softmax(``logits``) at temperature 1: the model's own distribution over the tokens the
     grammar allows (masked ones are -inf), whatever temperature or top-k/top-p picked the token. Scores use this so
     that a request's confidence does not change with its sampling settings."""
-    finite = logits[np.isfinite(logits)]
-    if finite.size == 0 or not np.isfinite(logits[token]):
+    top = logits.max()
+    if not np.isfinite(top) or not np.isfinite(logits[token]):
         return float("-inf")
-    top = float(finite.max())
-    return float(logits[token]) - top - float(np.log(np.exp(finite.astype(np.float64) - top).sum()))
+    # float32 exp (SIMD in numpy; exp(-inf) = 0 drops masked tokens), float64 sum: ~0.05 ms over 152k logits
+    return float(logits[token] - top) - float(np.log(np.exp(logits - top).sum(dtype=np.float64)))
 
 
 class TokenSampler:
