@@ -1,0 +1,182 @@
+"""`rsvlm-edge build --precision int4`: INT4 weight-only decoders from onnxruntime's MatMulNBits quantizer.
+
+The numeric bounds come from the quantization step, not from this CPU's floats: a 4-bit code is at most one step
+(the block's scale) from the weight it stands for, and with ``accuracy_level`` 4 the kernel also rounds each block
+of activations to INT8 (half an activation step per element); both bounds hold whatever kernel a CPU dispatches to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rsvlm_edge.backends.ort_backend import OrtBackend
+from rsvlm_edge.calibration.weight_only import BlockCodes, WeightScheme, ort_block_quant
+from rsvlm_edge.cli import main
+from rsvlm_edge.export.testing import export_checkpoint, make_checkpoint
+from rsvlm_edge.manifest import Manifest, ManifestError
+
+SCHEMES = [WeightScheme(bits=4, block_size=32), WeightScheme(bits=4, block_size=32, symmetric=False),
+           WeightScheme(bits=4, block_size=64, symmetric=False, method="hqq")]
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(tmp_path_factory):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt-int4"))
+    return export_checkpoint(ckpt, tmp_path_factory.mktemp("eng-int4") / "fp32")
+
+
+@pytest.fixture(scope="module")
+def int4_dir(fp32_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int4") / "int4"
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--block-size", "32"])
+    assert res.exit_code == 0, res.output
+    assert "int4 (weight-only)" in res.output
+    return out
+
+
+def nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 bytes -> their 4-bit codes, low nibble first (MatMulNBits' order)."""
+    return np.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:-1], -1)
+
+
+def dequantize(b: BlockCodes, k: int, scheme: WeightScheme) -> tuple[np.ndarray, np.ndarray]:
+    """The (K, N) weight the codes stand for, and each weight's step (its block's |scale|: symmetric scales carry
+    the sign of the block's largest-magnitude weight, so that one maps to code -8 exactly)."""
+    q = nibbles(b.codes).astype(np.float32)  # (N, K_blocks, block)
+    n, blocks = q.shape[:2]
+    if b.zero_points is None:
+        zero = np.full((n, blocks), 8.0, np.float32)  # symmetric INT4: the kernel's implied zero point
+    elif b.zero_points.dtype == np.uint8:
+        zero = nibbles(b.zero_points)[:, :blocks].astype(np.float32)
+    else:
+        zero = b.zero_points  # HQQ: a float zero point per block
+    w = ((q - zero[..., None]) * b.scales[..., None]).reshape(n, -1)[:, :k].T
+    step = np.repeat(np.abs(b.scales), scheme.block_size, axis=1)[:, :k].T
+    return w, step
+
+
+def matmulnbits(b: BlockCodes, k: int, n: int, scheme: WeightScheme, accuracy_level: int):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(b.codes, "c"), numpy_helper.from_array(b.scales, "s")]
+    if b.zero_points is not None:
+        inits.append(numpy_helper.from_array(b.zero_points, "z"))
+    node = helper.make_node("MatMulNBits", ["x", "c", "s"] + (["z"] if b.zero_points is not None else []), ["y"],
+                            domain="com.microsoft", K=k, N=n, bits=4, block_size=scheme.block_size,
+                            accuracy_level=accuracy_level)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s.method}-{'sym' if s.symmetric else 'asym'}-{s.block_size}")
+def test_int4_codes_are_within_one_step_and_matmulnbits_reads_them_as_written(scheme):
+    rng = np.random.default_rng(0)
+    k, n = 200, 24  # K not a whole number of blocks: the last block is zero-padded
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    codes = ort_block_quant(w, scheme)
+    assert codes.codes.dtype == np.uint8 and codes.codes.shape == (n, -(-k // scheme.block_size), scheme.block_size // 2)
+    back, step = dequantize(codes, k, scheme)
+    # round to nearest is half a step; HQQ moves the zero point off the rounded one: never more than one step
+    assert np.all(np.abs(back - w) <= step * (1 + 1e-5))
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    exact = matmulnbits(codes, k, n, scheme, accuracy_level=0).run(None, {"x": x})[0]
+    np.testing.assert_allclose(exact, x @ back, rtol=1e-4, atol=1e-4)
+    # accuracy_level 4 rounds each block of x to INT8 (step amax / 127): at most half that step per element
+    y = matmulnbits(codes, k, n, scheme, accuracy_level=4).run(None, {"x": x})[0]
+    blocks = -(-k // scheme.block_size)
+    xp = np.zeros((5, blocks * scheme.block_size), np.float32)
+    xp[:, :k] = x
+    half_step = np.repeat(np.abs(xp.reshape(5, blocks, -1)).max(-1) / 127 / 2, scheme.block_size, axis=1)[:, :k]
+    bound = half_step @ np.abs(back) + 1e-4 * (np.abs(x) @ np.abs(back))
+    assert np.all(np.abs(y - x @ back) <= bound)
+
+
+def test_hqq_and_symmetric_int8_options_are_checked():
+    with pytest.raises(ValueError, match="HQQ"):
+        WeightScheme(bits=4, method="hqq", symmetric=True)
+    with pytest.raises(ValueError, match="block size"):
+        WeightScheme(bits=4, block_size=48)
+    with pytest.raises(ValueError, match="bits"):
+        WeightScheme(bits=3)
+
+
+def test_int4_engine_keeps_the_expert_split_and_records_its_scheme(fp32_dir, int4_dir):
+    import onnx
+
+    man = Manifest.load(int4_dir)  # every file against its sha256
+    layers = man.model_config["num_layers"]
+    assert {man.component(n).precision for n in man.experts.decoders} == {"int4"}
+    assert man.component("vision_encoder").precision == "int8"  # compute-bound once per tile: INT8 weights
+    quant = man.extra["quantization"]
+    assert quant["precision"] == "int4" and quant["weight_bits"] == 4 and quant["weight_block_size"] == 32
+    assert quant["decoder_weights"]["bits"] == 4 and quant["decoder_weights"]["symmetric"] is False
+    assert quant["decoder_weights"]["method"] == "rtn" and "onnxruntime" in quant["decoder_weights"]["quantizer"]
+    assert quant["other_weights"]["bits"] == 8
+    # one trunk file, one file per expert, one tensor layout for every expert file
+    trunk = man.experts.trunk
+    assert trunk is not None and man.experts.expert_files and man.experts.expert_tensors
+    assert len(man.experts.expert_files) == man.model_config["num_experts"]
+    roles = [t.extra.get("quantization") for t in [*trunk.tensors.values(), *man.experts.expert_tensors.values()]]
+    assert roles.count("int4") == roles.count("scale") == roles.count("zero_point") > 0
+    for e, name in enumerate(man.experts.decoders):
+        assert set(man.component(name).sha256) == {f"{name}.onnx", trunk.file, man.experts.expert_files[e]}
+    # 4-bit codes + an FP32 scale and a 4-bit zero point per 32 weights: about 5.1 bits per weight, 0.16 of FP32
+    for f in (trunk.file, man.experts.expert_files[1]):
+        assert (int4_dir / f).stat().st_size < 0.2 * (fp32_dir / f).stat().st_size
+    nodes = onnx.load(str(int4_dir / "decoder_expert0.onnx"), load_external_data=False).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * layers + 1  # qkv, o, gate-up (stacked), down per layer, and the lm_head
+    for node in nbits:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
+        assert len(node.input) >= 4 and node.input[3].endswith("_zero_points")
+    encoder = onnx.load(str(int4_dir / "vision_encoder.onnx"), load_external_data=False).graph.node
+    assert {onnx.helper.get_attribute_value(a) for n in encoder if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "bits"} == {8}
+    assert OrtBackend.from_dir(int4_dir, verify=False).prepack_weights is True
+
+
+def test_an_altered_int4_expert_file_is_refused(int4_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "int4"
+    shutil.copytree(int4_dir, copy)
+    expert = copy / Manifest.load(copy, verify=False).experts.expert_files[2]
+    data = bytearray(expert.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one 4-bit code
+    expert.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="sha256"):
+        Manifest.load(copy)
+
+
+def test_int4_engine_logits_stay_within_the_quantization_error_of_fp32(fp32_dir, int4_dir, tmp_path):
+    from test_engines_ort import logit_error
+
+    int8 = tmp_path / "int8w"
+    assert CliRunner().invoke(main, ["build", str(fp32_dir), str(int8), "--precision", "int8", "--scheme",
+                                     "weight-only"]).exit_code == 0
+    # Both engines round activations the same way (accuracy_level 4); they differ in the weight step: INT8 is
+    # amax / 127 per 128 weights, asymmetric INT4 (max - min) / 15 <= 2 amax / 15 per 32 (a block's amax is at most
+    # its 128-block's), so at most 254 / 15 times coarser. The logits' error is first order in the steps: more than
+    # the INT8 engine's, and at most that ratio times it.
+    err4, err8 = logit_error(int4_dir, fp32_dir), logit_error(int8, fp32_dir)
+    assert err8 < err4 < 254 / 15 * err8
+
+
+def test_int4_build_errors(fp32_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "x"
+    res = runner.invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--scheme", "qdq"])
+    assert res.exit_code == 1 and "weight-only" in res.output
+    res = runner.invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--method", "hqq", "--symmetric"])
+    assert res.exit_code == 1 and "HQQ" in res.output
+    res = runner.invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
+                               "--asymmetric"])
+    assert res.exit_code == 1 and "--precision int4" in res.output
+    assert not out.exists()
