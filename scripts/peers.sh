@@ -15,7 +15,8 @@ shift || true
 LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
 mkdir -p "$WORK"
 
-python3 -m pip install -q -e ".[dev]" "onnxruntime-genai>=0.18" "gguf>=0.17"
+python3 -m pip install -q -e ".[dev]" "onnxruntime-genai>=0.18" "gguf>=0.17" \
+  "sentencepiece>=0.1.98,<0.3.0"
 
 SRC="$WORK/llama_cpp_python-$LLAMA_CPP_PYTHON"
 if [[ ! -f "$SRC/vendor/llama.cpp/convert_hf_to_gguf.py" ]]; then
