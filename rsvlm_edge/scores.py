@@ -3,7 +3,8 @@
 A score is the geometric mean of the probabilities the model gave the tokens that wrote the thing scored
 (:func:`rsvlm_edge.sampling.token_logprob`: temperature 1, over the tokens the answer grammar allows). The mean, not
 the product, so a detection written in 12 tokens is not ranked below one written in 9 for its length alone; a box the
-box pointer wrote scores the pointer's softmax probability instead, since no token of it was sampled.
+box pointer wrote scores the pointer's softmax probability instead, and an answer the dense heads wrote
+(:mod:`rsvlm_edge.dense`) their probabilities, since no token of those was sampled.
 
 Scores rank answers (a ground station triages by them; ``--min-score`` filters scene features): a higher score is
 more often right. How well they match the frequency of being right is measured per model, not assumed: see
@@ -62,12 +63,19 @@ def answer_scores(generation: Generation, parsed: ParsedAnswer) -> AnswerScores:
     if generation.pointer is not None:
         probability = generation.pointer.probability
         return AnswerScores(probability, [probability] if parsed.boxes else None)
+    dense = generation.dense
+    if dense is not None:  # the dense heads wrote it: their probabilities, one per item in text order
+        probabilities = [p for _, p in dense.items]
+        kept = parsed.detections if parsed.detections is not None else parsed.obbs
+        return AnswerScores(dense.probability,
+                            probabilities if kept is not None and len(probabilities) == len(kept) else None,
+                            dict(dense.items) if parsed.mask is not None else None)
     logprobs, ends = generation.token_logprobs, generation.token_ends
     if not logprobs or len(logprobs) != len(generation.token_ids) or len(ends) != len(logprobs):
         return AnswerScores(None)  # a generation made without scores (an older caller building Generation itself)
     shift = len(generation.text) - len(generation.text.lstrip())
     answer = geometric_mean_probability(logprobs)
-    items = None
+    items: list[float] | None = None
     if parsed.item_spans and any(s is not None for s in (parsed.boxes, parsed.detections, parsed.obbs)):
         items = [span_score(logprobs, ends, spans, shift) or 0.0 for spans in parsed.item_spans]
     mask_labels = None
