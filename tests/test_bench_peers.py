@@ -1,4 +1,4 @@
-"""`rsvlm-edge bench-peers`: the rounds, the table, cpuinfo parsing and the weight accounting without any peer;
+"""`rsvlm-edge bench-peers`: the rounds, the table and the weight accounting without any peer;
 the worker on this project's engine and on PyTorch eager; ONNX Runtime GenAI and llama.cpp only where installed
 (they skip otherwise: the `peers` extra is not part of `dev`)."""
 
@@ -17,24 +17,10 @@ from rsvlm_edge.bench.peers.exports import Step, plan
 from rsvlm_edge.bench.peers.model import _hf_name
 from rsvlm_edge.bench.peers.rounds import EngineFigures, Span, collect, schedule
 from rsvlm_edge.bench.peers.run import needed_steps
-from rsvlm_edge.bench.peers.table import bytes_text, format_table, parse_cpuinfo, span_text
+from rsvlm_edge.bench.peers.table import bytes_text, format_header, format_table, span_text
 from rsvlm_edge.bench.peers.weights import lookup_adjusted, onnx_bytes_per_token, safetensors_bytes_per_token
 from rsvlm_edge.bench.peers.worker import PeerSpec, measure, prompt_ids
 from rsvlm_edge.cli import main
-
-X86 = """processor\t: 0
-vendor_id\t: GenuineIntel
-model name\t: Intel(R) Xeon(R) Platinum 8480+
-flags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni avx512_bf16 amx_int8 amx_tile
-processor\t: 1
-model name\t: Intel(R) Xeon(R) Platinum 8480+
-"""
-ARM = """processor\t: 0
-BogoMIPS\t: 50.00
-Features\t: fp asimd evtstrm aes crc32 asimddp i8mm sve
-CPU implementer\t: 0x41
-CPU part\t: 0xd40
-"""
 
 
 def test_every_engine_runs_once_per_round_in_rotated_order():
@@ -67,15 +53,9 @@ def test_table_has_one_row_per_engine_with_the_issue_columns():
     assert lines[0].startswith("| engine | prefill, 740 tokens (s) | decode tok/s | peak RSS (MB) |")
     assert lines[2] == "| llama.cpp Q4_0 | 4.96-5.44 | 29.7-33.8 | 690 | 346 MB |"
     assert lines[3] == "| GenAI int4 | - | - | - | - |"
-
-
-def test_cpuinfo_gives_the_model_and_the_isa_that_picks_kernels():
-    x86 = parse_cpuinfo(X86)
-    assert x86.model == "Intel(R) Xeon(R) Platinum 8480+"
-    assert x86.isa == ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
-    arm = parse_cpuinfo(ARM)
-    assert arm.model == "ARM CPU part 0xd40" and arm.isa == ("asimd", "asimddp", "i8mm", "sve")
-    assert parse_cpuinfo("").describe() == "unknown CPU (no SIMD extensions listed)"
+    head = format_header("Intel(R) Xeon(R) Processor (AVX2, AVX-512, VNNI, AMX)", 2, 2, 3, 740, 64)
+    assert head.startswith("machine: Intel(R) Xeon(R) Processor (AVX2, AVX-512, VNNI, AMX), 2 cores; 2 threads")
+    assert "3 interleaved rounds, 740-token prompt, 64 new tokens" in head
 
 
 def test_a_table_only_looked_up_counts_one_row_and_a_tied_head_counts_whole():

@@ -14,10 +14,11 @@ from typing import Any, Callable
 
 from rsvlm_edge.bench.peers.exports import Engine, Step, plan, run_step
 from rsvlm_edge.bench.peers.rounds import EngineFigures, collect, schedule
-from rsvlm_edge.bench.peers.table import format_errors, format_header, format_table, read_cpuinfo
+from rsvlm_edge.bench.peers.table import format_errors, format_header, format_table
 from rsvlm_edge.bench.peers.weights import bytes_per_token
 from rsvlm_edge.bench.peers.worker import PeerSpec
 from rsvlm_edge.bench.worker import RESULT
+from rsvlm_edge.machine import cpu_description
 
 
 @dataclass
@@ -123,11 +124,11 @@ def measure(engines: list[Engine], settings: PeerSettings, say: Callable[[str], 
 def run_peers(settings: PeerSettings, say: Callable[[str], None]) -> dict[str, Any]:
     engines, skipped = prepare(settings, say)
     figures = measure(engines, settings, say)
-    cpu = read_cpuinfo()
+    cpu = cpu_description()
     header = format_header(cpu, os.cpu_count() or 1, settings.threads, settings.rounds, settings.prompt_tokens,
                            settings.new_tokens)
     return {"header": header, "table": format_table(figures, settings.prompt_tokens), "errors": format_errors(figures),
-            "skipped": skipped, "cpu": {"model": cpu.model, "isa": list(cpu.isa)},
+            "skipped": skipped, "cpu": cpu,
             "load_avg": list(os.getloadavg()), "engines": [f.to_dict() for f in figures],
             "settings": {"rounds": settings.rounds, "threads": settings.threads,
                          "prompt_tokens": settings.prompt_tokens, "new_tokens": settings.new_tokens}}
