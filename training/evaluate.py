@@ -17,6 +17,7 @@ from rsvlm_edge.generation import Generator, Request
 from rsvlm_edge.preprocess import prepare_image
 from rsvlm_edge.sampling import SamplingConfig
 from rsvlm_edge.scores import AnswerScores, answer_scores
+from rsvlm_edge.tasks import max_new_tokens_for
 from rsvlm_edge.training import metrics
 from rsvlm_edge.training.sample import Sample
 
@@ -38,17 +39,22 @@ class Prediction:
     scores: AnswerScores | None = None  # the answer's confidences (rsvlm_edge.scores)
 
 
-def predict(generator: Generator, samples: list[Sample], batch_size: int = 8, max_new_tokens: int = 320,
+def predict(generator: Generator, samples: list[Sample], batch_size: int = 8, max_new_tokens: int | None = None,
             progress: Callable[[int], None] | None = None, constrain: bool = True) -> list[Prediction]:
-    """Greedy answers to ``samples``; ``constrain``: each tagged answer masked to its grammar, as ``infer`` does."""
+    """Greedy answers to ``samples``, as ``infer`` gives them: ``constrain`` masks each tagged answer to its grammar,
+    and each batch gets its tasks' answer length (:func:`~rsvlm_edge.tasks.max_new_tokens_for`) unless
+    ``max_new_tokens`` is given."""
     size, mode = generator.config.image_size, generator.config.image_preprocess  # the model's own preprocessing
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, constrain=constrain)
+    context = generator.config.max_position_embeddings
     order = sorted(range(len(samples)), key=lambda i: (len(samples[i].images), samples[i].tag))  # similar lengths batch
     results: dict[int, Prediction] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         requests = [Request(pixels=[prepare_image(im, samples[i].sensor, size, mode=mode) for im in samples[i].images],
                             sensor=samples[i].sensor, prompt=samples[i].prompt) for i in idx]
+        room = context - max(len(generator.prompt_ids(r)) for r in requests)
+        length = max_new_tokens or max(max_new_tokens_for(samples[i].tag, room) for i in idx)
+        sampling = SamplingConfig(max_new_tokens=length, constrain=constrain)
         for i, gen in zip(idx, generator.generate(requests, sampling)):
             parsed = formats.parse_answer(samples[i].tag, gen.text)
             results[i] = Prediction(samples[i], gen.text, parsed, gen.routing.expert, list(gen.token_ids),
