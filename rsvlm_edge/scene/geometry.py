@@ -13,7 +13,8 @@ A tile record is what the tile loop journals for one tile, JSON-ready (a mapping
 
 Scene pixels are x right, y down, with pixel corners on integers, so the rasterio transform maps them straight to
 the CRS. An answer's pixels map to the scene by scaling each axis from the image to the window and shifting by the
-window's offset (the 0..100 units of the contract, times the image size, times this scale, are the same numbers).
+window's offset: ``col_off + x / image_width * width``, the same point as ``col_off + u / 100 * width`` for the
+answer's 0..100 units ``u``.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from rsvlm_edge.tasks import split_tag
 
 #: Tasks whose answers are objects (boxes, oriented boxes, grounding hits), merged across tile overlaps.
 OBJECT_TASKS = ("[DET]", "[OBB]", "[VG]")
-#: Tasks answered once per tile (labels or text): the grid layer, one cell per tile.
-TILE_TASKS = ("[CLS]", "[CAP]", "[VQA]", "[CCD]", "[REF]")
 #: Tasks answered with a 24x24 mask: stitched into one class-indexed raster (:mod:`rsvlm_edge.scene.mosaic`).
 MASK_TASKS = ("[SEG]",)
 
@@ -162,19 +161,22 @@ def tile_features(tile: TileAnswer) -> list[Feature]:
     task = tile.task or ""
     out: list[Feature] = []
     for det in result.get("detections") or []:
-        out.append(_feature(_scene_box(tile, det["box_px"]), task, det["label"], det, answer_score, tile, "box"))
+        own = _score(det.get("score"))
+        out.append(_feature(tile, _scene_box(tile, det["box_px"]), task, det["label"],
+                            answer_score if own is None else own, "box"))
     for det in result.get("oriented_detections") or []:
+        own = _score(det.get("score"))
         corners = [tile.to_scene(x, y) for x, y in formats.obb_corners(*det["obb_px"])]
-        out.append(_feature(_solid(Polygon(corners)), task, det["label"], det, answer_score, tile, "obb"))
+        out.append(_feature(tile, _solid(Polygon(corners)), task, det["label"], answer_score if own is None else own,
+                            "obb"))
     boxes = result.get("boxes_px") or []
     box_scores = result.get("box_scores")
-    if box_scores is not None and len(box_scores) != len(boxes):
-        box_scores = None  # not aligned: the answer's score is the honest fallback
+    if box_scores is None or len(box_scores) != len(boxes):
+        box_scores = [None] * len(boxes)  # none, or not aligned: the answer's score is the honest fallback
     label = grounding_label(result.get("instruction", ""))
-    for i, b in enumerate(boxes):
-        geom = _scene_box(tile, b)
-        score = _score(box_scores[i]) if box_scores is not None else answer_score
-        out.append(Feature(geom, task, label, score, tile.tile_id, _kind(geom, "box"), cut=tile.at_border(geom)))
+    for b, s in zip(boxes, box_scores):
+        own = _score(s)
+        out.append(_feature(tile, _scene_box(tile, b), task, label, answer_score if own is None else own, "box"))
     return out
 
 
@@ -200,7 +202,8 @@ def grounding_label(instruction: str) -> str:
 
 
 def features_from_records(records: Iterable[Mapping[str, Any] | TileAnswer | Any]) -> tuple[list[Feature], list[Feature]]:
-    """(objects, grid cells) of every record, in tile order; tasks answered with a mask give neither."""
+    """(objects, grid-layer cells) of every record, in record order. [CLS] and the text tasks ([CAP], [VQA], [CCD],
+    [REF], untagged) give one cell per tile; tasks answered with a mask give neither."""
     objects: list[Feature] = []
     cells: list[Feature] = []
     for tile in map(read_record, records):
@@ -231,11 +234,10 @@ def _kind(geometry: BaseGeometry, solid: str) -> str:
     return {"Point": "point", "LineString": "line"}.get(geometry.geom_type, solid)
 
 
-def _feature(geom: BaseGeometry, task: str, label: str, item: Mapping[str, Any], answer_score: float | None,
-             tile: TileAnswer, kind: str) -> Feature:
-    own = _score(item.get("score"))
-    return Feature(geom, task, str(label), answer_score if own is None else own, tile.tile_id, _kind(geom, kind),
-                   cut=tile.at_border(geom))
+def _feature(tile: TileAnswer, geom: BaseGeometry, task: str, label: str, score: float | None,
+             kind: str) -> Feature:
+    """An object of ``tile``: its kind as the geometry has it, ``cut`` when it reaches the tile's border."""
+    return Feature(geom, task, str(label), score, tile.tile_id, _kind(geom, kind), cut=tile.at_border(geom))
 
 
 def _score(value: Any) -> float | None:
@@ -255,7 +257,3 @@ def filter_min_score(features: Iterable[Feature], min_score: float | None) -> li
     """The features whose score passes ``min_score`` (all of them when it is None)."""
     return [f for f in features if passes(f.score, min_score)]
 
-
-def area(geometry: BaseGeometry) -> float:
-    """Area in square scene pixels (0 for points)."""
-    return float(shapely.area(geometry))
