@@ -111,63 +111,75 @@ def write_scene_outputs(records: Iterable[Mapping[str, Any] | Any], georef: GeoR
     ``min_score`` drops objects, tile answers and mask labels scoring below it (an unknown score passes no
     threshold); ``merge`` / ``metric`` / ``threshold`` choose how duplicates across overlaps merge
     (:func:`rsvlm_edge.scene.merge.merge_features`); ``classes`` fixes the mask's first class indices;
-    ``tiles`` and ``seconds`` are this run's tile count and time (default: every record, no time).
+    ``tiles`` and ``seconds`` are this run's tile count and time (default: every record, no time). The summary's
+    ``counts`` count merged objects, grid-layer labels and vectorised mask regions; ``mask_pixels`` the mask's
+    pixels per class.
     """
     answers = [read_record(r) for r in records]
     warn_if_not_georeferenced(georef, scene_name)
-    out = Path(out_dir)
+    run = _Writer(Path(out_dir), stem, georef, model, engine)
     tasks = {a.task for a in answers if a.task}
-    written: dict[str, str] = {}
-    final: list[Feature] = []
-    stats: dict[str, Any] = {}
     objects, cells = features_from_records(answers)
     if tasks & set(OBJECT_TASKS):
-        kept = filter_min_score(objects, min_score)
-        merged = merge_features(kept, method=merge, metric=metric, threshold=threshold)
-        stats.update(objects_found=len(objects), below_min_score=len(objects) - len(kept), merged_away=len(kept) -
-                     len(merged))
-        written["objects"] = str(write_geojson(out / f"{stem}.geojson",
-                                               feature_collection(merged, georef, model=model, engine=engine)))
-        written["objects_crs"] = str(write_geojson(out / f"{stem}.crs.geojson", feature_collection(
-            merged, georef, wgs84=False, model=model, engine=engine)))
-        final += merged
+        run.objects(objects, min_score, method=merge, metric=metric, threshold=threshold)
     if cells:
-        kept_cells = filter_min_score(cells, min_score)
-        stats.setdefault("below_min_score", 0)
-        stats["below_min_score"] += len(cells) - len(kept_cells)
-        written["tiles"] = str(write_geojson(out / f"{stem}.tiles.geojson",
-                                             feature_collection(kept_cells, georef, model=model, engine=engine)))
-        final += kept_cells
+        run.cells(cells, min_score)
     masked = [a for a in answers if a.task in MASK_TASKS]
     if masked:
-        final += _write_mask(out, stem, masked, georef, written, stats, model=model, engine=engine,
-                             min_score=min_score, classes=classes, vectorise=vectorise)
-    failed = sum(a.result is None for a in answers)
-    summary = run_summary(final, tiles=len(answers) if tiles is None else tiles, seconds=seconds, failed=failed,
+        run.mask(masked, min_score, classes=classes, vectorise=vectorise)
+    summary_path = run.out / f"{stem}.summary.json"
+    summary = run_summary(run.features, tiles=len(answers) if tiles is None else tiles, seconds=seconds,
+                          failed=sum(a.result is None for a in answers),
                           extra={"tasks": sorted(tasks), "min_score": min_score, "model": model, "engine": engine,
-                                 "scene": _scene_info(georef), **stats, **(extra or {}), "outputs": written})
-    summary_path = out / f"{stem}.summary.json"
-    summary["outputs"]["summary"] = str(summary_path)
+                                 "scene": _scene_info(georef), **run.stats, **(extra or {}),
+                                 "outputs": {**run.written, "summary": str(summary_path)}})
     write_summary(summary_path, summary)
     return summary
 
 
-def _write_mask(out: Path, stem: str, answers: Sequence[TileAnswer], georef: GeoReference, written: dict[str, str],
-                stats: dict[str, Any], *, model: str | None, engine: str | None, min_score: float | None,
-                classes: Sequence[str] | None, vectorise: bool) -> list[Feature]:
-    """The stitched mask (and its polygons when ``vectorise``); the polygons back for the summary's counts."""
-    tags = {k: v for k, v in (("TASK", ",".join(sorted({a.task or "" for a in answers}))), ("MODEL", model),
-                              ("ENGINE", engine)) if v}
-    path = out / f"{stem}.mask.tif"
-    pixels = write_class_mask(path, answers, georef, classes=classes, min_score=min_score, tags=tags)
-    stats.update(mask_classes=list(pixels), mask_pixels=pixels)
-    written["mask"] = str(path)
-    if not vectorise:
-        return []
-    regions = vectorise_mask(path, answers)
-    written["mask_polygons"] = str(write_geojson(out / f"{stem}.mask.geojson",
-                                                 feature_collection(regions, georef, model=model, engine=engine)))
-    return regions
+class _Writer:
+    """One run's layers: writes each file and keeps what the summary needs (features, files, counts)."""
+
+    def __init__(self, out: Path, stem: str, georef: GeoReference, model: str | None, engine: str | None):
+        self.out, self.stem, self.georef, self.model, self.engine = out, stem, georef, model, engine
+        self.features: list[Feature] = []
+        self.written: dict[str, str] = {}
+        self.stats: dict[str, Any] = {"below_min_score": 0}
+
+    def layer(self, name: str, suffix: str, features: Sequence[Feature], wgs84: bool = True) -> None:
+        collection = feature_collection(features, self.georef, wgs84=wgs84, model=self.model, engine=self.engine)
+        self.written[name] = str(write_geojson(self.out / f"{self.stem}{suffix}", collection))
+
+    def objects(self, found: Sequence[Feature], min_score: float | None, **merging: Any) -> None:
+        """Objects above ``min_score``, merged across overlaps, in WGS84 and in the scene CRS."""
+        kept = filter_min_score(found, min_score)
+        merged = merge_features(kept, **merging)
+        self.stats.update(objects_found=len(found), merged_away=len(kept) - len(merged))
+        self.stats["below_min_score"] += len(found) - len(kept)
+        self.layer("objects", ".geojson", merged)
+        self.layer("objects_crs", ".crs.geojson", merged, wgs84=False)
+        self.features += merged
+
+    def cells(self, cells: Sequence[Feature], min_score: float | None) -> None:
+        """The grid layer of per-tile answers above ``min_score``."""
+        kept = filter_min_score(cells, min_score)
+        self.stats["below_min_score"] += len(cells) - len(kept)
+        self.layer("tiles", ".tiles.geojson", kept)
+        self.features += kept
+
+    def mask(self, answers: Sequence[TileAnswer], min_score: float | None, *, classes: Sequence[str] | None,
+             vectorise: bool) -> None:
+        """The stitched mask, and its regions as polygons when ``vectorise``."""
+        tags = {k: v for k, v in (("TASK", ",".join(sorted({a.task or "" for a in answers}))),
+                                  ("MODEL", self.model), ("ENGINE", self.engine)) if v}
+        path = self.out / f"{self.stem}.mask.tif"
+        pixels = write_class_mask(path, answers, self.georef, classes=classes, min_score=min_score, tags=tags)
+        self.stats.update(mask_classes=list(pixels), mask_pixels=pixels)
+        self.written["mask"] = str(path)
+        if vectorise:
+            regions = vectorise_mask(path, answers)
+            self.layer("mask_polygons", ".mask.geojson", regions)
+            self.features += regions
 
 
 def _scene_info(georef: GeoReference) -> dict[str, Any]:
