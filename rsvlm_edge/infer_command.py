@@ -22,6 +22,7 @@ from rsvlm_edge.distributed.settings import RaySettings
 from rsvlm_edge.pipeline import InferenceResult, Pipeline, Tile, list_images, save_mask_png
 from rsvlm_edge.results import save_class_mask_png
 from rsvlm_edge.sampling import SamplingConfig
+from rsvlm_edge.scene.source import polarisations
 from rsvlm_edge.tasks import check_image_count, split_tag
 
 
@@ -303,6 +304,9 @@ def resolve_inputs(images: list[str]) -> Inputs:
         raise ValueError("give one folder of tiles, two folders of before/after pairs, or 1-2 image files")
     if len(paths) > 2:
         raise ValueError(f"a request takes 1 image (2 for a change pair), got {len(paths)}; pass a folder for many tiles")
+    if len(paths) == 2 and polarisations(paths):
+        raise ValueError(f"{paths[0].name} and {paths[1].name} look like the VV and VH bands of one SAR scene, not a "
+                         f"before/after pair: stack them with `rsvlm-edge scene MODEL {paths[0].name} {paths[1].name}`")
     return Inputs([[str(p) for p in paths]], paths[0].parent, folder=False)
 
 

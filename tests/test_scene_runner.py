@@ -193,3 +193,13 @@ def test_gsd_tiles_cover_more_ground_and_are_read_at_the_model_input(pipe, scene
     run = run_scene(pipe, scene, tmp_path / "out", task="cls", gsd=20.0, sampling=_sampling(), log=_quiet)
     assert {(r.window.width, r.window.height) for r in run.records} == {(256, 200)}  # the scene is 200 px high
     assert {r.image_size for r in run.records} == {(128, 100)}
+
+
+def test_infer_refuses_vv_and_vh_files_as_a_change_pair(data_root):
+    from rsvlm_edge.cli import main
+
+    folder = data_root / "bigearthnet" / "BigEarthNet-S1-Example" / "S1A_IW_GRDH_1SDV_20170613T165043_33UUP_87_48"
+    vv, vh = next(folder.glob("*_VV.tif")), next(folder.glob("*_VH.tif"))
+    result = CliRunner().invoke(main, ["infer", str(DEMO), str(vv), str(vh), "--task", "ccd"])
+    assert result.exit_code == 2 and "look like the VV and VH bands of one SAR scene" in result.output
+    assert "rsvlm-edge scene" in result.output

@@ -191,7 +191,7 @@ def _stack(paths: list[Path], bands: str | None, layout: Layout | None) -> tuple
     names = _band_list(bands, layout)
     if names is None:
         tokens = [_band_token(p) for p in paths]
-        if {t for t in tokens if t} == {"VV", "VH"} and len(paths) == 2:  # a Sentinel-1 pair of polarisations
+        if polarisations(paths):
             layout = LAYOUTS["s1"]
             ordered = sorted(paths, key=lambda p: layout.bands.index(_band_token(p) or ""))
             return ImageSpec(tuple(str(p) for p in ordered)), list(layout.bands), layout
@@ -222,6 +222,11 @@ def _band_token(path: Path) -> str | None:
     known = {_normalise(b) for layout in LAYOUTS.values() for b in layout.bands}
     hits = [w for w in _words(path) if w in known]
     return hits[-1] if hits else None
+
+
+def polarisations(paths: Sequence[Path]) -> bool:
+    """Whether two files are the VV and VH bands of one Sentinel-1 scene (by their names)."""
+    return len(paths) == 2 and {_band_token(Path(p)) for p in paths} == {"VV", "VH"}
 
 
 def _band_files(files: list[Path]) -> set[str]:
@@ -562,4 +567,4 @@ def _sample(source: SceneSource, side: int = 256) -> np.ndarray:
 
 
 __all__ = ["SceneSpec", "ImageSpec", "SceneSource", "SceneError", "Grid", "Layout", "LAYOUTS", "resolve_scene",
-           "open_scene", "SCENE_CACHE_MB"]
+           "open_scene", "polarisations", "SCENE_CACHE_MB"]
