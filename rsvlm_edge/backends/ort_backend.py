@@ -22,6 +22,9 @@
 * Errors: a session's inputs and outputs are checked against the manifest when it is created, and ONNX Runtime's
   own errors (at creation or in a run) become :class:`BackendError` naming the component's file.
 * Threads: see :class:`OrtBackend`.
+* Start-up: the sessions a tile needs besides the decoder (vision encoder, stems, router, box pointer) are created
+  by a background thread when the backend opens (``preload``), so the first tile does not wait for ONNX Runtime's
+  graph optimization and weight packing; a call that arrives first waits for that session's creation only.
 """
 
 from __future__ import annotations
@@ -241,7 +244,7 @@ class OrtBackend(Backend):
     def __init__(self, manifest: Manifest, threads: int | None = None, providers: Sequence[str] | str | None = None,
                  expert_budget_experts: int | None = None, expert_budget_bytes: int | None = None,
                  prepack_weights: bool | None = None, pinned_experts: Sequence[int] = (),
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, preload: bool = True):
         from rsvlm_edge.expert_cache import ExpertCache
         from rsvlm_edge.threads import default_threads
 
@@ -281,6 +284,10 @@ class OrtBackend(Backend):
                                         size_of=self.experts.size_of)
         cfg = self.config
         self.kv_layout = self._kv_layout()
+        self._preload: threading.Thread | None = None
+        if preload:
+            self._preload = threading.Thread(target=self._open_tile_sessions, name="ort-preload", daemon=True)
+            self._preload.start()
         new = "present" if self.kv_layout == KV_LAYOUT_SHARED else "new"
         self._kv_names = [(f"past_key_{i}", f"past_value_{i}", f"{new}_key_{i}", f"{new}_value_{i}")
                           for i in range(cfg.num_layers)]
@@ -290,7 +297,8 @@ class OrtBackend(Backend):
     def from_dir(cls, model_dir: str | Path, threads: int | None = None, providers: Sequence[str] | str | None = None,
                  expert_budget_experts: int | None = None, expert_budget_bytes: int | None = None,
                  verify: Verify = True, prepack_weights: bool | None = None,
-                 pinned_experts: Sequence[int] = (), profile_prefix: str | None = None) -> "OrtBackend":
+                 pinned_experts: Sequence[int] = (), profile_prefix: str | None = None,
+                 preload: bool = True) -> "OrtBackend":
         """Open an exported engine directory. ``verify``: True (sha256 of every file), "size" (sizes only), False.
 
         ``expert_budget_experts`` / ``expert_budget_bytes`` cap the resident experts (least recently used evicted);
@@ -303,11 +311,13 @@ class OrtBackend(Backend):
         """
         try:
             manifest = Manifest.load(model_dir, verify=verify)
+        ``preload``: create the vision encoder's (and the other per-tile graphs') sessions in a background thread
+        now rather than on first use.
         except ManifestError as exc:
             raise BackendError(f"cannot use {model_dir} with the ort backend: {exc}") from None
         return cls(manifest, threads=threads, providers=providers, expert_budget_experts=expert_budget_experts,
                    expert_budget_bytes=expert_budget_bytes, prepack_weights=prepack_weights,
-                   pinned_experts=pinned_experts, profile_prefix=profile_prefix)
+                   pinned_experts=pinned_experts, profile_prefix=profile_prefix, preload=preload)
 
     def _kv_layout(self) -> str:
         """The decoders' KV cache layout (one for all experts; the manifest's ``kv_layout``, default sequence-major)."""
@@ -366,6 +376,18 @@ class OrtBackend(Backend):
     def _call(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run component ``name``; ONNX Runtime's errors come back as a BackendError naming its file."""
         session = self._session(name)
+    def _open_tile_sessions(self) -> None:
+        """Create the per-tile sessions, the vision encoder first (run in the background by ``preload``). A failure
+        is left for the call that needs the session, which retries and reports it."""
+        names = ["vision_encoder"] + [n for n in self.manifest.components
+                                      if n.startswith("vision_stem_") or n in ("router", POINTER_COMPONENT)]
+        for name in names:
+            if name in self.manifest.components:
+                try:
+                    self._session(name)
+                except BackendError:
+                    continue
+
         try:
             return session.run(None, feeds)
         except _ort_errors() as exc:
@@ -489,3 +511,5 @@ class OrtBackend(Backend):
         with self.lock:  # after the request in flight
             self.expert_cache.close()
             self._sessions.clear()
+        if self._preload is not None:
+            self._preload.join()
