@@ -203,3 +203,21 @@ def test_infer_refuses_vv_and_vh_files_as_a_change_pair(data_root):
     result = CliRunner().invoke(main, ["infer", str(DEMO), str(vv), str(vh), "--task", "ccd"])
     assert result.exit_code == 2 and "look like the VV and VH bands of one SAR scene" in result.output
     assert "rsvlm-edge scene" in result.output
+
+
+def test_scene_bench_reports_tiles_per_second_and_peak_memory(tmp_path):
+    from rsvlm_edge.cli import main
+
+    scene = tmp_path / "synthetic.tif"
+    args = ["scene-bench", str(DEMO), "--size", "600", "--tiles", "4", "--batch-size", "2", "--threads", "1",
+            "--scene", str(scene), "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["tiles"] == 4 and report["tiles_planned"] == 25 and report["tiles_per_s"] > 0
+    assert 0 < report["peak_rss_after_write_mb"] <= report["peak_rss_mb"] and report["cpu"]
+    import rasterio
+
+    with rasterio.open(scene) as ds:  # kept, georeferenced, tiled
+        assert (ds.width, ds.height, ds.count, ds.dtypes[0]) == (600, 600, 3, "uint16") and ds.crs.to_epsg() == 32633
+        assert ds.block_shapes[0] == (512, 512)

@@ -8,7 +8,6 @@ station has to provision for this scene size, model and batch.
 
 from __future__ import annotations
 
-import platform
 import resource
 import sys
 import tempfile
@@ -62,24 +61,6 @@ def peak_rss_mb() -> float:
     return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
 
 
-def cpu_description() -> str:
-    """CPU model and the vector ISA that matters for the engines (AVX2, AVX-512, VNNI, AMX)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name") and model in ("", platform.machine(), "x86_64"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
-                                   ("amx_tile", "AMX"), ("asimd", "NEON"), ("sve", "SVE")) if flag in flags]
-    return f"{model} ({', '.join(isa)})" if isa else model
-
-
 def run_bench(model_dir: str | Path, *, size: int = 20000, bands: int = 3, tiles: int | None = 256,
               task: str = "cls", batch_size: int = 8, scene_path: str | Path | None = None,
               threads: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -87,6 +68,7 @@ def run_bench(model_dir: str | Path, *, size: int = 20000, bands: int = 3, tiles
     tiles/s and the peak RSS."""
     import rasterio
 
+    from rsvlm_edge.machine import cpu_description
     from rsvlm_edge.pipeline import Pipeline
     from rsvlm_edge.scene.runner import SceneOptions, run_scene
 
@@ -114,4 +96,4 @@ def run_bench(model_dir: str | Path, *, size: int = 20000, bands: int = 3, tiles
             "cpu": cpu_description(), "model": str(model_dir)}
 
 
-__all__ = ["run_bench", "write_synthetic_scene", "peak_rss_mb", "cpu_description"]
+__all__ = ["run_bench", "write_synthetic_scene", "peak_rss_mb"]
