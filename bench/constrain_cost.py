@@ -5,8 +5,8 @@
 The cost depends on the tokenizer (llguidance walks its token trie each step), not on the model's weights, so it is
 measured without an engine: each tag's well-formed answer (the formatters' output for a dense scene: 40 detections,
 a 3-label mask ...) is replayed token by token through :class:`~rsvlm_edge.sampling.TokenSampler` with random
-logits of the tokenizer's vocabulary size, once with the grammar and once without. Printed per tag: the median
-sampler time per step both ways (the mean over the answer's tokens) and their difference, which is the constraint's overhead, and, given
+logits of the tokenizer's vocabulary size, once with the grammar and once without. Printed per tag: the sampler
+time per step both ways (the mean over the answer's tokens) and their difference, the constraint's overhead, and, given
 ``--step-ms`` (a decode step of the engine it is compared with, e.g. from ``rsvlm-edge bench``), that overhead as
 a share of the step. ``--outlines`` also times outlines-core's regex index on the [VG] box list, as the alternative
 engine (its grammars are regular expressions: the mask's per-row cell count and the detection lists' labels make

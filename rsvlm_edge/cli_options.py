@@ -103,10 +103,22 @@ def sampling_options(fn):
                      help="Sampling seed (each tile gets its own stream)."),
         click.option("--constrain/--no-constrain", default=True, show_default=True,
                      help="Mask each step to the task's answer grammar so [VG] [DET] [OBB] [CLS] [SEG] answers parse."),
+        click.option("--classes", metavar="NAME,NAME,...", default=None,
+                     help="[CLS] answers use only these class names (comma-separated), e.g. "
+                          "'airport,harbor,farmland'. Needs --constrain."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _classes(kw: dict[str, Any]) -> tuple[str, ...] | None:
+    text = kw.get("classes")
+    if text is None:
+        return None
+    if not kw.get("constrain", True):
+        raise UserError("--classes needs the grammar: drop --no-constrain")
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def default_tokens(kw: dict[str, Any]) -> bool:
@@ -125,7 +137,7 @@ def sampling_config(kw: dict[str, Any]) -> "SamplingConfig":
         tokens = max_new_tokens_for(None) if default_tokens(kw) else kw["max_new_tokens"]
         return SamplingConfig(max_new_tokens=tokens, temperature=kw["temperature"], top_k=kw["top_k"],
                               top_p=kw["top_p"], repetition_penalty=kw["repetition_penalty"], seed=kw["seed"],
-                              constrain=kw.get("constrain", True)).validate()
+                              constrain=kw.get("constrain", True), classes=_classes(kw)).validate()
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

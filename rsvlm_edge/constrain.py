@@ -20,6 +20,7 @@ What the grammars enforce, and what they leave to the parsers
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,6 +30,9 @@ from rsvlm_edge.tokenizer import Tokenizer
 
 #: Tags whose answer has a grammar here.
 CONSTRAINED_TAGS: tuple[str, ...] = ("[VG]", "[CLS]", "[DET]", "[OBB]", "[SEG]")
+
+#: What a label may be, in the grammars and in a caller's class list (the ``LABEL`` terminal below).
+LABEL_PATTERN = re.compile(r"[a-z0-9]+([ _\-][a-z0-9]+)*")
 
 _COMMON = r"""
 NUM: /100|[1-9]?[0-9]/
@@ -74,6 +78,7 @@ class Constraints:
     compiled grammar per tag; :meth:`matcher` gives a fresh per-request :class:`Constraint`."""
 
     def __init__(self, tokenizer: Tokenizer, classes: Sequence[str] | None = None):
+        """``classes``: the default [CLS] vocabulary (a request's own, given to :meth:`matcher`, wins)."""
         import llguidance  # imported here so that unconstrained generation does not load the native library
 
         self._llg = llguidance
@@ -82,22 +87,25 @@ class Constraints:
         self.ll_tokenizer = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=tokenizer.vocab_size,
                                                    eos_token=tokenizer.end_id)
         self.classes = [str(c) for c in classes] if classes else None
-        self._grammars: dict[str, str] = {}
+        self._grammars: dict[tuple[str, tuple[str, ...] | None], str] = {}
 
-    def grammar(self, tag: str) -> str:
-        if tag not in self._grammars:
-            text = self._llg.LLMatcher.grammar_from_lark(grammar_lark(tag, self.classes))
+    def grammar(self, tag: str, classes: Sequence[str] | None = None) -> str:
+        classes = tuple(classes) if classes else (tuple(self.classes) if self.classes else None)
+        key = (tag, classes if tag == "[CLS]" else None)
+        if key not in self._grammars:
+            text = self._llg.LLMatcher.grammar_from_lark(grammar_lark(tag, key[1]))
             problem = self._llg.LLMatcher.validate_grammar(text, self.ll_tokenizer)
             if problem:
                 raise ValueError(f"answer grammar of {tag}: {problem}")
-            self._grammars[tag] = text
-        return self._grammars[tag]
+            self._grammars[key] = text
+        return self._grammars[key]
 
-    def matcher(self, tag: str | None) -> Constraint | None:
-        """A new constraint for one answer of ``tag``; None for untagged prompts and free-text tags."""
+    def matcher(self, tag: str | None, classes: Sequence[str] | None = None) -> Constraint | None:
+        """A new constraint for one answer of ``tag`` (``classes``: this request's [CLS] vocabulary); None for
+        untagged prompts and free-text tags."""
         if tag not in CONSTRAINED_TAGS:
             return None
-        return Constraint(self._llg.LLMatcher(self.ll_tokenizer, self.grammar(tag), log_level=0),
+        return Constraint(self._llg.LLMatcher(self.ll_tokenizer, self.grammar(tag, classes), log_level=0),
                           self.vocab_size, self.end_id)
 
 

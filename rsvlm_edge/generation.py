@@ -240,7 +240,7 @@ class Generator:
             from rsvlm_edge.constrain import Constraints
 
             self._constraints = Constraints(self.tokenizer)
-        return self._constraints.matcher(tag)
+        return self._constraints.matcher(tag, sampling.classes)
 
     def new_sampler(self, sampling: SamplingConfig, ids: list[int], image_slots: np.ndarray | None = None,
                     constraint=None) -> TokenSampler:

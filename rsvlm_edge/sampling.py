@@ -30,6 +30,8 @@ class SamplingConfig:
     ignore_stop: bool = False  # benchmarks: never stop early, so every run decodes exactly max_new_tokens
     # mask each step to the task tag's answer grammar (rsvlm_edge.constrain), so tagged answers always parse
     constrain: bool = False
+    # with constrain: the class names a [CLS] answer may use (one or more of them, comma-separated); None = any label
+    classes: tuple[str, ...] | None = None
 
     def validate(self) -> "SamplingConfig":
         """Reject values that would silently misbehave: NaN compares false with every bound, so it is refused
@@ -60,11 +62,30 @@ class SamplingConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.classes is not None:
+            self.classes = check_classes(self.classes)
         return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def check_classes(classes) -> tuple[str, ...]:
+    """A [CLS] vocabulary: distinct class names in the label grammar (lower-case words joined by one space, ``-``
+    or ``_``: what the model writes, and what :mod:`rsvlm_edge.constrain` can spell)."""
+    from rsvlm_edge.constrain import LABEL_PATTERN
+
+    if isinstance(classes, str) or not isinstance(classes, (list, tuple)):
+        raise ValueError(f"classes must be a list of class names, got {classes!r}")
+    out = tuple(dict.fromkeys(classes))
+    if not out:
+        raise ValueError("classes must name at least one class")
+    for name in out:
+        if not isinstance(name, str) or not LABEL_PATTERN.fullmatch(name):
+            raise ValueError(f"class name {name!r} is not a label: lower-case letters and digits, words joined by "
+                             f"one space, '-' or '_'")
+    return out
 
 
 @dataclass(frozen=True)

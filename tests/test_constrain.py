@@ -123,3 +123,28 @@ def test_chat_turns_are_constrained_too(pipe, tiles):
     assert answer.finish_reason == "stop"
     parsed = parse_answer("[SEG]", answer.text)
     assert parsed.error is None and not parsed.partial and len(parsed.mask) == 24
+
+
+def test_a_class_list_limits_cls_answers_to_it(pipe, tiles):
+    classes = ("harbor", "farmland", "bare land")
+    for result in pipe(tiles[:6], task="cls", classes=classes):
+        assert result.parse_error is None
+        assert set(result.labels or []) <= set(classes), result.text
+
+
+def test_infer_classes_option(sample_png):
+    from click.testing import CliRunner
+
+    from rsvlm_edge.cli import main
+
+    run = CliRunner().invoke(main, ["infer", str(DEMO), str(sample_png), "--task", "cls", "--json",
+                                    "--classes", "harbor, farmland"])
+    assert run.exit_code == 0, run.output
+    import json
+
+    assert json.loads(run.output.strip().splitlines()[-1])["labels"][0] in ("harbor", "farmland")
+    for args, message in [(["--classes", "Harbor"], "not a label"), (["--classes", ","], "at least one class"),
+                          (["--classes", "harbor", "--no-constrain"], "needs the grammar")]:
+        run = CliRunner().invoke(main, ["infer", str(DEMO), str(sample_png), "--task", "cls", *args])
+        assert run.exit_code != 0 and message in run.output, run.output
+        assert "Traceback" not in run.output
