@@ -44,7 +44,7 @@ class TileJob:
 
     spec: SceneSpec
     windows: tuple[TileWindow, ...]
-    read_size: tuple[int, int]  # (width, height) of the image the model gets for a whole tile
+    read_size: tuple[int, int]  # (width, height) of the image the model gets (a plan's windows share one size)
     instruction: str
     sampling: Any = None  # SamplingConfig | None
     default_tokens: bool = True  # the task's own answer length (no --max-new-tokens)
@@ -106,14 +106,6 @@ def close_scenes() -> None:
         _OPEN.popitem()[1].close()
 
 
-def tile_read_size(window: TileWindow, job: TileJob, tile: tuple[int, int]) -> tuple[int, int]:
-    """The image size for ``window``: the plan's read size, scaled for a window smaller than a whole tile."""
-    if (window.width, window.height) == tile:
-        return job.read_size
-    return (max(1, round(job.read_size[0] * window.width / tile[0])),
-            max(1, round(job.read_size[1] * window.height / tile[1])))
-
-
 def run_tiles(pipe: Any, job: TileJob) -> list[TileRecord]:
     """Answer one batch of windows with ``pipe`` (a :class:`~rsvlm_edge.pipeline.Pipeline`). Pure: what it returns
     depends on the pipeline and the job only. Tiles whose pixels are all nodata are skipped; a tile that cannot be
@@ -124,11 +116,10 @@ def run_tiles(pipe: Any, job: TileJob) -> list[TileRecord]:
     source = scene_for(job.spec)
     config = pipe.config
     task = split_tag(job.instruction)[0]
-    tile = (max(w.width for w in job.windows), max(w.height for w in job.windows))
+    size = job.read_size
     records: dict[int, TileRecord] = {}
     prepared: dict[int, Any] = {}
     for i, window in enumerate(job.windows):
-        size = tile_read_size(window, job, tile)
         try:
             arrays = source.read(window, size)
             if any(source.invalid(a).all() for a in arrays):
@@ -142,7 +133,6 @@ def run_tiles(pipe: Any, job: TileJob) -> list[TileRecord]:
             records[i] = TileRecord(window.id, window, size, task, "error", error=_message(exc))
     for i, outcome in _answer(pipe, prepared, job).items():
         window = job.windows[i]
-        size = tile_read_size(window, job, tile)
         if isinstance(outcome, str):
             records[i] = TileRecord(window.id, window, size, task, "error", error=outcome)
         else:
