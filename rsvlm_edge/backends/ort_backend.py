@@ -282,12 +282,12 @@ class OrtBackend(Backend):
                                f"budget of {budget:,}")
         self.expert_cache = ExpertCache(self.experts.load, budget_bytes=budget, pinned=tuple(pinned_experts),
                                         size_of=self.experts.size_of)
-        cfg = self.config
-        self.kv_layout = self._kv_layout()
         self._preload: threading.Thread | None = None
         if preload:
             self._preload = threading.Thread(target=self._open_tile_sessions, name="ort-preload", daemon=True)
             self._preload.start()
+        cfg = self.config
+        self.kv_layout = self._kv_layout()
         new = "present" if self.kv_layout == KV_LAYOUT_SHARED else "new"
         self._kv_names = [(f"past_key_{i}", f"past_value_{i}", f"{new}_key_{i}", f"{new}_value_{i}")
                           for i in range(cfg.num_layers)]
@@ -308,11 +308,11 @@ class OrtBackend(Backend):
         ``prepack_weights``: None = on for INT8 decoders (without packed weights ORT's integer GEMM repacks them on
         every call, which costs rsunivlm-1b INT8 about half its decode speed; packing takes +0.45 GB per resident
         expert session), off for FP32/FP16 (+1.9 GB per session for ~10%).
+        ``preload``: create the vision encoder's (and the other per-tile graphs') sessions in a background thread
+        now rather than on first use.
         """
         try:
             manifest = Manifest.load(model_dir, verify=verify)
-        ``preload``: create the vision encoder's (and the other per-tile graphs') sessions in a background thread
-        now rather than on first use.
         except ManifestError as exc:
             raise BackendError(f"cannot use {model_dir} with the ort backend: {exc}") from None
         return cls(manifest, threads=threads, providers=providers, expert_budget_experts=expert_budget_experts,
@@ -373,9 +373,6 @@ class OrtBackend(Backend):
                 self._sessions[name] = session
             return self._sessions[name]
 
-    def _call(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run component ``name``; ONNX Runtime's errors come back as a BackendError naming its file."""
-        session = self._session(name)
     def _open_tile_sessions(self) -> None:
         """Create the per-tile sessions, the vision encoder first (run in the background by ``preload``). A failure
         is left for the call that needs the session, which retries and reports it."""
@@ -388,6 +385,9 @@ class OrtBackend(Backend):
                 except BackendError:
                     continue
 
+    def _call(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run component ``name``; ONNX Runtime's errors come back as a BackendError naming its file."""
+        session = self._session(name)
         try:
             return session.run(None, feeds)
         except _ort_errors() as exc:
@@ -508,8 +508,8 @@ class OrtBackend(Backend):
         return out
 
     def close(self) -> None:
+        if self._preload is not None:
+            self._preload.join()
         with self.lock:  # after the request in flight
             self.expert_cache.close()
             self._sessions.clear()
-        if self._preload is not None:
-            self._preload.join()
