@@ -154,3 +154,8 @@ def test_infer_ray_prints_the_local_runs_json(cluster, tiles, tmp_path):
 
     assert len(records(local.stdout)) == 12
     assert records(remote.stdout) == records(local.stdout)
+
+
+def test_a_pool_larger_than_the_cluster_is_refused_not_left_waiting(cluster, tiles):
+    res = CliRunner().invoke(main, ["infer", str(DEMO), str(tiles), "--task", "cls", "--ray", "auto", "--actors", "3"])
+    assert res.exit_code == 2 and "--actors 3 x --threads-per-actor 1 needs 3 CPUs; the Ray cluster has 2" in res.output

@@ -24,6 +24,8 @@ from rsvlm_edge.distributed.settings import RaySettings
 
 DEPTH = 2  # items in flight per actor: one running, one queued behind it
 MAX_ATTEMPTS = 3  # actors an item may take down before the job stops on it
+START_TIMEOUT_S = 600  # loading an engine (sha256 of every file included) takes seconds; a pool that waits for
+# CPUs another job holds would wait forever
 
 
 def connect(address: str) -> None:
@@ -75,6 +77,7 @@ class RayExecutor:
         cpus = 1 if gpu else self.settings.threads_per_actor
         self._actor_cls = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_restarts=0)(PipelineWorker)
         count = self.settings.actors or self._fitting_actors(cpus, gpu)
+        self._check_fits(count, cpus, gpu)
         try:
             self.actors = [self._new_actor() for _ in range(count)]
             self._check_ready(list(range(count)))
@@ -101,6 +104,16 @@ class RayExecutor:
             return count
         return max(1, int(total.get("CPU", 1)) // cpus)
 
+    def _check_fits(self, count: int, cpus: int, gpu: bool) -> None:
+        """Refuse a pool the cluster can never hold (its actors would wait for resources forever)."""
+        import ray
+
+        total = ray.cluster_resources()
+        have, need, what = (total.get("GPU", 0), count, "GPU") if gpu else (total.get("CPU", 0), count * cpus, "CPU")
+        if need > have:
+            per = "" if gpu else f" x --threads-per-actor {cpus}"
+            raise ValueError(f"--actors {count}{per} needs {need} {what}s; the Ray cluster has {have:g}")
+
     def _new_actor(self) -> Any:
         self.stats.started += 1
         return self._actor_cls.remote(self.engine, self.backend, self.options, self._bundle)
@@ -110,17 +123,28 @@ class RayExecutor:
         the first load error, naming its node."""
         import ray
 
-        infos = ray.get([self.actors[s].ready.remote() for s in slots])
+        infos = self._get([self.actors[s].ready.remote() for s in slots])
         wanting = [s for s, info in zip(slots, infos) if info["needs_engine"]]
         if wanting:
             if not self._bundle:
                 self._bundle = [ray.put(self.engine.bundle())]
-            ray.get([self.actors[s].install.remote(self._bundle) for s in wanting])
-            infos = ray.get([self.actors[s].ready.remote() for s in slots])
+            self._get([self.actors[s].install.remote(self._bundle) for s in wanting])
+            infos = self._get([self.actors[s].ready.remote() for s in slots])
         for info in infos:
             if info["error"]:
                 raise ValueError(f"{self.engine.path} on Ray node {info['node']}: {info['error']}")
             self.stats.sources.append(info["source"])
+
+    @staticmethod
+    def _get(refs: list) -> list:
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            return ray.get(refs, timeout=START_TIMEOUT_S)
+        except GetTimeoutError:
+            raise ValueError(f"the Ray actors did not start within {START_TIMEOUT_S} s: the cluster's CPUs/GPUs are "
+                             f"held by other work (see `ray status`)") from None
 
     # ------------------------------------------------------------------ the job
     def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:

@@ -1,0 +1,118 @@
+"""Tiles/s of ``infer`` batches on a Ray actor pool against the local loop, and the per-tile cost Ray adds.
+
+    python -m rsvlm_edge.distributed.bench MODEL_DIR [--tiles 96] [--batch-size 4] [--task cls] [--rounds 3]
+
+Starts a one-machine cluster (three logical CPUs on this machine's cores, so the 1- and 2-actor pools are held at
+once; only one pool runs at a time), then times the same batches (synthetic RGB tiles at the model's input size) three
+ways, each in steady state (engines loaded, one warm-up batch done): the local loop (one pipeline, one thread),
+a 1-actor pool and a 2-actor pool (one thread per actor). The three alternate for ``--rounds`` rounds and each
+keeps its best round, so a neighbour's load on a shared machine skews them alike. The overhead is the 1-actor
+pool's extra seconds per tile over the local loop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from rsvlm_edge.distributed.executor import RayExecutor
+from rsvlm_edge.distributed.infer import infer_batch
+from rsvlm_edge.distributed.settings import RaySettings
+from rsvlm_edge.infer_command import answer_batch
+from rsvlm_edge.sampling import SamplingConfig
+from rsvlm_edge.tasks import make_instruction, max_new_tokens_for, split_tag
+
+
+def cpu_name() -> str:
+    """The CPU model and its vector ISA from /proc/cpuinfo (what the numbers were measured on), else the platform's
+    word."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX512"), ("avx512_vnni", "AVX512-VNNI"),
+                                   ("amx_tile", "AMX"), ("asimd", "NEON")) if flag in flags]
+    return f"{model} ({' + '.join(isa)})" if isa else model
+
+
+def write_tiles(folder: Path, count: int, size: int) -> list[list[str]]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        path = folder / f"tile{i:04d}.png"
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+        paths.append([str(path)])
+    return paths
+
+
+def _timed(run: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
+
+
+def measure(model_dir: str, tiles: int, batch_size: int, task: str, rounds: int) -> dict[str, Any]:
+    import ray
+
+    from rsvlm_edge.manifest import Manifest
+    from rsvlm_edge.pipeline import Pipeline
+
+    instruction = make_instruction(task, None)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens_for(split_tag(instruction)[0]), constrain=True)
+    size = Manifest.load(model_dir, verify=False).config().image_size
+    with tempfile.TemporaryDirectory() as tmp:
+        groups = write_tiles(Path(tmp), tiles, size)
+        jobs = [(groups[i:i + batch_size], None, instruction, sampling, True) for i in range(0, tiles, batch_size)]
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        best: dict[str, float] = {}
+        with Pipeline(model_dir, threads=1) as pipe, \
+                RayExecutor(RaySettings(actors=1), model_dir) as one, RayExecutor(RaySettings(actors=2), model_dir) as two:
+            runs: dict[str, Callable[[], Any]] = {
+                "local": lambda: [answer_batch(pipe, *job[:4], None, True) for job in jobs],
+                "ray_1_actor": lambda: list(one.map(infer_batch, jobs)),
+                "ray_2_actors": lambda: list(two.map(infer_batch, jobs)),
+            }
+            answer_batch(pipe, *jobs[0][:4], None, True)  # warm-up: first-call allocations, expert loads
+            list(one.map(infer_batch, jobs[:1]))
+            list(two.map(infer_batch, jobs[:2]))
+            for _ in range(rounds):
+                for name, run in runs.items():
+                    best[name] = min(best.get(name, float("inf")), _timed(run))
+    per_tile = {name: seconds / tiles for name, seconds in best.items()}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 1),
+            "tiles": tiles, "batch_size": batch_size, "task": task, "threads_per_actor": 1,
+            "tiles_per_s": {name: round(1 / s, 2) for name, s in per_tile.items()},
+            "ray_overhead_ms_per_tile": round((per_tile["ray_1_actor"] - per_tile["local"]) * 1e3, 2),
+            "ray_overhead_pct": round((per_tile["ray_1_actor"] / per_tile["local"] - 1) * 100, 1),
+            "speedup_2_actors": round(per_tile["ray_1_actor"] / per_tile["ray_2_actors"], 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--tiles", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--task", default="cls")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args.model_dir, args.tiles, args.batch_size, args.task, args.rounds)))
+
+
+if __name__ == "__main__":
+    main()
