@@ -120,6 +120,15 @@ def test_merged_objects_land_at_their_lon_lat_within_one_pixel(detections_run):
             assert any(abs(c - col) <= 1 and abs(r - row) <= 1 for c, r in got), (label, col, row, got)
 
 
+def test_rings_follow_the_right_hand_rule_in_every_layer(detections_run):
+    """RFC 7946: exterior rings counterclockwise (positive shoelace area) in the output's own axes."""
+    _, out, _ = detections_run
+    for name in ("run.geojson", "run.crs.geojson"):
+        for feature in json.loads((out / name).read_text())["features"]:
+            xs, ys = np.array(feature["geometry"]["coordinates"][0]).T
+            assert np.sum(xs[:-1] * ys[1:] - xs[1:] * ys[:-1]) > 0, name
+
+
 def test_features_carry_task_label_score_tile_model_and_engine(detections_run):
     _, out, _ = detections_run
     props = {f["properties"]["label"]: f["properties"] for f in json.loads((out / "run.geojson").read_text())["features"]}

@@ -18,8 +18,9 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from rasterio.warp import transform_geom
 from shapely import affinity
-from shapely.geometry import mapping
+from shapely.geometry import MultiPolygon, mapping, shape
 from shapely.geometry.base import BaseGeometry
+from shapely.geometry.polygon import orient
 
 WGS84 = CRS.from_epsg(4326)
 #: Decimal places written: 7 for degrees (about 1 cm), 3 for metres and pixels (1 mm / a thousandth of a pixel).
@@ -60,14 +61,14 @@ class GeoReference:
         if not geometries:
             return []
         if not self.georeferenced:
-            return [rounded(mapping(g), LINEAR_DIGITS) for g in geometries]
+            return [_geojson(g, LINEAR_DIGITS) for g in geometries]
         projected = [mapping(self.to_crs(g)) for g in geometries]
-        return [rounded(g, DEGREE_DIGITS) for g in transform_geom(self.crs, WGS84, projected)]
+        return [_geojson(shape(g), DEGREE_DIGITS) for g in transform_geom(self.crs, WGS84, projected)]
 
     def to_crs_mappings(self, geometries: Sequence[BaseGeometry]) -> list[dict[str, Any]]:
         """Scene pixels -> GeoJSON geometry mappings in the scene CRS, rounded to what the CRS's unit needs."""
         digits = DEGREE_DIGITS if self.crs is not None and self.crs.is_geographic else LINEAR_DIGITS
-        return [rounded(mapping(self.to_crs(g)), digits) for g in geometries]
+        return [_geojson(self.to_crs(g), digits) for g in geometries]
 
     def crs_name(self) -> str | None:
         """``EPSG:32633`` when the CRS has an EPSG code, else its WKT; None without a CRS."""
@@ -85,6 +86,16 @@ def warn_if_not_georeferenced(georef: GeoReference, name: str) -> bool:
     warnings.warn(f"{name} has no {missing}: scene outputs are in pixel coordinates (x right, y down), not lon/lat",
                   NotGeoreferencedWarning, stacklevel=2)
     return True
+
+
+def _geojson(geometry: BaseGeometry, digits: int) -> dict[str, Any]:
+    """A GeoJSON geometry mapping, rings oriented by RFC 7946's right-hand rule (exteriors counterclockwise in the
+    output axes; the y-down pixel grid or a north-up transform would otherwise flip them), rounded."""
+    if geometry.geom_type == "Polygon":
+        geometry = orient(geometry, 1.0)
+    elif geometry.geom_type == "MultiPolygon":
+        geometry = MultiPolygon([orient(p, 1.0) for p in geometry.geoms])
+    return rounded(mapping(geometry), digits)
 
 
 def rounded(geometry: dict[str, Any], digits: int) -> dict[str, Any]:
