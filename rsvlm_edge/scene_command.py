@@ -13,6 +13,8 @@ from rsvlm_edge.cli_options import (
     default_tokens,
     message,
     prompt_option,
+    ray_options,
+    ray_settings,
     sampling_config,
     sampling_options,
     threads_option,
@@ -64,8 +66,10 @@ def _layouts_help() -> str:
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
 @sampling_options
+@ray_options
 def scene_command(model_dir, scene, out_dir, task, prompt, bands, pair, sensor, tile, overlap, gsd, batch_size, min_score,
-                  merge, vectorise, stem, restart, max_tiles, backend, threads, as_json, **sampling_kw) -> None:
+                  merge, vectorise, stem, restart, max_tiles, backend, threads, as_json, ray_address, actors,
+                  threads_per_actor, **sampling_kw) -> None:
     """Answer a whole scene tile by tile and write georeferenced outputs.
 
     \b
@@ -79,6 +83,7 @@ def scene_command(model_dir, scene, out_dir, task, prompt, bands, pair, sensor, 
       rsvlm-edge scene MODEL vv.tif vh.tif --task cls --gsd 20 -o out/
       rsvlm-edge scene MODEL before.tif after.tif --task ccd -o out/
       rsvlm-edge scene MODEL before.tif after.tif --pair --task seg -o out/
+      rsvlm-edge scene MODEL scene.tif --task det -o out/ --ray auto --actors 8   # tiles over a Ray cluster
 
     \b
     The scene is read window by window (never whole). An interrupted run resumes where it stopped when run again
@@ -89,6 +94,7 @@ def scene_command(model_dir, scene, out_dir, task, prompt, bands, pair, sensor, 
     from rsvlm_edge.scene.source import resolve_scene
     from rsvlm_edge.tasks import PAIR_TASKS, make_instruction, split_tag
 
+    cluster = ray_settings(ray_address, actors, threads_per_actor)
     try:
         instruction = make_instruction(task, prompt)
         options = SceneOptions(task=task, prompt=prompt, tile=tile, overlap=overlap, gsd=gsd, batch_size=batch_size,
@@ -97,8 +103,14 @@ def scene_command(model_dir, scene, out_dir, task, prompt, bands, pair, sensor, 
                                max_tiles=max_tiles).check()
         pair = pair or split_tag(instruction)[0] in PAIR_TASKS
         spec = resolve_scene(list(scene), bands=bands, pair=pair, sensor=sensor)
-        with Pipeline(model_dir, backend=backend, threads=threads) as pipe:
-            run = run_scene(pipe, spec, out_dir, options, log=lambda line: click.echo(line, err=True))
+        if cluster is not None:  # the same run, its batches on Ray actors (rsvlm_edge.distributed)
+            from rsvlm_edge.distributed.scene import run_scene_ray
+
+            run = run_scene_ray(model_dir, spec, out_dir, options, cluster=cluster, backend=backend,
+                                log=lambda line: click.echo(line, err=True))
+        else:
+            with Pipeline(model_dir, backend=backend, threads=threads) as pipe:
+                run = run_scene(pipe, spec, out_dir, options, log=lambda line: click.echo(line, err=True))
     except SCENE_ERRORS as exc:
         raise UserError(message(exc)) from None
     summary = run.summary
