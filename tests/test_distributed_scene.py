@@ -84,3 +84,16 @@ def test_a_scene_on_two_actors_with_one_killed_is_the_local_run_and_a_rerun_does
     again = run_scene_ray(DEMO, scene, tmp_path / "ray", OPTIONS, cluster=RaySettings(actors=1), log=lambda _: None)
     assert (again.ran, again.resumed) == (0, 12)
     assert (tmp_path / "ray" / "scene.journal.jsonl").read_text() == journal  # nothing answered again
+
+
+def test_scene_cli_on_ray_writes_the_local_runs_tile_layer(cluster, scene, tmp_path):
+    from click.testing import CliRunner
+
+    from rsvlm_edge.cli import main
+
+    common = ["scene", str(DEMO), str(scene), "--task", "cls", "--tile", "128", "--batch-size", "4"]
+    local = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "local"), "--threads", "1"])
+    remote = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "ray"), "--ray", "auto", "--actors", "2"])
+    assert local.exit_code == 0 and remote.exit_code == 0, remote.output
+    layer = "scene.tiles.geojson"
+    assert json.loads((tmp_path / "ray" / layer).read_text()) == json.loads((tmp_path / "local" / layer).read_text())
