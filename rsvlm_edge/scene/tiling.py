@@ -88,9 +88,10 @@ class TilePlan:
 
     def describe(self, res: tuple[float, float] | None, metres: bool) -> str:
         """``"2,500 tiles of 128x128 px (1280 m), overlap 32 px, read at 128x128"``."""
-        size = f"{self.tile[0]}x{self.tile[1]} px"
+        width, height = self.windows[0].width, self.windows[0].height  # the tile, or a smaller whole scene
+        size = f"{width}x{height} px"
         if res is not None and metres:
-            size += f" ({self.tile[0] * res[0]:g} m)"
+            size += f" ({width * res[0]:g} m)"
         overlap = (self.tile[0] - self.step[0], self.tile[1] - self.step[1])
         return (f"{len(self.windows):,} tile(s) of {size}, overlap {overlap[0]} px, "
                 f"read at {self.read_size[0]}x{self.read_size[1]}")
