@@ -170,7 +170,7 @@ def infer(model_dir, images, task, prompt, sensor, backend, batch_size, fail_fas
     """
     from rsvlm_edge.infer_command import Output, parse_budget, resolve_inputs, run_infer
 
-    cluster = ray_settings(ray_address, actors, threads_per_actor)
+    cluster = ray_settings(ray_address, actors, threads_per_actor, threads)
     try:
         instruction = make_instruction(task, prompt)
         options = parse_budget(expert_budget)

@@ -160,15 +160,18 @@ def ray_options(fn):
     return fn
 
 
-def ray_settings(ray_address: str | None, actors: int | None, threads_per_actor: int) -> Any:
+def ray_settings(ray_address: str | None, actors: int | None, threads_per_actor: int, threads: int | None = None) -> Any:
     """The :class:`~rsvlm_edge.distributed.settings.RaySettings` of the options above, None without --ray;
-    --actors or --threads-per-actor alone is a usage error (they would be silently ignored)."""
+    --actors or --threads-per-actor without --ray, or --threads with it, is a usage error (one would be silently
+    ignored)."""
     from rsvlm_edge.distributed.settings import RaySettings
 
     if ray_address is None:
         if actors is not None or threads_per_actor != 1:
             raise UserError("--actors and --threads-per-actor go with --ray (auto or a cluster address)")
         return None
+    if threads is not None:
+        raise UserError("--threads is for a local run; with --ray give --threads-per-actor")
     try:
         return RaySettings(ray_address, actors, threads_per_actor)
     except ValueError as exc:

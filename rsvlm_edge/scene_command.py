@@ -94,7 +94,7 @@ def scene_command(model_dir, scene, out_dir, task, prompt, bands, pair, sensor, 
     from rsvlm_edge.scene.source import resolve_scene
     from rsvlm_edge.tasks import PAIR_TASKS, make_instruction, split_tag
 
-    cluster = ray_settings(ray_address, actors, threads_per_actor)
+    cluster = ray_settings(ray_address, actors, threads_per_actor, threads)
     try:
         instruction = make_instruction(task, prompt)
         options = SceneOptions(task=task, prompt=prompt, tile=tile, overlap=overlap, gsd=gsd, batch_size=batch_size,

@@ -93,6 +93,8 @@ def test_a_shipped_engine_that_does_not_match_its_hash_is_refused(tmp_path):
 def test_ray_options_need_ray_and_the_local_path_does_not_import_it(tiles):
     res = CliRunner().invoke(main, ["infer", str(DEMO), str(tiles), "--task", "cls", "--actors", "2"])
     assert res.exit_code == 2 and "--actors and --threads-per-actor go with --ray" in res.output
+    res = CliRunner().invoke(main, ["infer", str(DEMO), str(tiles), "--task", "cls", "--ray", "auto", "--threads", "1"])
+    assert res.exit_code == 2 and "with --ray give --threads-per-actor" in res.output
     code = ("import sys; from rsvlm_edge.cli import main; import rsvlm_edge.infer_command; "
             "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
