@@ -73,7 +73,7 @@ def _rsvlm(spec: PeerSpec) -> Runner:
 
 
 def _genai(spec: PeerSpec) -> Runner:
-    """ONNX Runtime GenAI: append_tokens is the prefill; generate_next_token samples greedily and runs one step."""
+    """ONNX Runtime GenAI: append_tokens is the prefill; generate_next_token runs one step and picks greedily."""
     import onnxruntime_genai as og
 
     config = og.Config(spec.path)
@@ -83,10 +83,11 @@ def _genai(spec: PeerSpec) -> Runner:
 
     def run(ids: list[int], steps: int) -> tuple[float, float]:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + steps + 1, do_sample=False)
+        params.set_search_options(max_length=len(ids) + steps + 2, do_sample=False)
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
         gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        gen.generate_next_token()  # picks the first token from the prefill's logits; each later call runs a step
         t1 = time.perf_counter()
         for _ in range(steps):
             gen.generate_next_token()
@@ -99,10 +100,15 @@ def _genai(spec: PeerSpec) -> Runner:
 
 def _llama(spec: PeerSpec) -> Runner:
     """llama.cpp through llama-cpp-python, with llama.cpp's own batch defaults (2048 logical, 512 physical)."""
-    from llama_cpp import Llama
+    import llama_cpp
 
-    llm = Llama(spec.path, n_ctx=spec.prompt_tokens + spec.new_tokens + 16, n_batch=2048, n_ubatch=512,
-                n_threads=spec.threads, n_threads_batch=spec.threads, verbose=False)
+    llm = llama_cpp.Llama(spec.path, n_ctx=spec.prompt_tokens + spec.new_tokens + 16, n_batch=2048, n_ubatch=512,
+                          n_threads=spec.threads, n_threads_batch=spec.threads, verbose=False)
+    vocab = llm.n_vocab()
+
+    def greedy() -> int:
+        # the last position's logits straight from the context (Llama.eval keeps scores only with logits_all)
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
 
     def run(ids: list[int], steps: int) -> tuple[float, float]:
         llm.reset()
@@ -110,7 +116,7 @@ def _llama(spec: PeerSpec) -> Runner:
         llm.eval(ids)
         t1 = time.perf_counter()
         for _ in range(steps):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval([greedy()])
         return t1 - t0, time.perf_counter() - t1
 
     return run
