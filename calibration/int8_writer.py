@@ -209,8 +209,8 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
     nothing."""
     keep = keep_fp32_predicate(keep_lm_head)
     lm_head = "fp32" if keep_lm_head else f"int{bits}"
-    if bits != 8 and scheme != "weight-only":
-        raise Int8WriteError(f"{bits}-bit weights are written by the weight-only scheme (--scheme weight-only)")
+    if bits == 4 and scheme == "qdq":
+        return int4_qdq_quantizer(keep, block_size, symmetric, method)
     if scheme == "qdq":
         if table is None:
             raise Int8WriteError("the Q/DQ scheme needs a calibration table (run `rsvlm-edge calibrate`)")
@@ -264,6 +264,22 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
     raise Int8WriteError(f"INT8 scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
 
 
+def int4_qdq_quantizer(keep: Callable[[onnx.NodeProto], bool] | None, block_size: int, symmetric: bool,
+                       method: str) -> tuple[Quantizer, dict[str, Any]]:
+    """INT4 weight-only decoders as blockwise Q/DQ for TensorRT >= 10 (:mod:`~rsvlm_edge.calibration.int4_qdq`);
+    the other graphs are copied FP32 (TensorRT builds them in FP16)."""
+    from rsvlm_edge.calibration.int4_qdq import OPSET, quantize_int4_qdq
+
+    if not symmetric or method != "rtn":
+        raise Int8WriteError("TensorRT reads INT4 weights with zero points of 0: the Q/DQ INT4 scheme is symmetric "
+                             "round-to-nearest (drop --asymmetric / --method hqq)")
+    return (lambda model, arrays, name, file_of: quantize_int4_qdq(model, arrays, keep, block_size),
+            {"scheme": f"INT4 weight-only decoders as blockwise Q/DQ (DequantizeLinear axis 0, block_size "
+                       f"{block_size}, opset {OPSET}), symmetric round to nearest (onnxruntime's quantizer); "
+                       f"activations float; other graphs FP32", "weight_block_size": block_size, "weight_bits": 4,
+             "activation_dtype": "float", "lm_head": "fp32" if keep else "int4", "runtime": "tensorrt"})
+
+
 def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str, dict[str, float]] | None,
                       act_dtype: str = "int8", keep_lm_head: bool = False, overwrite: bool = False,
                       extra_files: dict[str, bytes] | None = None, info: dict[str, Any] | None = None,
@@ -290,12 +306,13 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
     with staged_dir(out_dir, overwrite, Int8WriteError) as staging:
         writer = Int8Writer(src, staging, quantize, decoder_precision=precision)
         decoders = set(src.experts.decoders)
+        trt_int4 = bits == 4 and scheme == "qdq"  # only the decoders are quantized
         for comp in src.components.values():
             if comp.name in decoders:
                 continue
             if progress:
                 progress(comp.name)
-            if comp.extra.get("kind") in COPIED_KINDS or comp.name.startswith(("vision_stem_", "router")):
+            if comp.extra.get("kind") in COPIED_KINDS or comp.name.startswith(("vision_stem_", "router")) or trt_int4:
                 writer.copy(comp)
             else:
                 writer.simple(comp)
@@ -313,7 +330,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
                             generation_config=src.generation_config,
                             experts=experts, engine=dict(src.engine), extra=extra)
         manifest.save(staging)
-        if scheme == "qdq":
+        if scheme == "qdq" and bits == 8:
             prove_saturation_free(staging)
     return Manifest.load(out_dir, verify="size")
 

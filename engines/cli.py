@@ -34,7 +34,8 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "int4"]), default=None,
-              help="ort: fp32 (default), int8 or int4 (weight-only INT4 decoders); trt: fp16 (default) or int8.")
+              help="ort: fp32 (default), int8 or int4 (weight-only INT4 decoders); trt: fp16 (default), int8, or "
+                   "int4 (TensorRT >= 10, from an `--precision int4 --scheme qdq` dir).")
 @click.option("--calibration", type=click.Path(exists=True), help="ort int8: calibration.json from `rsvlm-edge calibrate`; "
               "trt int8 (TensorRT 8.5-10.x): a TensorRT cache file or a trt_calib/ folder of <component>.cache.")
 @click.option("--activations", "act_dtype", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
@@ -42,7 +43,8 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
 @click.option("--scheme", type=click.Choice(["qdq", "weight-only"]), default=None,
               help="ort int8: qdq (default) = explicit Q/DQ from --calibration (also imports into TensorRT); "
                    "weight-only = blockwise INT8 weights for ONNX Runtime's MatMulNBits, no calibration, faster CPU "
-                   "decode. ort int4: weight-only (the only one).")
+                   "decode. ort int4: weight-only (default, MatMulNBits) or qdq (symmetric blockwise INT4 Q/DQ, "
+                   "opset 21: the ONNX dir TensorRT >= 10 builds INT4 plans from).")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
               help="ort weight-only: weights per scale along K [default: 128 for int8, 32 for int4].")
 @click.option("--symmetric/--asymmetric", default=None,
@@ -74,13 +76,15 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
     TensorRT (run on the target device; plans are device-specific):
       rsvlm-edge build engines/tiny engines/tiny-trt --target trt --preset orin-agx --precision fp16
       rsvlm-edge build engines/tiny engines/tiny-trt8 --target trt --precision int8 --calibration engines/tiny-int8/trt_calib
+      rsvlm-edge build engines/tiny engines/tiny-int4q --target ort --precision int4 --scheme qdq   # then, on the device:
+      rsvlm-edge build engines/tiny-int4q engines/tiny-trt4 --target trt --precision int4
 
     `rsvlm-edge calibrate` writes the calibration table and TensorRT caches (and the ORT INT8 dir directly).
     """
     if target == "trt":
         precision = precision or "fp16"
-        if precision not in ("fp16", "int8", "fp32"):
-            raise click.BadParameter(f"TensorRT builds take fp16 or int8, not {precision}", param_hint="--precision")
+        if precision not in ("fp16", "int8", "fp32", "int4"):
+            raise click.BadParameter(f"TensorRT builds take fp16, int8 or int4, not {precision}", param_hint="--precision")
         if scheme is not None or block_size is not None or symmetric is not None or method != "rtn":
             raise click.BadParameter("applies to --target ort", param_hint="--scheme/--block-size/--symmetric/--method")
         _build_trt(onnx_dir, out_dir, preset, precision, calibration, timing_cache)
@@ -101,5 +105,9 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
                   stack=stack, attention=attention, symmetric=symmetric, method=method)
     except (Int8WriteError, CalibrationTableError, ManifestError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+    if precision == "int4" and scheme == "qdq":
+        click.echo(f"INT4 Q/DQ ONNX dir for TensorRT >= 10 written to {out_dir} (build its plans with --target trt "
+                   f"--precision int4)")
+        return
     what = f"{precision} ({scheme or ('weight-only' if precision == 'int4' else 'qdq')})" if precision != "fp32" else precision
     click.echo(f"ONNX Runtime {what} engine dir written to {out_dir}")

@@ -75,7 +75,8 @@ def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32"
     """An ORT engine dir: ``fp32`` (optimized graphs), ``int8`` (``scheme`` "qdq", the default: Q/DQ from the
     calibration table; "weight-only": blockwise INT8 weights for ``MatMulNBits``, no table, shared-input products
     stacked unless ``stack`` is False, attention fused into ``GroupQueryAttention`` unless ``attention`` is False)
-    or ``int4`` (weight-only only: INT4 decoders, ``symmetric`` (default asymmetric), ``method`` "rtn" or "hqq")."""
+    or ``int4`` (INT4 weight-only decoders; ``scheme`` "weight-only", the default: ``MatMulNBits``, ``symmetric``
+    (default asymmetric), ``method`` "rtn" or "hqq"; "qdq": symmetric blockwise Q/DQ for TensorRT >= 10)."""
     if precision not in PRECISIONS:
         raise ValueError(f"ORT precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
@@ -84,8 +85,12 @@ def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32"
 
     scheme = scheme or ("weight-only" if precision == "int4" else "qdq")
     block_size = block_size or DEFAULT_BLOCK[precision]
-    if precision == "int4" and scheme != "weight-only":
-        raise ValueError("--precision int4 is weight-only (--scheme weight-only): INT4 activations lose too much")
+    if precision == "int4" and scheme == "qdq":  # for TensorRT >= 10: INT4 blockwise Q/DQ decoders
+        if calibration is not None:
+            raise ValueError("--precision int4 needs no --calibration (it quantizes weights only)")
+        return write_int8_engine(onnx_dir, out_dir, None, keep_lm_head=keep_lm_head, overwrite=overwrite,
+                                 scheme=scheme, block_size=block_size, bits=4, symmetric=symmetric is not False,
+                                 method=method)
     if precision == "int8" and (symmetric is False or method != "rtn"):
         raise ValueError("--asymmetric and --method apply to --precision int4 (INT8 weights are symmetric RTN)")
     if scheme == "weight-only":

@@ -7,6 +7,9 @@
   ``int8`` sets ``INT8`` + ``FP16`` and takes its scales from Q/DQ nodes, or, for an FP32 graph, from a calibration
   cache replayed by an entropy calibrator. A component with neither stays FP16.
 * Strong typing can be asked for on TensorRT 10 too (``strongly_typed=True``); TensorRT 8.x has no such flag.
+* ``int4`` (TensorRT >= 10): weight-only INT4 from blockwise Q/DQ decoders (``rsvlm-edge build --precision int4
+  --scheme qdq``); weakly typed builds set ``BuilderFlag.INT4`` and ``FP16`` for those components (the other graphs
+  build in FP16), strongly typed ones take the graphs' types. TensorRT 8.x has no INT4 and is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from rsvlm_edge.engines.trt_calib import cache_for_component
 from rsvlm_edge.engines.trt_presets import BuildPreset, uses_dla
 from rsvlm_edge.manifest import Component
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+INT4_MIN_MAJOR = 10  # blockwise INT4 DequantizeLinear (weight-only quantization) arrived in TensorRT 10.0
 #: Kept FP32 in reduced-precision builds, as the FP16 exporter keeps them: the router is tiny and decides the expert.
 FP32_COMPONENTS = ("router",)
 
@@ -41,6 +45,9 @@ def check_graph_precision(components: list[Component], precision: str, trt_versi
     """Refuse early when no graph carries the precision a strongly typed build would need."""
     if precision not in PRECISIONS:
         raise BuildSettingsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int4" and not any(c.precision == "int4" for c in components):
+        raise BuildSettingsError("int4 plans are built from INT4 Q/DQ graphs (rsvlm-edge build ONNX_DIR OUT --precision "
+                                 f"int4 --scheme qdq); these graphs are {sorted({c.precision for c in components})}")
     if not strongly_typed or precision == "fp32":
         return
     if not any(c.precision == precision for c in components):
@@ -66,6 +73,8 @@ def plan_settings(component: Component, precision: str, trt_version: str, preset
     """Flags, typing and calibration for one component's plan."""
     if precision not in PRECISIONS:
         raise BuildSettingsError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "int4" and trt_major(trt_version) < INT4_MIN_MAJOR:
+        raise BuildSettingsError(f"TensorRT {trt_version} has no INT4 weights (TensorRT >= {INT4_MIN_MAJOR} does)")
     strong = resolve_strongly_typed(trt_version, strongly_typed)
     dla = preset.dla_core if uses_dla(preset, component.name, precision) else None
     fallback = ("GPU_FALLBACK",) if dla is not None else ()
@@ -78,6 +87,8 @@ def plan_settings(component: Component, precision: str, trt_version: str, preset
         return PlanSettings(False, (), "fp32")
     if precision == "fp16":
         return PlanSettings(False, ("FP16",) + fallback, "fp16", None, dla)
+    if component.precision == "int4":  # weight-only INT4 through blockwise Q/DQ; activations FP16
+        return PlanSettings(False, ("INT4", "FP16"), "int4", None, None)
     if component.precision == "int8":  # explicit quantization: scales live in the graph
         return PlanSettings(False, ("INT8", "FP16") + fallback, "int8", None, dla)
     cache = cache_for_component(calib_cache, component.name) if calib_cache is not None else None

@@ -169,11 +169,82 @@ def test_int4_engine_logits_stay_within_the_quantization_error_of_fp32(fp32_dir,
     assert err8 < err4 < 254 / 15 * err8
 
 
+def test_int4_qdq_dir_for_tensorrt_holds_the_same_codes_as_blockwise_dequantize(fp32_dir, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    out = tmp_path / "int4q"
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--scheme", "qdq"])
+    assert res.exit_code == 0, res.output
+    assert "TensorRT" in res.output
+    man = Manifest.load(out)
+    assert {man.component(n).precision for n in man.experts.decoders} == {"int4"}
+    assert man.component("vision_encoder").precision == "fp32"  # TensorRT builds the rest in FP16
+    assert man.extra["quantization"]["runtime"] == "tensorrt"
+    assert man.experts.expert_files and len(man.experts.expert_files) == man.model_config["num_experts"]
+    model = onnx.load(str(out / "decoder_expert1.onnx"))  # with its external data (trunk + expert 1)
+    onnx.checker.check_model(model)
+    assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {21}
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1].endswith("_dq")]
+    assert len(dqs) == len(matmuls) == 7 * man.model_config["num_layers"] + 1  # every weight product + lm_head
+    inits = {i.name: i for i in model.graph.initializer}
+    for dq in dqs:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+        assert attrs == {"axis": 0, "block_size": 32} and len(dq.input) == 2  # no zero point: symmetric
+        assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
+    # the Q/DQ codes are the MatMulNBits quantizer's symmetric round-to-nearest ones, laid out (K, N): each within
+    # one step of its weight; the two C++ kernels round a rare near-tie differently (one code, one step)
+    fp32_inits = {i.name: i for i in onnx.load(str(fp32_dir / "decoder_expert1.onnx")).graph.initializer}
+    dq = dqs[0]
+    w = numpy_helper.to_array(fp32_inits[dq.input[0].removesuffix("_int4")]).astype(np.float32)
+    scheme = WeightScheme(bits=4, block_size=32)
+    expected, step = dequantize(ort_block_quant(w, scheme), w.shape[0], scheme)
+    got = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32) * np.repeat(
+        numpy_helper.to_array(inits[dq.input[1]]), 32, axis=0)[:w.shape[0]]
+    assert np.all(np.abs(got - w) <= step * (1 + 1e-5))
+    differ = ~np.isclose(got, expected, rtol=1e-6, atol=1e-7)
+    assert differ.mean() < 0.01 and np.all(np.abs(got - expected)[differ] <= step[differ] * (1 + 1e-5))
+    # ONNX Runtime runs the graph too (its blockwise DequantizeLinear): logits near the FP32 decoder's
+    cfg = man.config()
+    feeds = {"inputs_embeds": np.random.default_rng(0).normal(size=(1, 5, cfg.hidden_size)).astype(np.float32),
+             "position_ids": np.arange(5, dtype=np.int32)[None], "attention_mask": np.ones((1, 5), np.float32)}
+    for i in range(cfg.num_layers):
+        for kv in ("key", "value"):
+            feeds[f"past_{kv}_{i}"] = np.zeros((0, 1, cfg.num_kv_heads, cfg.head_dim), np.float32)
+    logits = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+              for m in (model.SerializeToString(), str(fp32_dir / "decoder_expert1.onnx"))]
+    assert np.linalg.norm(logits[0] - logits[1]) < 0.5 * np.linalg.norm(logits[1] - logits[1].mean())
+    with pytest.raises(Exception, match="TensorRT"):
+        OrtBackend.from_dir(out, verify=False)
+
+
+def test_tensorrt_int4_settings():
+    from rsvlm_edge.engines.trt_presets import get_preset
+    from rsvlm_edge.engines.trt_settings import BuildSettingsError, check_graph_precision, plan_settings
+    from rsvlm_edge.manifest import Component
+
+    def comp(name, precision):
+        return Component(name, f"{name}.onnx", precision, [], [], {f"{name}.onnx": "0"})
+
+    dc = get_preset("datacenter")
+    s = plan_settings(comp("decoder_expert0", "int4"), "int4", "10.3.0", dc)
+    assert (s.strongly_typed, s.flags, s.precision) == (False, ("INT4", "FP16"), "int4")
+    assert plan_settings(comp("vision_encoder", "fp32"), "int4", "10.3.0", dc).flags == ("FP16",)
+    assert plan_settings(comp("decoder_expert0", "int4"), "int4", "11.0.0", dc).strongly_typed
+    with pytest.raises(BuildSettingsError, match="no INT4"):
+        plan_settings(comp("decoder_expert0", "int4"), "int4", "8.6.1", dc)
+    with pytest.raises(BuildSettingsError, match="--scheme qdq"):
+        check_graph_precision([comp("decoder_expert0", "fp32")], "int4", "10.3.0", False)
+
+
 def test_int4_build_errors(fp32_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "x"
-    res = runner.invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--scheme", "qdq"])
-    assert res.exit_code == 1 and "weight-only" in res.output
+    res = runner.invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--scheme", "qdq",
+                               "--asymmetric"])
+    assert res.exit_code == 1 and "symmetric" in res.output
     res = runner.invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--method", "hqq", "--symmetric"])
     assert res.exit_code == 1 and "HQQ" in res.output
     res = runner.invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",

@@ -256,6 +256,10 @@ class OrtBackend(Backend):
         if manifest.engine_kind != "onnx":
             raise BackendError(f"{manifest.directory} holds {manifest.engine_kind} engines, not ONNX graphs; "
                                f"use --backend trt")
+        if (manifest.extra.get("quantization") or {}).get("runtime") == "tensorrt":
+            raise BackendError(f"{manifest.directory} holds INT4 Q/DQ graphs for TensorRT: build their plans with "
+                               f"`rsvlm-edge build ... --target trt --precision int4`; for ONNX Runtime build "
+                               f"`--precision int4` (weight-only) from the FP32 export")
         self.ort = _ort()
         self.manifest = manifest
         # None = auto: one thread for a small decoder, all free cores for a large one (rsvlm_edge.threads).
