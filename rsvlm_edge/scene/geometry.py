@@ -54,6 +54,7 @@ class Feature:
     kind: str
     properties: Mapping[str, Any] = field(default_factory=dict)
     cut: bool = False
+    window: tuple[int, int, int, int] | None = None  # the tile's (col_off, row_off, width, height): what it saw
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,7 +168,7 @@ def tile_features(tile: TileAnswer) -> list[Feature]:
     for det in result.get("oriented_detections") or []:
         own = _score(det.get("score"))
         corners = [tile.to_scene(x, y) for x, y in formats.obb_corners(*det["obb_px"])]
-        out.append(_feature(tile, _solid(Polygon(corners)), task, det["label"], answer_score if own is None else own,
+        out.append(_feature(tile, solid(Polygon(corners)), task, det["label"], answer_score if own is None else own,
                             "obb"))
     boxes = result.get("boxes_px") or []
     box_scores = result.get("box_scores")
@@ -220,13 +221,15 @@ def _scene_box(tile: TileAnswer, box_px: Sequence[float]) -> BaseGeometry:
     """A pixel box of the tile image -> a scene box (a point or a line when it has no area)."""
     x1, y1 = tile.to_scene(box_px[0], box_px[1])
     x2, y2 = tile.to_scene(box_px[2], box_px[3])
-    return _solid(box(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)))
+    return solid(box(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)))
 
 
-def _solid(polygon: Polygon) -> BaseGeometry:
-    """``polygon``, or the point or line it collapses to when it has no area: a valid geometry either way
+def solid(geometry: BaseGeometry) -> BaseGeometry:
+    """``geometry``, or the point or line a polygon collapses to when it has no area: a valid geometry either way
     (GEOS and GeoJSON readers refuse a zero-area ring)."""
-    return polygon if polygon.area > 0 else shapely.convex_hull(polygon)
+    if geometry.geom_type != "Polygon" or geometry.area > 0:
+        return geometry
+    return shapely.convex_hull(geometry)
 
 
 def _kind(geometry: BaseGeometry, solid: str) -> str:
@@ -237,7 +240,8 @@ def _kind(geometry: BaseGeometry, solid: str) -> str:
 def _feature(tile: TileAnswer, geom: BaseGeometry, task: str, label: str, score: float | None,
              kind: str) -> Feature:
     """An object of ``tile``: its kind as the geometry has it, ``cut`` when it reaches the tile's border."""
-    return Feature(geom, task, str(label), score, tile.tile_id, _kind(geom, kind), cut=tile.at_border(geom))
+    return Feature(geom, task, str(label), score, tile.tile_id, _kind(geom, kind), cut=tile.at_border(geom),
+                   window=(tile.col_off, tile.row_off, tile.width, tile.height))
 
 
 def _score(value: Any) -> float | None:

@@ -5,17 +5,18 @@ cut by a tile edge is smaller than the whole one a neighbour saw, so the whole o
 leader takes every later feature that
 
 - overlaps it by more than ``threshold`` (``iou``: intersection over union, the default; ``ios``: over the smaller
-  area), or
-- comes from another tile, one of the two reaching its tile's border (:attr:`Feature.cut`), and lies inside it by
-  more than ``threshold`` of the smaller area: the sliver of an object that a tile edge cut off has a low IoU with
-  the whole object its neighbour saw but an IoS near 1. Only cut pieces get this rule, so a large box does not
-  swallow the smaller objects of the same label inside it.
+  area, which also lets a large box swallow the smaller objects of its label inside it), or
+- comes from another tile and overlaps one of the leader's pieces by more than ``threshold`` IoU *within the window
+  both tiles saw*. Two tiles that saw one object see the same part of it there, however much of it each missed
+  elsewhere: the sliver a tile edge cut off has a low IoU with the whole object its neighbour saw, but the same
+  extent inside their common window.
 
-``nms`` keeps the leader as it is, ``nmm`` (non-maximum merging) grows it to cover what it took: the enclosing box
-for boxes, the minimum rotated rectangle of the union for oriented boxes. A leader that took a cut piece, or is
-one, always grows that way: a cut piece is not the object's extent. Overlap is measured on shapely polygons, so
-oriented boxes get their rotated IoU; points (zero-size grounding boxes) merge only with points at the same place.
-An STRtree finds the candidates, so a scene of many thousand objects merges in about linear time.
+``nms`` keeps the leader's geometry, ``nmm`` (non-maximum merging) grows it to cover what it took: the enclosing box
+for boxes, the minimum rotated rectangle of the union for oriented boxes. Pieces of an object cut by tile borders
+(:attr:`Feature.cut`) always grow the leader, which then looks again for pieces further on (an object larger than
+the overlap is whole in no tile). Overlap is measured on shapely polygons, so oriented boxes get their rotated IoU;
+points merge only with points at the same place. An STRtree finds the candidates, so a scene of many thousand
+objects merges in about linear time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import replace
 import numpy as np
 import shapely
 
-from rsvlm_edge.scene.geometry import Feature
+from rsvlm_edge.scene.geometry import Feature, solid
 
 METHODS = ("nms", "nmm")
 METRICS = ("iou", "ios")
@@ -64,18 +65,82 @@ def _merge_group(group: list[Feature], positions: list[int], method: str, metric
         if taken[i]:
             continue
         taken[i] = True
-        candidates = np.array([j for j in tree.query(geoms[i]) if not taken[j]], dtype=int)
-        matched, grow = candidates, False
-        if candidates.size:
-            iou, ios = _overlaps(geoms[i], areas[i], geoms[candidates], areas[candidates])
-            cut_pair = np.array([(group[i].cut or group[j].cut) and group[i].tile_id != group[j].tile_id
-                                 for j in candidates], dtype=bool)
-            by_overlap = (iou if metric == "iou" else ios) > threshold
-            by_cut = cut_pair & (ios > threshold)
-            matched = candidates[by_overlap | by_cut]
-            grow = bool(np.any(by_cut)) or (group[i].cut and matched.size > 0)
-        taken[matched] = True
-        out[positions[i]] = _combine(group[i], [group[j] for j in matched], "nmm" if grow else method)
+        object_ = _Object(group[i])
+        while True:  # a grown object may reach pieces of itself in tiles further on
+            hits = np.array([j for j in tree.query(object_.geometry) if not taken[j]], dtype=int)
+            if hits.size:
+                hits = hits[object_.matches([group[j] for j in hits], metric, threshold)]
+            if not hits.size:
+                break
+            taken[hits] = True
+            if not object_.take([group[j] for j in hits], method):
+                break
+        out[positions[i]] = object_.feature()
+    return out
+
+
+class _Object:
+    """The object a leader stands for while it takes its duplicates: its pieces (the features taken, each with the
+    tile that saw it) and the geometry covering them."""
+
+    def __init__(self, leader: Feature):
+        self.leader = leader
+        self.geometry = leader.geometry
+        self.pieces = [leader]
+
+    def matches(self, others: list[Feature], metric: str, threshold: float) -> np.ndarray:
+        """Which of ``others`` are this object: overlapping it by more than ``threshold`` (``metric``), or, from
+        another tile than a piece's, by IoU with that piece within the area both tiles saw."""
+        geoms = np.array([f.geometry for f in others], dtype=object)
+        iou, ios = _overlaps(self.geometry, float(shapely.area(self.geometry)), geoms, shapely.area(geoms))
+        hits = (iou if metric == "iou" else ios) > threshold
+        for piece in self.pieces:
+            across = np.array([f.tile_id != piece.tile_id for f in others], dtype=bool)
+            hits |= across & (_shared_iou(piece, others) > threshold)
+        return hits
+
+    def take(self, others: list[Feature], method: str) -> bool:
+        """Take ``others``; grow to cover them for nmm, or when they piece the object together from several tiles
+        (a cut piece is not the object's extent). True when that happened: the grown object may reach more pieces."""
+        tiles = {f.tile_id for f in self.pieces}
+        pieced = any(f.tile_id not in tiles for f in others) and any(f.cut for f in [*self.pieces, *others])
+        self.pieces += others
+        if method == "nmm" or pieced:
+            union = shapely.union_all([self.geometry] + [f.geometry for f in others])
+            self.geometry = solid(shapely.minimum_rotated_rectangle(union) if self.leader.kind == "obb"
+                                  else shapely.envelope(union))
+        return pieced
+
+    def feature(self) -> Feature:
+        """The leader with the object's geometry; ``merged`` counts the tile answers it stands for."""
+        count = sum(int(f.properties.get("merged", 1)) for f in self.pieces)
+        return replace(self.leader, geometry=self.geometry, properties={**self.leader.properties, "merged": count})
+
+
+def _shared_iou(piece: Feature, others: list[Feature]) -> np.ndarray:
+    """IoU of ``piece`` with each of ``others`` within the window both their tiles saw (0 without one): two tiles
+    that saw one object see the same part of it there, however much of it each missed elsewhere."""
+    if piece.window is None:
+        return np.zeros(len(others))
+    px, py, pw, ph = piece.window
+    win = np.array([f.window or (0, 0, 0, 0) for f in others], dtype=float).reshape(-1, 4)
+    x0, y0 = np.maximum(px, win[:, 0]), np.maximum(py, win[:, 1])
+    x1, y1 = np.minimum(px + pw, win[:, 0] + win[:, 2]), np.minimum(py + ph, win[:, 1] + win[:, 3])
+    seen = (x0 < x1) & (y0 < y1) & np.array([f.window is not None for f in others], dtype=bool)
+    windows = shapely.box(x0, y0, np.maximum(x0, x1), np.maximum(y0, y1))
+    mine = _areal(shapely.intersection(piece.geometry, windows))
+    theirs = _areal(shapely.intersection(np.array([f.geometry for f in others], dtype=object), windows))
+    inter = shapely.area(shapely.intersection(mine, theirs))
+    return np.where(seen, _ratio(inter, shapely.area(mine) + shapely.area(theirs) - inter), 0.0)
+
+
+def _areal(geoms: np.ndarray) -> np.ndarray:
+    """The polygonal part of each geometry: a shape clipped along one of its edges leaves a GeometryCollection of
+    polygon and line, which GEOS's overlay refuses as input."""
+    out = geoms.copy()
+    for k in np.flatnonzero(shapely.get_type_id(geoms) == shapely.GeometryType.GEOMETRYCOLLECTION):
+        parts = [p for p in shapely.get_parts(geoms[k]) if p.geom_type in ("Polygon", "MultiPolygon")]
+        out[k] = shapely.union_all(parts) if parts else shapely.Polygon()
     return out
 
 
@@ -93,14 +158,3 @@ def _overlaps(geom: shapely.Geometry, geom_area: float, others: np.ndarray,
 def _ratio(num: np.ndarray, denom: np.ndarray) -> np.ndarray:
     """num / denom, 0 where denom is 0 (zero-area boxes)."""
     return np.divide(num, denom, out=np.zeros_like(num, dtype=float), where=denom > 0)
-
-
-def _combine(leader: Feature, taken: list[Feature], method: str) -> Feature:
-    """The leader after taking ``taken``: unchanged geometry for nms, grown to cover them for nmm; ``merged``
-    counts the tile answers it stands for."""
-    count = sum(int(f.properties.get("merged", 1)) for f in [leader, *taken])
-    geometry = leader.geometry
-    if method == "nmm" and taken:
-        union = shapely.union_all([leader.geometry] + [f.geometry for f in taken])
-        geometry = shapely.envelope(union) if leader.kind == "box" else shapely.minimum_rotated_rectangle(union)
-    return replace(leader, geometry=geometry, properties={**leader.properties, "merged": count})
