@@ -226,6 +226,16 @@ def test_nmm_grows_an_oriented_box_to_cover_its_duplicate():
     assert scene_bounds(f) == (50, 55, 160, 65)
 
 
+def test_an_oriented_box_cut_by_a_tile_edge_merges_into_the_whole_one():
+    """Tile 0..128 sees x 100..128 of a ship at x 100..140 (IoU 0.7 with the whole); tile 96..224 sees all of it."""
+    feats = features_from_records([record(0, 0, obb(("ship", [114, 60, 28, 10, 0], 0.9))),
+                                   record(96, 0, obb(("ship", [24, 60, 40, 10, 0], 0.6)))])[0]
+    assert [f.cut for f in feats] == [True, False]
+    (f,) = merge_features(feats, threshold=0.8)
+    assert f.kind == "obb" and f.score == 0.9
+    assert scene_bounds(f) == (100, 55, 140, 65)
+
+
 def test_points_merge_only_with_points_at_the_same_place():
     vg = {"task": "[VG]", "instruction": "[VG] the tower", "score": 0.6, "boxes_px": [[110, 50, 110, 50]]}
     vg2 = {**vg, "boxes_px": [[14, 50, 14, 50], [20, 50, 20, 50]]}
