@@ -34,6 +34,12 @@ CONSTRAINED_TAGS: tuple[str, ...] = ("[VG]", "[CLS]", "[DET]", "[OBB]", "[SEG]")
 #: What a label may be, in the grammars and in a caller's class list (the ``LABEL`` terminal below).
 LABEL_PATTERN = re.compile(r"[a-z0-9]+([ _\-][a-z0-9]+)*")
 
+#: llguidance's slicer: token sets it precomputes and adds whole when a lexer state allows all of them. These two
+#: cover the labels, where a mask step otherwise walks most of a 152k vocabulary (Qwen2: ~46k tokens allowed); its
+#: default slices are JSON strings', which these grammars never have. On Qwen2's vocabulary (bench.constrain_cost)
+#: this halved the mean mask time of [SEG] and cut [CLS] by a third. Only speed depends on them, never the mask.
+LABEL_SLICES = [r"[a-z0-9]{1,30}", r" [a-z0-9]{1,30}"]
+
 _COMMON = r"""
 NUM: /100|[1-9]?[0-9]/
 ANGLE: /-(90|[1-8][0-9]|[1-9])|[1-8]?[0-9]/
@@ -85,7 +91,7 @@ class Constraints:
         self.vocab_size = tokenizer.vocab_size
         self.end_id = tokenizer.end_id
         self.ll_tokenizer = llguidance.LLTokenizer(tokenizer.to_str(), n_vocab=tokenizer.vocab_size,
-                                                   eos_token=tokenizer.end_id)
+                                                   eos_token=tokenizer.end_id, slices=LABEL_SLICES)
         self.classes = [str(c) for c in classes] if classes else None
         self._grammars: dict[tuple[str, tuple[str, ...] | None], str] = {}
 
