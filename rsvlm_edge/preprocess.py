@@ -308,8 +308,9 @@ def _adapt_bands(a: np.ndarray, sensor: str) -> np.ndarray:
         return a
     if bands == 13:
         return np.delete(a, L1C_CIRRUS_INDEX, axis=2)
+    stack = "; band files of one scene are stacked by `rsvlm-edge scene FILES|DIR --bands s2-l2a`" if bands < 4 else ""
     raise PreprocessError(f"sensor 'ms' expects 12 Sentinel-2 bands ({', '.join(MS_BANDS)}) or 13 (L1C, B10 is "
-                          f"dropped), the image has {bands}{_band_hint(bands)}")
+                          f"dropped), the image has {bands}{_band_hint(bands)}{stack}")
 
 
 # --------------------------------------------------------------------------------------------------- invalid pixels
