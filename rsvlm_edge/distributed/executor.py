@@ -137,14 +137,18 @@ class RayExecutor:
 
     @staticmethod
     def _get(refs: list) -> list:
+        """The answers of actors that are starting, or one line saying why they never will."""
         import ray
-        from ray.exceptions import GetTimeoutError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         try:
             return ray.get(refs, timeout=START_TIMEOUT_S)
         except GetTimeoutError:
             raise ValueError(f"the Ray actors did not start within {START_TIMEOUT_S} s: the cluster's CPUs/GPUs are "
                              f"held by other work (see `ray status`)") from None
+        except RayActorError as exc:
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(f"a Ray actor died while it loaded the engine: {cause}") from None
 
     # ------------------------------------------------------------------ the job
     def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
