@@ -50,7 +50,8 @@ def _graph(kind: str, k: int, n: int, rng: np.random.Generator):
         inits = [numpy_helper.from_array(np.clip(np.rint(w / scale), -127, 127).astype(np.int8), "wq"),
                  numpy_helper.from_array(scale.astype(np.float32), "ws"),
                  numpy_helper.from_array(np.zeros(n, np.int8), "wz"),
-                 numpy_helper.from_array(np.float32(4 / 255), "xs"), numpy_helper.from_array(np.uint8(128), "xz")]
+                 numpy_helper.from_array(np.array(4 / 255, np.float32), "xs"),
+                 numpy_helper.from_array(np.array(128, np.uint8), "xz")]
         nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
                  helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
                  helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=1),

@@ -2,13 +2,17 @@
 
 * Components come from ``manifest.json`` (verified on load): one stem session per sensor (created on first use),
   the shared vision encoder, the embedding and the router.
-* Decoder: one session per *resident* expert. All expert graphs reference the same ``decoder_trunk.bin``; it is
-  memory-mapped once and its tensors are handed to every expert session as external initializers
-  (``SessionOptions.add_external_initializers``), so switching experts never re-reads or duplicates the trunk.
-  An expert's own FFN weights are read from ``decoder_expert<e>.bin`` into memory by :class:`ExpertLoader`;
+* Decoder: one session per *resident* expert. All expert graphs reference the same ``decoder_trunk.bin``. Where
+  the session reads the weights as stored (FP32/FP16), the trunk is memory-mapped once and its tensors are handed
+  to every expert session, so switching experts never re-reads or duplicates the trunk; an expert's own FFN
+  weights are read from ``decoder_expert<e>.bin`` into memory by :class:`ExpertLoader`. The arrays are registered
+  with ``SessionOptions.add_initializer`` (user-owned memory that ORT uses in place; ``add_external_initializers``
+  would copy them). Where the session prepacks its weights (INT8/INT4 decoders), it keeps its own packed copy of
+  every weight anyway, so ORT reads the graph's external data itself and releases what it read once packed:
+  handing it the mapped trunk would keep every page it packed from resident beside the packed copy
+  (docs/benchmarks.md, "Memory").
   :class:`~rsvlm_edge.expert_cache.ExpertCache` decides which experts stay resident (byte budget, LRU).
-  The arrays are registered with ``SessionOptions.add_initializer`` (user-owned memory that ORT uses in place;
-  ``add_external_initializers`` would copy them). Weight prepacking is off for FP32/FP16 decoder sessions: it makes a
+  Weight prepacking is off for FP32/FP16 decoder sessions: it makes a
   packed copy of every weight per session, i.e. the trunk once per expert (measured on rsunivlm-1b: +1.9 GB per
   expert session for ~10% faster CPU decoding); it is on for INT8 decoders, whose integer GEMM would otherwise
   repack the weights on every call. ``prepack_weights`` overrides either way.
@@ -194,15 +198,16 @@ class ExpertLoader:
         ort = _ort()
         comp = self.component(expert)
         t0 = time.perf_counter()
-        data = np.fromfile(self.expert_paths[expert], dtype=np.uint8)  # the expert's FFN weights, read into memory
-        arrays = {**self.trunk, **tensor_views(data, self.expert_tensors)}
-        names = list(arrays)
-        values = [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in names]
         options = self.make_options()
-        if not self.prepack:
+        data: np.ndarray | None = None
+        values: list[Any] = []
+        if not self.prepack:  # runs read the weights as stored: the shared, mapped trunk + this expert in memory
             options.add_session_config_entry("session.disable_prepacking", "1")
-        for name, value in zip(names, values):  # user-owned memory: ORT uses it in place, no copy
-            options.add_initializer(name, value)
+            data = np.fromfile(self.expert_paths[expert], dtype=np.uint8)
+            arrays = {**self.trunk, **tensor_views(data, self.expert_tensors)}
+            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()]
+            for name, value in zip(arrays, values):  # user-owned memory: ORT uses it in place, no copy
+                options.add_initializer(name, value)
         try:
             path = self.manifest.path(comp.file)
             session = ort.InferenceSession(str(path), options, providers=self.providers)
@@ -213,11 +218,12 @@ class ExpertLoader:
                                f"{_first_line(exc)}") from None
         check_session_io(session, comp, path)
         elapsed = (time.perf_counter() - t0) * 1e3
+        nbytes = self.size_of(expert)
         with self._lock:
             self.counters["experts_loaded"] += 1
-            self.counters["expert_bytes_read"] += int(data.nbytes)
-        loaded = LoadedExpert(expert, session, {"__data__": data}, values, int(data.nbytes), elapsed)
-        return loaded, int(data.nbytes)
+            self.counters["expert_bytes_read"] += nbytes
+        loaded = LoadedExpert(expert, session, {} if data is None else {"__data__": data}, values, nbytes, elapsed)
+        return loaded, nbytes
 
 
 @dataclass
