@@ -31,7 +31,7 @@ def time_tiles(engine_dir: str, threads: int, tiles: int, new_tokens: int) -> di
     from rsvlm_edge.sampling import SamplingConfig
 
     backend = OrtBackend.from_dir(engine_dir, threads=threads, verify=False)
-    gen = Generator(backend, load_tokenizer(engine_dir))
+    gen = Generator(backend, load_tokenizer(engine_dir, backend.config.prompt_template))
     size = backend.config.image_size
     rng = np.random.default_rng(0)
     sampling = SamplingConfig(max_new_tokens=new_tokens, ignore_stop=True)
