@@ -19,6 +19,8 @@ Split (see also docs/design.md "Components" and "Manifest format"):
   (models with a box pointer: also ``hidden_states``, the final-norm states of this call's positions).
 * ``box_pointer`` (models with one): answer query state (B, hidden) + patch states (B, grid^2, hidden) -> pointer
   scores (B, grid^2) and each patch's box (B, grid^2, 4), in image sizes (the patch centres are added in the graph).
+* ``dense_heads`` (models with them): answer query state + the image's patch states (and a pair's second image's,
+  ``patches_after``) -> label, object, box, mask-cell and change probabilities (:class:`DenseGraph`).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ import torch
 import torch.nn as nn
 
 from rsvlm_edge.config import ModelConfig
-from rsvlm_edge.export.names import HIDDEN_STATES, POINTER_COMPONENT
-from rsvlm_edge.manifest import encoder_input
+from rsvlm_edge.export.names import DENSE_COMPONENT, HIDDEN_STATES, POINTER_COMPONENT
+from rsvlm_edge.manifest import DENSE_OUTPUTS, encoder_input
 from rsvlm_edge.modeling.model import VisionEncoder
 
 #: Parameters of the decoder that belong to one expert (everything else in the decoder is the shared trunk).
@@ -120,6 +122,17 @@ class PointerGraph(nn.Module):
 
     def forward(self, query, patches):
         return self.pointer.scores(query, patches), self.pointer.absolute_boxes(patches)
+
+
+class DenseGraph(nn.Module):
+    """``DenseHeads`` as probabilities and absolute geometry: what :mod:`rsvlm_edge.dense` reads."""
+
+    def __init__(self, heads: nn.Module):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, query, patches, patches_after):
+        return self.heads(query, patches, patches_after)
 
 
 # ----------------------------------------------------------------------------------------------- specs
@@ -223,6 +236,18 @@ def component_specs(model: Any, names: list[str] | None = None, batch: int = 2, 
             [T("query", "float32", "batch", cfg.hidden_size), T("patches", "float32", "batch", n, cfg.hidden_size)],
             [T("scores", "float32", "batch", n), T("boxes", "float32", "batch", n, 4)], _strip("pointer."),
             {"grid": cfg.grid_size}))
+    if cfg.dense_heads:
+        n, labels, cells = cfg.grid_size ** 2, len(cfg.dense_labels), cfg.dense_cells ** 2
+        shapes = {"asked": (labels,), "objects": (n, labels), "boxes": (n, 4), "obbs": (n, 6),
+                  "cells": (n, cells, labels), "change": (n, cells)}
+        specs.append(ComponentSpec(
+            DENSE_COMPONENT, "dense_heads", DenseGraph(model.dense_heads),
+            (torch.randn(batch, cfg.hidden_size, generator=gen), torch.randn(batch, n, cfg.hidden_size, generator=gen),
+             torch.randn(batch, n, cfg.hidden_size, generator=gen)),
+            [T("query", "float32", "batch", cfg.hidden_size), T("patches", "float32", "batch", n, cfg.hidden_size),
+             T("patches_after", "float32", "batch", n, cfg.hidden_size)],
+            [T(name, "float32", "batch", *shapes[name]) for name in DENSE_OUTPUTS], _strip("heads."),
+            {"grid": cfg.grid_size, "labels": list(cfg.dense_labels)}))
     if names is not None:
         specs = [s for s in specs if s.name in names]
     return specs

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rsvlm_edge.manifest import HIDDEN_STATES, POINTER_COMPONENT  # noqa: F401 - HIDDEN_STATES re-exported
+from rsvlm_edge.manifest import DENSE_COMPONENT, HIDDEN_STATES, POINTER_COMPONENT  # noqa: F401 - HIDDEN_STATES re-exported
 
 #: ``--components`` groups -> prefixes of the component names they select.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -13,6 +13,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "router": ("router",),
     "decoder": ("decoder_expert",),
     "pointer": (POINTER_COMPONENT,),  # only in models with a box pointer
+    "dense": (DENSE_COMPONENT,),  # only in models with dense heads
 }
 COMPONENT_CHOICES = tuple(GROUPS)
 TRUNK_FILE = "decoder_trunk.bin"

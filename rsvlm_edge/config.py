@@ -63,6 +63,16 @@ class ModelConfig:
     # ``box_pointer`` component. Off by default (RSUniVLM has none); the demo model turns it on (--box-pointer).
     box_pointer: bool = False
     pointer_dim: int = 128
+    # Dense heads on the same patch states as the box pointer: per patch the objects centred in it (label
+    # probabilities, box, oriented box) and its mask cells' label and change probabilities, plus which labels the
+    # instruction asks for (from the answer-start state). The runtime writes [DET], [OBB] and [SEG] answers from them
+    # (rsvlm_edge.dense) instead of sampling dozens of numbers or a 24x24 mask. Exported as the ``dense_heads``
+    # component; needs box_pointer (the decoder's hidden states output). ``dense_labels``: the label vocabulary,
+    # ``dense_objects``: those of them that are detected as objects.
+    dense_heads: bool = False
+    dense_labels: list[str] = field(default_factory=list)
+    dense_objects: list[str] = field(default_factory=list)
+    dense_hidden: int = 128
     sensors: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SENSORS))
     # Per-sensor stems map each sensor's bands to 3 channels. Off for RGB-only checkpoints (RSUniVLM): the encoder
     # takes the preprocessed RGB itself and ``sensors`` must be {"rgb": 3}.
@@ -130,6 +140,8 @@ class ModelConfig:
             problems.append(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
         if self.box_pointer and self.pointer_dim < 1:
             problems.append(f"pointer_dim must be positive, got {self.pointer_dim}")
+        if self.dense_heads:
+            problems.extend(self._dense_problems())
         if self.token_pos_embed and self.hidden_size % 4:
             problems.append(f"token_pos_embed needs hidden_size divisible by 4, got {self.hidden_size}")
         if self.vision_width % self.vision_heads:
@@ -142,7 +154,7 @@ class ModelConfig:
         if not self.sensors or any(c < 1 for c in self.sensors.values()):
             problems.append(f"sensors must map names to band counts >= 1, got {self.sensors}")
         for flag in ("vision_stems", "vision_feature_norm", "router", "tie_word_embeddings", "image_newline",
-                     "cnn_branch", "token_pos_embed", "box_pointer", "attention_bias"):
+                     "cnn_branch", "token_pos_embed", "box_pointer", "attention_bias", "dense_heads"):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if not self.vision_stems and self.sensors != STEMLESS_SENSORS:
@@ -167,6 +179,25 @@ class ModelConfig:
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
         return self
+
+    def _dense_problems(self) -> list[str]:
+        problems = []
+        if not self.box_pointer:
+            problems.append("dense_heads needs box_pointer (the decoder's hidden states output)")
+        if not self.dense_labels or len(set(self.dense_labels)) != len(self.dense_labels):
+            problems.append(f"dense_labels must be distinct labels, got {self.dense_labels!r}")
+        if not set(self.dense_objects) <= set(self.dense_labels) or not self.dense_objects:
+            problems.append(f"dense_objects must be some of dense_labels, got {self.dense_objects!r}")
+        if 24 % self.grid_size:  # formats.MASK_SIZE: each patch holds a whole block of mask cells
+            problems.append(f"dense_heads needs a patch grid that divides the 24x24 mask, got {self.grid_size}")
+        if self.dense_hidden < 1:
+            problems.append(f"dense_hidden must be positive, got {self.dense_hidden}")
+        return problems
+
+    @property
+    def dense_cells(self) -> int:
+        """Mask cells per patch side (24 / grid)."""
+        return 24 // self.grid_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -86,6 +86,10 @@ KV_LAYOUTS = (KV_LAYOUT_SEQUENCE_MAJOR, KV_LAYOUT_SHARED)
 #: Models with a box pointer (``ModelConfig.box_pointer``): its component, and the decoder output it reads.
 POINTER_COMPONENT = "box_pointer"
 HIDDEN_STATES = "hidden_states"
+#: Models with dense heads (``ModelConfig.dense_heads``): their component (it reads the same hidden states).
+DENSE_COMPONENT = "dense_heads"
+#: The dense heads' outputs, in graph order (rsvlm_edge.dense.DenseOutputs fields).
+DENSE_OUTPUTS = ("asked", "objects", "boxes", "obbs", "cells", "change")
 #: The router component; models with ``model_config.router`` false have none (the prompt's tags pick the expert).
 ROUTER_COMPONENT = "router"
 
@@ -456,6 +460,12 @@ class Manifest:
         return POINTER_COMPONENT in self.components and bool(names) and all(
             any(t.name == HIDDEN_STATES for t in self.component(n).outputs) for n in names)
 
+    def has_dense_heads(self) -> bool:
+        """A ``dense_heads`` component, and decoders that all output the ``hidden_states`` it reads."""
+        names = self.experts.decoders
+        return DENSE_COMPONENT in self.components and bool(names) and all(
+            any(t.name == HIDDEN_STATES for t in self.component(n).outputs) for n in names)
+
     def check_shapes(self) -> None:
         """Refuse a ``model_config`` that disagrees with the shapes the components were exported with.
 
@@ -474,6 +484,9 @@ class Manifest:
             ("vision_encoder", "visual_tokens", -1, hidden),
             (POINTER_COMPONENT, "query", -1, hidden), (POINTER_COMPONENT, "patches", -1, hidden),
             (POINTER_COMPONENT, "patches", 1, ("image_size / patch_size (patches)", cfg.grid_size ** 2)),
+            (DENSE_COMPONENT, "query", -1, hidden), (DENSE_COMPONENT, "patches", -1, hidden),
+            (DENSE_COMPONENT, "patches", 1, ("image_size / patch_size (patches)", cfg.grid_size ** 2)),
+            (DENSE_COMPONENT, "asked", -1, ("dense_labels", len(cfg.dense_labels))),
         ]
         for unexpected, flag in ((not cfg.vision_stems and [n for n in self.components if n.startswith("vision_stem_")],
                                   "vision_stems"),

@@ -133,6 +133,17 @@ class Backend(abc.ABC):
         (B, grid^2) and every patch's box (B, grid^2, 4) as x1, y1, x2, y2 in image sizes (0-1)."""
         raise BackendError(f"the {self.name} backend has no box pointer for this model")
 
+    @property
+    def has_dense_heads(self) -> bool:
+        """Whether :meth:`dense` works: the model has dense heads (and hidden states) and this backend runs them."""
+        return False
+
+    def dense(self, query: np.ndarray, patches: np.ndarray, patches_after: np.ndarray) -> dict[str, np.ndarray]:
+        """Dense heads: answer query states (B, hidden) + patch states of the image (B, grid^2, hidden) and of the
+        second image of a pair (the first again for one image) -> the arrays of
+        :data:`rsvlm_edge.manifest.DENSE_OUTPUTS` by name (see :class:`rsvlm_edge.dense.DenseOutputs`)."""
+        raise BackendError(f"the {self.name} backend has no dense heads for this model")
+
     def prefetch_expert(self, expert: int) -> None:
         """Start making ``expert`` resident (backends with an expert cache load it while the vision encoder runs)."""
 

@@ -43,6 +43,8 @@ import numpy as np
 
 from rsvlm_edge.backends.base import Backend, BackendError, CacheHandle
 from rsvlm_edge.manifest import (
+    DENSE_COMPONENT,
+    DENSE_OUTPUTS,
     HIDDEN_STATES,
     KV_LAYOUT_SEQUENCE_MAJOR,
     KV_LAYOUT_SHARED,
@@ -302,6 +304,7 @@ class OrtBackend(Backend):
         self._kv_names = [(f"past_key_{i}", f"past_value_{i}", f"{new}_key_{i}", f"{new}_value_{i}")
                           for i in range(cfg.num_layers)]
         self._pointer = manifest.has_box_pointer()
+        self._dense = manifest.has_dense_heads()
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, threads: int | None = None, providers: Sequence[str] | str | None = None,
@@ -440,6 +443,17 @@ class OrtBackend(Backend):
         scores, boxes = self._call(POINTER_COMPONENT, {"query": np.ascontiguousarray(query, dtype=np.float32),
                                                        "patches": np.ascontiguousarray(patches, dtype=np.float32)})
         return scores, boxes
+
+    @property
+    def has_dense_heads(self) -> bool:
+        return self._dense
+
+    def dense(self, query: np.ndarray, patches: np.ndarray, patches_after: np.ndarray) -> dict[str, np.ndarray]:
+        if not self._dense:
+            return super().dense(query, patches, patches_after)
+        feeds = {"query": query, "patches": patches, "patches_after": patches_after}
+        outs = self._call(DENSE_COMPONENT, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})
+        return dict(zip(DENSE_OUTPUTS, outs))
 
     def _forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                  hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:

@@ -68,6 +68,20 @@ class TorchBackend(Backend):
             keys = self._t(patches, torch.float32)
             return pointer.scores(self._t(query, torch.float32), keys).numpy(), pointer.absolute_boxes(keys).numpy()
 
+    @property
+    def has_dense_heads(self) -> bool:
+        return getattr(self.model, "dense_heads", None) is not None
+
+    def dense(self, query: np.ndarray, patches: np.ndarray, patches_after: np.ndarray) -> dict[str, np.ndarray]:
+        if not self.has_dense_heads:
+            return super().dense(query, patches, patches_after)
+        from rsvlm_edge.manifest import DENSE_OUTPUTS
+
+        torch = self.torch
+        with torch.inference_mode():
+            outs = self.model.dense_heads(*(self._t(a, torch.float32) for a in (query, patches, patches_after)))
+        return {name: out.numpy() for name, out in zip(DENSE_OUTPUTS, outs)}
+
     def _forward(self, cache: CacheHandle, embeds, position_ids, attention_mask, hidden: bool
                  ) -> tuple[np.ndarray, np.ndarray | None]:
         cache.check(cache.expert, embeds.shape[1])

@@ -33,6 +33,8 @@ from rsvlm_edge.backends.trt_engine import TrtEngine
 from rsvlm_edge.backends.trt_env import LazyModule, cuda_check, device_compute_capability, load_cudart, load_tensorrt
 from rsvlm_edge.backends.trt_shapes import ShapeError, batch_chunks, decoder_steps
 from rsvlm_edge.manifest import (
+    DENSE_COMPONENT,
+    DENSE_OUTPUTS,
     HIDDEN_STATES,
     POINTER_COMPONENT,
     Component,
@@ -120,6 +122,7 @@ class TrtBackend(Backend):
                                         on_evict=lambda _e, engine: engine.close(), size_of=self._plan_bytes)
         self._scratch: dict[str, DeviceBuffer] = {}
         self._pointer = manifest.has_box_pointer()
+        self._dense = manifest.has_dense_heads()
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, verify: Verify = "size", device: int = 0,
@@ -222,6 +225,24 @@ class TrtBackend(Backend):
             outs = [engine.run_host(p, {"query": query[a:b], "patches": patches[a:b]}) for a, b, p in pieces]
         return tuple(np.concatenate([o[name] for o in outs]).astype(np.float32, copy=False)  # type: ignore[return-value]
                      for name in ("scores", "boxes"))
+
+    @property
+    def has_dense_heads(self) -> bool:
+        return self._dense
+
+    def dense(self, query: np.ndarray, patches: np.ndarray, patches_after: np.ndarray) -> dict[str, np.ndarray]:
+        if not self._dense:
+            return super().dense(query, patches, patches_after)
+        engine = self._engine(DENSE_COMPONENT)
+        try:
+            pieces = batch_chunks(engine.component, engine.profiles, query.shape[0], {})
+        except ShapeError as exc:
+            raise BackendError(str(exc)) from None
+        feeds = {"query": query, "patches": patches, "patches_after": patches_after}
+        with self.lock:
+            outs = [engine.run_host(p, {k: np.ascontiguousarray(v[a:b], dtype=np.float32) for k, v in feeds.items()})
+                    for a, b, p in pieces]
+        return {name: np.concatenate([o[name] for o in outs]).astype(np.float32, copy=False) for name in DENSE_OUTPUTS}
 
     def _forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                  hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:

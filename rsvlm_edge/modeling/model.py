@@ -307,6 +307,64 @@ class BoxPointer(nn.Module):
         return self.boxes(patches) + patch_centres(torch.arange(self.grid ** 2, device=patches.device), self.grid)
 
 
+class DenseHeads(nn.Module):
+    """Detections and masks from the image patch states, and which labels the instruction asks for.
+
+    Reads what the box pointer reads (final-norm decoder states of the patch tokens, and the answer-start state
+    ``query``): a small per-patch MLP with one 3x3 convolution over the patch grid for the neighbours' context, then
+    per patch the objects centred in it (a sigmoid per label, so a sample's partial labels train it), their box
+    (edges minus the patch centre, as the pointer's box head) and oriented box (centre offset, w, h, and the angle
+    as cos/sin of twice it: a rectangle turned by 180 degrees is the same), and the label probabilities of its
+    ``dense_cells`` x ``dense_cells`` mask cells. A second branch reads both images of a pair (before, after and
+    their difference) for change cells. ``forward`` gives probabilities and absolute geometry in image sizes
+    (the exported graph); ``logits`` the raw outputs training needs.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, h, n_labels, cells = cfg.hidden_size, cfg.dense_hidden, len(cfg.dense_labels), cfg.dense_cells ** 2
+        self.grid, self.labels, self.cells = cfg.grid_size, n_labels, cells
+        self.asked = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, n_labels))
+        self.patch = nn.Sequential(nn.Linear(d, h), nn.GELU())
+        self.context = nn.Conv2d(h, h, 3, padding=1)
+        self.objects = nn.Linear(h, n_labels)
+        self.box = nn.Linear(h, 4)
+        self.obb = nn.Linear(h, 6)
+        self.cell = nn.Linear(h, cells * n_labels)
+        self.pair = nn.Sequential(nn.Linear(3 * d, h), nn.GELU())
+        self.pair_context = nn.Conv2d(h, h, 3, padding=1)
+        self.change = nn.Linear(h, cells)
+
+    def _grid(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """(B, grid^2, h) + GELU(3x3 conv over the patch grid)."""
+        b, n, h = x.shape
+        image = x.transpose(1, 2).reshape(b, h, self.grid, self.grid)
+        return x + F.gelu(conv(image)).reshape(b, h, n).transpose(1, 2)
+
+    def image_logits(self, query: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Raw (asked, objects, boxes, obbs, cells) of one image: boxes and obb centres relative to patch centres."""
+        x = self._grid(self.patch(patches), self.context)
+        b, n, _ = x.shape
+        return (self.asked(query), self.objects(x), self.box(x), self.obb(x),
+                self.cell(x).view(b, n, self.cells, self.labels))
+
+    def change_logits(self, patches: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """Raw change logits (B, grid^2, cells) of an image pair."""
+        pair = self.pair(torch.cat([patches, after, after - patches], dim=-1))
+        return self.change(self._grid(pair, self.pair_context))
+
+    def logits(self, query: torch.Tensor, patches: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Raw (asked, objects, boxes, obbs, cells, change)."""
+        return (*self.image_logits(query, patches), self.change_logits(patches, after))
+
+    def forward(self, query: torch.Tensor, patches: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        asked, objects, box, obb, cells, change = self.logits(query, patches, after)
+        centres = patch_centres(torch.arange(self.grid ** 2, device=patches.device), self.grid)
+        obb = torch.cat([obb[..., :2] + centres[:, :2], obb[..., 2:]], dim=-1)
+        return (torch.sigmoid(asked), torch.sigmoid(objects), box + centres, obb, torch.sigmoid(cells),
+                torch.sigmoid(change))
+
+
 def centre_patch(cx: float, cy: float, grid: int) -> int:
     """Index of the patch of a ``grid`` x ``grid`` layout holding the point (cx, cy), in image sizes (0-1)."""
     return min(grid - 1, int(cy * grid)) * grid + min(grid - 1, int(cx * grid))
@@ -341,6 +399,7 @@ class RSVLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.router = InstructionRouter(cfg) if cfg.router else None
         self.box_pointer = BoxPointer(cfg) if cfg.box_pointer else None
+        self.dense_heads = DenseHeads(cfg) if cfg.dense_heads else None
         self.apply(self._init_weights)
 
     @staticmethod
