@@ -34,27 +34,9 @@ from PIL import Image
 from rsvlm_edge.distributed.executor import RayExecutor
 from rsvlm_edge.distributed.infer import infer_batch
 from rsvlm_edge.distributed.settings import RaySettings
+from rsvlm_edge.machine import cpu_description
 from rsvlm_edge.sampling import SamplingConfig
 from rsvlm_edge.tasks import make_instruction, max_new_tokens_for, split_tag
-
-
-def cpu_name() -> str:
-    """The CPU model and its vector ISA from /proc/cpuinfo (what the numbers were measured on), else the platform's
-    word."""
-    import platform
-
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith(("flags", "Features")):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX512"), ("avx512_vnni", "AVX512-VNNI"),
-                                   ("amx_tile", "AMX"), ("asimd", "NEON")) if flag in flags]
-    return f"{model} ({' + '.join(isa)})" if isa else model
 
 
 def write_tiles(folder: Path, count: int, size: int) -> list[list[str]]:
@@ -146,7 +128,7 @@ def measure(model_dir: str, tiles: int, batch_size: int, task: str, rounds: int)
                     cpu[name] = cpu.get(name, 0.0) + tree_cpu_seconds() - cpu0
     per_tile = {name: min(seconds) / tiles for name, seconds in times.items()}
     cpu_ms = {name: seconds / (tiles * rounds) * 1e3 for name, seconds in cpu.items()}
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 1),
+    return {"cpu": cpu_description(), "cores": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 1),
             "tiles": tiles, "batch_size": batch_size, "task": task, "threads_per_actor": 1,
             "tiles_per_s": {name: round(1 / s, 2) for name, s in per_tile.items()},
             "rounds": rounds, "cpu_ms_per_tile": {name: round(ms, 2) for name, ms in cpu_ms.items()},
