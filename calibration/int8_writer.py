@@ -196,7 +196,7 @@ class Int8Writer:
 def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype: str, keep_lm_head: bool,
               block_size: int, model_config: dict[str, Any] | None = None,
               stack: bool = True, attention: bool = True, bits: int = 8, symmetric: bool = True,
-              method: str = "rtn") -> tuple[Quantizer, dict[str, Any]]:
+              method: str = "rtn", encoder_kernel: str = "nbits") -> tuple[Quantizer, dict[str, Any]]:
     """The per-graph rewrite of ``scheme`` and the manifest's description of it. The weight-only graphs are
     ORT-only anyway, so they also get the ORT rotary fusion (needs ``model_config``); ``stack`` (weight-only) merges
     the products that read one activation into one ``MatMulNBits``; ``attention`` (weight-only) makes each decoder
@@ -206,7 +206,9 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
     ``block_size``); the other graphs (vision encoder, embedding) keep symmetric INT8 per block of 128. Decode reads
     every decoder weight per token, so its speed follows their bytes; the vision encoder runs once per tile over
     hundreds of patches, bound by arithmetic rather than weight bytes, so 4 bits would cost it accuracy and buy
-    nothing."""
+    nothing. ``encoder_kernel`` "dynamic" (weight-only) gives those other graphs ``DynamicQuantizeMatMul`` (per-channel
+    INT8 weights, activations quantized per call over their own range) instead of ``MatMulNBits``: ORT's integer
+    GEMM, faster over hundreds of rows (``bench/prefill_kernels.py``)."""
     keep = keep_fp32_predicate(keep_lm_head)
     lm_head = "fp32" if keep_lm_head else f"int{bits}"
     if bits == 4 and scheme == "qdq":
@@ -227,9 +229,12 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
         cfg = ModelConfig.from_dict(model_config) if model_config else None
         try:
             decoder_scheme = WeightScheme(bits=bits, block_size=block_size, symmetric=symmetric, method=method)
+            if encoder_kernel not in ("nbits", "dynamic"):
+                raise ValueError(f"encoder kernel must be nbits or dynamic, got {encoder_kernel!r}")
         except ValueError as exc:
             raise Int8WriteError(str(exc)) from None
-        other_scheme = decoder_scheme if bits == 8 else WeightScheme(block_size=DEFAULT_BLOCK)
+        other_scheme = (WeightScheme(kernel="dynamic") if encoder_kernel == "dynamic"
+                        else decoder_scheme if bits == 8 else WeightScheme(block_size=DEFAULT_BLOCK))
 
         def weight_only(model: onnx.ModelProto, arrays: dict[str, np.ndarray], name: str,
                         file_of: FileOf) -> QuantizedGraph:
@@ -252,6 +257,8 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
                 if bits == 8 else
                 f"weight-only INT4 decoders (ONNX Runtime MatMulNBits), {kind} per block of {block_size} along K; "
                 f"other graphs INT8 symmetric per block of {other_scheme.block_size}")
+        if encoder_kernel == "dynamic":
+            text += "; other graphs INT8 per channel read by DynamicQuantizeMatMul"
         return (weight_only,
                 {"scheme": f"{text}; activations quantized per block at run time", "weight_block_size": block_size,
                  "weight_bits": bits, "decoder_weights": decoder_scheme.describe(),
@@ -285,7 +292,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
                       extra_files: dict[str, bytes] | None = None, info: dict[str, Any] | None = None,
                       progress: Callable[[str], None] | None = None, scheme: str = "qdq",
                       block_size: int = 128, stack: bool = True, attention: bool = True, bits: int = 8,
-                      symmetric: bool = True, method: str = "rtn") -> Manifest:
+                      symmetric: bool = True, method: str = "rtn", encoder_kernel: str = "nbits") -> Manifest:
     """Quantize ``src_dir`` (an FP32 ONNX engine dir) into ``out_dir``; ``extra_files`` (name -> bytes) are
     written beside (the calibration table, TensorRT caches). ``scheme`` "qdq" needs ``table`` (activation ranges);
     "weight-only" ignores it and takes ``bits`` (8, or 4 for the decoders: see :func:`quantizer`), ``symmetric``
@@ -296,7 +303,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
     if src.engine_kind != "onnx":
         raise Int8WriteError(f"{src_dir} holds {src.engine_kind} engines; INT8 quantization needs the exported ONNX")
     quantize, description = quantizer(scheme, table, act_dtype, keep_lm_head, block_size, src.model_config, stack,
-                                      attention, bits, symmetric, method)
+                                      attention, bits, symmetric, method, encoder_kernel)
     precision = f"int{bits}"
     bad = [c.name for c in src.components.values() if c.precision != "fp32"]
     if bad:

@@ -44,6 +44,7 @@ from rsvlm_edge.calibration.qdq import (
     embedding_gathers,
     external_adder,
     quantize_tables,
+    quantize_weight,
     replace_initializers,
 )
 from rsvlm_edge.engines.ort_fusions import CONTRIB, use_contrib_domain
@@ -74,6 +75,10 @@ def blockwise_int8(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarr
 
 METHODS = ("rtn", "hqq")
 BITS = (4, 8)
+#: The kernel that reads the weights: ``MatMulNBits`` (blockwise codes; activations quantized per block of K at run
+#: time) or ``DynamicQuantizeMatMul`` (per-channel pair-bounded INT8 weights; the activation quantized per call over
+#: its own range: ORT's integer GEMM, which uses AMX / VNNI / AVX2 and is the faster kernel over hundreds of rows).
+KERNELS = ("nbits", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,7 @@ class WeightScheme:
     symmetric: bool = True
     method: str = "rtn"
     accuracy_level: int = ACCURACY_INT8
+    kernel: str = "nbits"
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -96,6 +102,10 @@ class WeightScheme:
             raise ValueError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
         if self.method not in METHODS:
             raise ValueError(f"quantization method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"weight kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if self.kernel == "dynamic" and not (self.bits == 8 and self.symmetric and self.method == "rtn"):
+            raise ValueError("the dynamic kernel reads symmetric per-channel INT8 weights only")
         if self.method == "hqq" and (self.bits != 4 or self.symmetric):
             raise ValueError("HQQ quantizes 4-bit weights with a float zero point per block: asymmetric INT4 only")
 
@@ -106,6 +116,9 @@ class WeightScheme:
 
     def describe(self) -> dict[str, Any]:
         """The manifest's record of the scheme."""
+        if self.kernel == "dynamic":
+            return {"bits": 8, "kernel": "DynamicQuantizeMatMul", "weights": "per-channel symmetric, pair-bounded",
+                    "activations": "per-tensor UINT8, quantized per call over its own range"}
         return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric, "method": self.method,
                 "accuracy_level": self.accuracy_level,
                 "quantizer": "rsvlm_edge blockwise_int8" if self.ours else _ort_quantizer_name()}
@@ -264,6 +277,9 @@ def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
 
     def matmul(a: str, w: str, origin: str, arrays: list[np.ndarray], outputs: list[str], name: str,
                bias: str | None = None):
+        if scheme.kernel == "dynamic":
+            dynamic_matmul(a, w, origin, arrays, outputs, name, bias)
+            return
         blocks = [quantize_blocks(x, scheme) for x in arrays]  # stacked along N: codes, scales, zero points by row
         external(f"{w}_quantized", np.concatenate([b.codes for b in blocks]), origin)
         external(f"{w}_scale", np.concatenate([b.scales for b in blocks]), origin)
@@ -278,6 +294,19 @@ def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
         new_nodes.append(helper.make_node("MatMulNBits", inputs, outputs, name=f"{name}/MatMulNBits", domain=CONTRIB,
                                           K=k, N=n, bits=scheme.bits, block_size=scheme.block_size,
                                           accuracy_level=scheme.accuracy_level))
+        result.weights_quantized += len(arrays)
+
+    def dynamic_matmul(a: str, w: str, origin: str, arrays: list[np.ndarray], outputs: list[str], name: str,
+                       bias: str | None = None):
+        # pair-bounded (qdq.quantize_weight): u8 x s8 pairs cannot saturate x86 kernels without VNNI
+        codes, scale = quantize_weight(np.concatenate([np.asarray(x, np.float32) for x in arrays], axis=1), axis=1)
+        external(f"{w}_quantized", codes, origin)
+        external(f"{w}_scale", scale, origin)
+        inputs = [a, f"{w}_quantized", f"{w}_scale", "", bias or ""]
+        while not inputs[-1]:
+            inputs.pop()
+        new_nodes.append(helper.make_node("DynamicQuantizeMatMul", inputs, outputs, name=f"{name}/DynamicQuantizeMatMul",
+                                          domain=CONTRIB))
         result.weights_quantized += len(arrays)
 
     quantized: set[str] = set()

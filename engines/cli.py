@@ -52,6 +52,11 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
 @click.option("--method", type=click.Choice(["rtn", "hqq"]), default="rtn", show_default=True,
               help="ort int4: rtn = round to nearest; hqq = half-quadratic refinement of each block's zero point "
                    "(asymmetric; needs torch to build). Both from onnxruntime's MatMulNBits quantizer.")
+@click.option("--encoder-kernel", type=click.Choice(["nbits", "dynamic"]), default="nbits", show_default=True,
+              help="ort weight-only: the kernel of the vision encoder and the other non-decoder graphs: nbits = "
+                   "MatMulNBits (blockwise INT8, activations quantized per block); dynamic = DynamicQuantizeMatMul "
+                   "(per-channel INT8, activations quantized per call over their own range: ORT's integer GEMM, "
+                   "faster over a tile's hundreds of patches).")
 @click.option("--stack/--no-stack", default=True, show_default=True,
               help="ort int8 weight-only: stack the products that read one activation (q/k/v with their biases, "
                    "gate/up) into one MatMulNBits + Split; --no-stack keeps one node per weight (a baseline to bench).")
@@ -64,7 +69,7 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="trt only: TensorRT timing cache file (reused).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, scheme, block_size, symmetric, method,
-                  stack, attention, keep_lm_head, preset, timing_cache, overwrite) -> None:
+                  encoder_kernel, stack, attention, keep_lm_head, preset, timing_cache, overwrite) -> None:
     """Build engines from the exported ONNX engine dir ONNX_DIR into OUT_DIR.
 
     \b
@@ -102,7 +107,7 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
     try:
         build_ort(onnx_dir, out_dir, precision, calibration, overwrite=overwrite, act_dtype=act_dtype,
                   keep_lm_head=keep_lm_head, scheme=scheme, block_size=int(block_size) if block_size else None,
-                  stack=stack, attention=attention, symmetric=symmetric, method=method)
+                  stack=stack, attention=attention, symmetric=symmetric, method=method, encoder_kernel=encoder_kernel)
     except (Int8WriteError, CalibrationTableError, ManifestError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     if precision == "int4" and scheme == "qdq":

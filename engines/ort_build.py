@@ -71,7 +71,7 @@ def build_ort_fp32(onnx_dir: str | Path, out_dir: str | Path, overwrite: bool = 
 def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32", calibration: str | Path | None = None,
               overwrite: bool = False, act_dtype: str = "uint8", keep_lm_head: bool = False, scheme: str | None = None,
               block_size: int | None = None, stack: bool = True, attention: bool = True, symmetric: bool | None = None,
-              method: str = "rtn") -> Manifest:
+              method: str = "rtn", encoder_kernel: str = "nbits") -> Manifest:
     """An ORT engine dir: ``fp32`` (optimized graphs), ``int8`` (``scheme`` "qdq", the default: Q/DQ from the
     calibration table; "weight-only": blockwise INT8 weights for ``MatMulNBits``, no table, shared-input products
     stacked unless ``stack`` is False, attention fused into ``GroupQueryAttention`` unless ``attention`` is False)
@@ -85,6 +85,8 @@ def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32"
 
     scheme = scheme or ("weight-only" if precision == "int4" else "qdq")
     block_size = block_size or DEFAULT_BLOCK[precision]
+    if scheme != "weight-only" and encoder_kernel != "nbits":
+        raise ValueError("--encoder-kernel applies to --scheme weight-only")
     if precision == "int4" and scheme == "qdq":  # for TensorRT >= 10: INT4 blockwise Q/DQ decoders
         if calibration is not None:
             raise ValueError("--precision int4 needs no --calibration (it quantizes weights only)")
@@ -99,7 +101,8 @@ def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32"
         return write_int8_engine(onnx_dir, out_dir, None, keep_lm_head=keep_lm_head, overwrite=overwrite,
                                  scheme=scheme, block_size=block_size, stack=stack, attention=attention,
                                  bits=4 if precision == "int4" else 8,
-                                 symmetric=precision == "int8" if symmetric is None else symmetric, method=method)
+                                 symmetric=precision == "int8" if symmetric is None else symmetric, method=method,
+                                 encoder_kernel=encoder_kernel)
     if not stack:
         raise ValueError("--no-stack applies to --scheme weight-only (the Q/DQ scheme stacks nothing)")
     if not attention:

@@ -251,3 +251,32 @@ def test_int4_build_errors(fp32_dir, tmp_path):
                                "--asymmetric"])
     assert res.exit_code == 1 and "--precision int4" in res.output
     assert not out.exists()
+
+
+def test_dynamic_encoder_kernel_reads_pair_bounded_per_channel_int8(fp32_dir, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path / "int8w-dyn"
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
+                                    "--encoder-kernel", "dynamic"])
+    assert res.exit_code == 0, res.output
+    man = Manifest.load(out)
+    assert man.extra["quantization"]["other_weights"]["kernel"] == "DynamicQuantizeMatMul"
+    encoder = onnx.load(str(out / "vision_encoder.onnx"))
+    ops = [n.op_type for n in encoder.graph.node]
+    assert "DynamicQuantizeMatMul" in ops and "MatMulNBits" not in ops
+    inits = {i.name: numpy_helper.to_array(i) for i in encoder.graph.initializer}
+    for node in encoder.graph.node:
+        if node.op_type == "DynamicQuantizeMatMul":
+            q = np.abs(inits[node.input[1]].astype(np.int32))  # (K, N) INT8, one scale per output channel
+            top2 = np.sort(q, axis=0)[-2:].sum(0)
+            assert q.dtype != np.uint8 and top2.max() <= 128  # no u8 x s8 pair sum can saturate int16 (no VNNI)
+    decoder = [n.op_type for n in onnx.load(str(out / "decoder_expert0.onnx"), load_external_data=False).graph.node]
+    assert "MatMulNBits" in decoder and "DynamicQuantizeMatMul" not in decoder  # decode keeps the streaming kernel
+    from test_engines_ort import logit_error
+
+    assert logit_error(out, fp32_dir) < 0.05
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), "--precision", "int8",
+                                    "--calibration", str(out / "manifest.json"), "--encoder-kernel", "dynamic"])
+    assert res.exit_code == 1 and "--encoder-kernel applies to --scheme weight-only" in res.output
