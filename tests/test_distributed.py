@@ -161,3 +161,15 @@ def test_infer_ray_prints_the_local_runs_json(cluster, tiles, tmp_path):
 def test_a_pool_larger_than_the_cluster_is_refused_not_left_waiting(cluster, tiles):
     res = CliRunner().invoke(main, ["infer", str(DEMO), str(tiles), "--task", "cls", "--ray", "auto", "--actors", "3"])
     assert res.exit_code == 2 and "--actors 3 x --threads-per-actor 1 needs 3 CPUs; the Ray cluster has 2" in res.output
+
+
+def test_the_ray_benchmark_reports_rates_and_overhead(tmp_path):
+    """`python -m rsvlm_edge.distributed.bench` end to end on 4 tiles (its own cluster, in its own process)."""
+    out = subprocess.run([sys.executable, "-m", "rsvlm_edge.distributed.bench", str(DEMO), "--tiles", "4",
+                          "--batch-size", "2", "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(report["tiles_per_s"]) == {"local", "ray_1_actor", "ray_2_actors"}
+    assert all(rate > 0 for rate in report["tiles_per_s"].values())
+    assert all(ms > 0 for ms in report["cpu_ms_per_tile"].values())
+    assert report["cpu"] and 0 < report["two_process_ceiling"] <= 2.5
