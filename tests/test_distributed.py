@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from rsvlm_edge.cli import main
-from rsvlm_edge.distributed.engine import EngineDir
+from rsvlm_edge.distributed.engine import EngineDir, cache_root
 from rsvlm_edge.distributed.settings import RaySettings
 from rsvlm_edge.infer_command import answer_batch
 from rsvlm_edge.manifest import MANIFEST_FILE, sha256_file
@@ -124,10 +124,13 @@ def test_two_actors_answer_like_the_local_loop_when_one_is_killed_mid_job(cluste
 
 
 def test_workers_that_cannot_see_the_engine_get_it_once_and_verify_it(cluster, tiles, local_answers):
+    shutil.rmtree(cache_root() / EngineDir.of(DEMO).digest, ignore_errors=True)  # the workers' node is this one
     with RayExecutor(RaySettings(actors=2), str(DEMO), ship_engine=True) as pool:
         assert pool.stats.sources == ["object store"] * 2
         answers = dict(pool.map(infer_batch, _jobs(tiles)[:3]))
     assert [_answers(answers[i]) for i in range(3)] == local_answers[:3]
+    with RayExecutor(RaySettings(actors=1), str(DEMO), ship_engine=True) as pool:  # the next run finds it there
+        assert pool.stats.sources == ["node cache"]
 
 
 def test_a_worker_whose_engine_fails_its_hashes_stops_the_run_naming_the_file(cluster, tiles, tmp_path):

@@ -35,6 +35,8 @@ class PipelineWorker:
         path = self.engine.local_copy()
         if path is not None:
             self.source = "shared path"
+        elif (path := self.engine.cached_copy()) is not None:
+            self.source = "node cache"
         elif bundle:
             import ray
 

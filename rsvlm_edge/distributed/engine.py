@@ -5,7 +5,8 @@ the sha256 of every file a backend reads, so its own sha256 names the engine (th
 the test a worker applies to a copy it finds at the driver's path). A checkpoint dir (torch backend) has no
 manifest; its files' hashes stand in. A worker whose node has the same engine at the driver's path (one machine,
 or a shared filesystem) opens it there; any other worker gets the files once through Ray's object store (one
-transfer per node), unpacks them under the temp dir and opens them with the backend's own sha256 verification.
+transfer per node), unpacks them under the temp dir (where the next run on that node finds them) and opens them
+with the backend's own sha256 verification.
 No Ray import here: the actor passes the bundle in.
 """
 
@@ -53,6 +54,11 @@ def engine_digest(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def cache_root(root: str | Path | None = None) -> Path:
+    """Where a node keeps the engines shipped to it, one folder per digest: ``<temp dir>/rsvlm-edge-engines``."""
+    return Path(root or tempfile.gettempdir()) / "rsvlm-edge-engines"
+
+
 @dataclass(frozen=True)
 class EngineDir:
     """The driver's engine dir: its path, its digest and the files a worker needs from it. ``shared`` False:
@@ -84,13 +90,21 @@ class EngineDir:
         except OSError:
             return None
 
+    def cached_copy(self, root: str | Path | None = None) -> Path | None:
+        """The copy an earlier run unpacked on this node (:meth:`unpack`), if it is there whole."""
+        path = cache_root(root) / self.digest
+        try:
+            return path if path.is_dir() and engine_digest(path) == self.digest else None
+        except OSError:
+            return None
+
     def unpack(self, bundle: dict[str, bytes], root: str | Path | None = None) -> Path:
         """Write ``bundle`` to ``<root>/rsvlm-edge-engines/<digest>`` (a copy already there is reused) and return
         it. The files land in a private folder that is renamed into place whole, so actors that share a node never
         see a half-written engine; the backend then verifies every file against the manifest as it loads."""
-        base = Path(root or tempfile.gettempdir()) / "rsvlm-edge-engines"
+        base = cache_root(root)
         final = base / self.digest
-        if final.is_dir() and engine_digest(final) == self.digest:
+        if self.cached_copy(root) is not None:
             return final
         base.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{self.digest[:12]}-", dir=base))
