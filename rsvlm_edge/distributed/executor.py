@@ -91,7 +91,7 @@ class RayExecutor:
 
         for actor in self.actors:
             ray.kill(actor)
-        self.actors = []
+        self.actors, self._bundle = [], []  # the shipped engine leaves the object store with its last reference
 
     def _fitting_actors(self, cpus: int, gpu: bool) -> int:
         import ray
