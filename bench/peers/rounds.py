@@ -44,6 +44,7 @@ class EngineFigures:
     peak_rss_mb: Span = field(default_factory=Span)
     weight_bytes_per_token: int | None = None
     errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how a round had to run (printed under the table)
 
     def add(self, measured: dict[str, Any]) -> None:
         self.prefill_s.values.append(float(measured["prefill_s"]))
@@ -53,15 +54,18 @@ class EngineFigures:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "prefill_s": self.prefill_s.values, "decode_tok_s": self.decode_tok_s.values,
                 "peak_rss_mb": self.peak_rss_mb.values, "weight_bytes_per_token": self.weight_bytes_per_token,
-                "errors": self.errors}
+                "errors": self.errors, "notes": self.notes}
 
 
 def collect(engines: list[str], results: list[tuple[str, dict[str, Any] | str]]) -> list[EngineFigures]:
-    """Group (engine, measurement or error message) pairs by engine, in ``engines`` order."""
+    """Group (engine, measurement or error message) pairs by engine, in ``engines`` order; a measurement's
+    ``note`` is kept once per engine."""
     figures = {name: EngineFigures(name) for name in engines}
     for name, measured in results:
         if isinstance(measured, str):
             figures[name].errors.append(measured)
-        else:
-            figures[name].add(measured)
+            continue
+        figures[name].add(measured)
+        if measured.get("note") and measured["note"] not in figures[name].notes:
+            figures[name].notes.append(measured["note"])
     return [figures[name] for name in engines]

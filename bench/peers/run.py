@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from rsvlm_edge.bench.peers.exports import Engine, Step, plan, run_step
 from rsvlm_edge.bench.peers.rounds import EngineFigures, collect, schedule
-from rsvlm_edge.bench.peers.table import format_errors, format_header, format_table
+from rsvlm_edge.bench.peers.table import format_errors, format_header, format_notes, format_table
 from rsvlm_edge.bench.peers.weights import bytes_per_token
 from rsvlm_edge.bench.peers.worker import PeerSpec
 from rsvlm_edge.bench.worker import RESULT
@@ -107,6 +108,20 @@ def run_worker(spec: PeerSpec, timeout_s: float) -> dict[str, Any] | str:
         return f"exit code {proc.returncode}: {err.read()[-1500:].strip()}"
 
 
+#: llama.cpp's extra CPU buffer types (AMX tiles, repacked weights) crash some builds on AMX CPUs (SIGSEGV in the
+#: first decode); such a round is run again without them, and the table says so.
+NO_EXTRA_BUFTS = "measured without llama.cpp's extra CPU buffer types (AMX / repacked weights): with them it crashed"
+
+
+def measure_engine(spec: PeerSpec, timeout_s: float) -> dict[str, Any] | str:
+    result = run_worker(spec, timeout_s)
+    if spec.kind == "llama" and isinstance(result, str) and result.startswith(f"exit code {-signal.SIGSEGV}"):
+        result = run_worker(replace(spec, extra_bufts=False), timeout_s)
+        if not isinstance(result, str):
+            result["note"] = NO_EXTRA_BUFTS
+    return result
+
+
 def measure(engines: list[Engine], settings: PeerSettings, say: Callable[[str], None]) -> list[EngineFigures]:
     by_name = {e.name: e for e in engines}
     results: list[tuple[str, dict[str, Any] | str]] = []
@@ -114,7 +129,7 @@ def measure(engines: list[Engine], settings: PeerSettings, say: Callable[[str], 
         e = by_name[name]
         say(f"round {rnd + 1}/{settings.rounds}: {name}")
         spec = PeerSpec(name, e.kind, str(e.path), settings.prompt_tokens, settings.new_tokens, settings.threads)
-        results.append((name, run_worker(spec, settings.timeout_s)))
+        results.append((name, measure_engine(spec, settings.timeout_s)))
     figures = collect(list(by_name), results)
     for f in figures:
         f.weight_bytes_per_token = bytes_per_token(by_name[f.name].kind, by_name[f.name].path)
@@ -128,6 +143,7 @@ def run_peers(settings: PeerSettings, say: Callable[[str], None]) -> dict[str, A
     header = format_header(cpu, os.cpu_count() or 1, settings.threads, settings.rounds, settings.prompt_tokens,
                            settings.new_tokens)
     return {"header": header, "table": format_table(figures, settings.prompt_tokens), "errors": format_errors(figures),
+            "notes": format_notes(figures),
             "skipped": skipped, "cpu": cpu,
             "load_avg": list(os.getloadavg()), "engines": [f.to_dict() for f in figures],
             "settings": {"rounds": settings.rounds, "threads": settings.threads,

@@ -41,3 +41,7 @@ def format_header(cpu: str, cores: int, threads: int, rounds: int, prompt_tokens
 
 def format_errors(figures: list[EngineFigures]) -> str:
     return "\n".join(f"{f.name}: {err}" for f in figures for err in f.errors)
+
+
+def format_notes(figures: list[EngineFigures]) -> str:
+    return "\n".join(f"{f.name}: {note}" for f in figures for note in f.notes)

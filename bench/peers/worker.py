@@ -32,6 +32,7 @@ class PeerSpec:
     threads: int = 2
     seed: int = 0
     vocab: int = QWEN2_BPE_TOKENS  # prompt ids are drawn below it: ordinary tokens in every engine's vocab
+    extra_bufts: bool = True  # llama.cpp: its extra CPU buffer types (AMX, repacked Q4_0/Q8_0 weights)
 
     @classmethod
     def from_json(cls, text: str) -> "PeerSpec":
@@ -101,7 +102,17 @@ def _genai(spec: PeerSpec) -> Runner:
 def _llama(spec: PeerSpec) -> Runner:
     """llama.cpp through llama-cpp-python, with llama.cpp's own batch defaults (2048 logical, 512 physical)."""
     import llama_cpp
+    import llama_cpp.llama
 
+    if not spec.extra_bufts:  # Llama() takes no such argument: its default model params are the only way in
+        defaults = llama_cpp.llama_model_default_params
+
+        def without_extra_bufts() -> Any:
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_bufts
     llm = llama_cpp.Llama(spec.path, n_ctx=spec.prompt_tokens + spec.new_tokens + 16, n_batch=2048, n_ubatch=512,
                           n_threads=spec.threads, n_threads_batch=spec.threads, verbose=False)
     vocab = llm.n_vocab()
