@@ -8,3 +8,4 @@ out="${1:-runs/tiny-demo}"
 rsvlm-edge train "$out" --config tiny --vision-steps "${VISION_STEPS:-1000}" --align-steps "${ALIGN_STEPS:-800}" --instruct-steps "${INSTRUCT_STEPS:-4600}" \
   --batch-size 24 --lr 1e-3 --threads 2 --seed 0 --save-every 200 \
   --token-pos-embed --box-pointer
+bash scripts/train_dense.sh "$out"  # the dense heads on the frozen trunk (scripts/train_dense.sh)

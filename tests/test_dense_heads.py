@@ -285,3 +285,14 @@ def test_trt_backend_writes_the_same_answers(onnx_dir, tok, tmp_path, monkeypatc
     assert [g.text for g in got] == [w.text for w in want]
     assert all(g.dense is not None and w.dense is not None for g, w in zip(got, want))
     trt_backend.close()
+
+
+def test_one_task_eval_suites():
+    from rsvlm_edge.training.evaluate import suite_samples
+
+    assert {s.tag for s in suite_samples("detection", 5, None)} == {"[DET]"}
+    assert {s.tag for s in suite_samples("oriented", 5, None)} == {"[OBB]"}
+    plain, change = suite_samples("segmentation", 8, None), suite_samples("change", 8, None)
+    assert len(plain) == len(change) == 8
+    assert all(len(s.images) == 1 and not s.target.get("change") for s in plain)
+    assert all(len(s.images) == 2 and s.target["change"] for s in change)

@@ -85,10 +85,11 @@ def train_command(out_dir, config_name, vision_steps, vision_batch_size, align_s
               "metrics of both, B - A deltas and teacher-forced greedy token agreement of B with A's answers.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort", show_default=True)
 @click.option("--suite", "suites", multiple=True,
-              type=click.Choice(["synthetic", "router", "grounding", "aid", "rsvqa_lr", "levir_cd", "sirst", "dota",
-                                 "bigearthnet"]),
+              type=click.Choice(["synthetic", "router", "grounding", "detection", "oriented", "segmentation", "change",
+                                 "aid", "rsvqa_lr", "levir_cd", "sirst", "hrsid", "dota", "bigearthnet"]),
               help="Held-out sets to score (repeatable; default: synthetic, router, aid, rsvqa_lr, levir_cd). "
-                   "grounding: synthetic [VG] samples only.")
+                   "grounding, detection, oriented: synthetic [VG], [DET], [OBB] samples only; segmentation, change: "
+                   "synthetic one-image [SEG] masks, two-image change masks.")
 @click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True,
               help="Samples per suite (seeded subset).")
 @click.option("--batch-size", default=8, show_default=True)

@@ -24,7 +24,12 @@ from rsvlm_edge.training.sample import Sample
 #: Held-out synthetic scenes use seeds far from the training streams.
 SYNTHETIC_EVAL_SEED = 10_007
 
-SUITES = ("synthetic", "router", "grounding", "aid", "rsvqa_lr", "levir_cd", "sirst", "dota", "bigearthnet")
+SUITES = ("synthetic", "router", "grounding", "detection", "oriented", "segmentation", "change", "aid", "rsvqa_lr",
+          "levir_cd", "sirst", "hrsid", "dota", "bigearthnet")
+#: Synthetic one-task suites: name -> (seed offset, tag, keep change masks (True), single-image ones (False) or both)
+TASK_SUITES: dict[str, tuple[int, str, bool | None]] = {
+    "detection": (3, "[DET]", None), "oriented": (4, "[OBB]", None), "segmentation": (5, "[SEG]", False),
+    "change": (6, "[SEG]", True)}
 
 
 @dataclass
@@ -160,6 +165,13 @@ def suite_samples(name: str, limit: int | None, data_root: Path | None, seed: in
         if name == "grounding":  # [VG] only: the synthetic mix holds ~70 of them in 600 samples
             return generate(limit or 200, seed=seed + 2, tasks=("[VG]",))
         return generate(limit or 200, seed=seed + (1 if name == "router" else 0))
+    if name in TASK_SUITES:  # one task only: the mixed suite holds ~70 samples of each
+        from rsvlm_edge.training.synthetic import SyntheticGenerator
+
+        offset, tag, change = TASK_SUITES[name]
+        stream = SyntheticGenerator(seed=seed + offset, tasks=(tag,)).samples(10 * (limit or 200))
+        kept = (s for s in stream if change is None or bool(s.target.get("change")) == change)
+        return [s for _, s in zip(range(limit or 200), kept)]
     from rsvlm_edge.training import real_data
 
     samples = getattr(real_data, f"load_{name}")("test", root=data_root)
