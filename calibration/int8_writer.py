@@ -255,10 +255,9 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
         kind = "symmetric" if symmetric else f"asymmetric ({method.upper()})"
         text = (f"weight-only INT8 (ONNX Runtime MatMulNBits), symmetric per block of {block_size} along K"
                 if bits == 8 else
-                f"weight-only INT4 decoders (ONNX Runtime MatMulNBits), {kind} per block of {block_size} along K; "
-                f"other graphs INT8 symmetric per block of {other_scheme.block_size}")
-        if encoder_kernel == "dynamic":
-            text += "; other graphs INT8 per channel read by DynamicQuantizeMatMul"
+                f"weight-only INT4 decoders (ONNX Runtime MatMulNBits), {kind} per block of {block_size} along K")
+        text += ("; other graphs INT8 per channel read by DynamicQuantizeMatMul" if encoder_kernel == "dynamic"
+                 else "" if bits == 8 else f"; other graphs INT8 symmetric per block of {other_scheme.block_size}")
         return (weight_only,
                 {"scheme": f"{text}; activations quantized per block at run time", "weight_block_size": block_size,
                  "weight_bits": bits, "decoder_weights": decoder_scheme.describe(),
