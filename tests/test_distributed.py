@@ -5,6 +5,7 @@ that cannot see it and checked there, and `rsvlm-edge infer --ray` printing the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -176,3 +177,46 @@ def test_the_ray_benchmark_reports_rates_and_overhead(tmp_path):
     assert all(rate > 0 for rate in report["tiles_per_s"].values())
     assert all(ms > 0 for ms in report["cpu_ms_per_tile"].values())
     assert report["cpu"] and 0 < report["two_process_ceiling"] <= 2.5
+
+
+@pytest.fixture()
+def head_node(tmp_path):
+    """A cluster as an operator starts one (`ray start --head`, loopback, one CPU); stopped by ending the
+    blocking `ray start` process, which takes its own Ray processes down with it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_cli = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", "--block",
+                             "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
+                             "--include-dashboard", "false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        recorded = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+        if recorded.is_file() and recorded.read_text().strip().endswith(f":{port}"):
+            recorded.unlink()  # what `ray stop` would remove: this cluster's address, not to be joined again
+
+
+def test_infer_joins_a_cluster_by_its_address(head_node, tiles):
+    """--ray HOST:PORT from another process (the CLI as a user runs it), on the token-authenticated cluster that
+    `ray start` gives."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    common = [sys.executable, "-m", "rsvlm_edge.cli", "infer", str(DEMO), str(tiles), "--task", "cls", "--json"]
+    local = subprocess.run([*common, "--threads", "1"], capture_output=True, text=True, timeout=600)
+    remote = subprocess.run([*common, "--ray", head_node, "--actors", "1"], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert remote.returncode == 0, remote.stderr[-2000:]
+
+    def records(text: str) -> list[dict]:
+        lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        for line in lines:
+            line.pop("timings_ms")
+        return lines
+
+    assert len(records(local.stdout)) == 12 and records(remote.stdout) == records(local.stdout)

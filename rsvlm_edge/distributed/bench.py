@@ -108,7 +108,7 @@ def measure(model_dir: str, tiles: int, batch_size: int, task: str, rounds: int)
     with tempfile.TemporaryDirectory() as tmp:
         groups = write_tiles(Path(tmp), tiles, size)
         jobs = [(groups[i:i + batch_size], None, instruction, sampling, True) for i in range(0, tiles, batch_size)]
-        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         times: dict[str, list[float]] = {}
         cpu: dict[str, float] = {}  # CPU seconds of the process tree, all rounds
         with Pipeline(model_dir, threads=1) as pipe, \

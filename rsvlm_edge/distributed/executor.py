@@ -14,8 +14,11 @@ lines the driver can see.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from rsvlm_edge.distributed.actor import PipelineWorker
@@ -29,14 +32,30 @@ START_TIMEOUT_S = 600  # loading an engine (sha256 of every file included) takes
 
 
 def connect(address: str) -> None:
-    """Join the cluster ``--ray`` names (``auto``: the one ``RAY_ADDRESS`` or ``ray start`` set up, else a new
-    one-machine cluster). Worker output is not forwarded: stdout belongs to the answers."""
+    """Join the cluster ``--ray`` names (``auto``: the one ``RAY_ADDRESS`` names, else the one ``ray start`` runs
+    on this machine, else a new one-machine cluster). Worker output is not forwarded: stdout belongs to the
+    answers."""
     import ray
 
     if ray.is_initialized():
         return
+    if address == "auto" and not os.environ.get("RAY_ADDRESS") and _started_cluster() is None:
+        address = "local"  # Ray would wait minutes on the address a stopped `ray start` left behind
     ray.init(address=None if address == "auto" else address, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
+
+
+def _started_cluster() -> str | None:
+    """The address ``ray start`` recorded on this machine (``<RAY_TMPDIR or /tmp>/ray/ray_current_cluster``), if
+    something still answers there."""
+    tmp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    try:
+        recorded = (Path(tmp) / "ray" / "ray_current_cluster").read_text().strip()
+        host, _, port = recorded.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=2):
+            return recorded
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
