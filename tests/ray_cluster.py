@@ -1,14 +1,16 @@
-"""The Ray cluster the distributed tests share: two CPUs on 127.0.0.1, no dashboard, as `ray start --head` would
-give on one machine. Started once per test session (Ray's own exit hook stops it)."""
+"""The Ray cluster of the distributed tests: two CPUs on 127.0.0.1, no dashboard, as `ray start --head` would give
+on one machine. One per test module, shut down after it, so the rest of the suite runs without Ray's processes."""
 
 from __future__ import annotations
 
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
     ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

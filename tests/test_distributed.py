@@ -29,7 +29,7 @@ ray = pytest.importorskip("ray")
 from rsvlm_edge.distributed.executor import RayExecutor  # noqa: E402
 from rsvlm_edge.distributed.infer import infer_batch  # noqa: E402
 
-cluster = ray_cluster.cluster  # the Ray cluster the distributed tests share
+cluster = ray_cluster.cluster  # a one-machine Ray cluster for this module
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "tiny-demo"
 INSTRUCTION = "[CAP] Describe the image."

@@ -24,7 +24,7 @@ from rsvlm_edge.distributed.settings import RaySettings  # noqa: E402
 from rsvlm_edge.sampling import SamplingConfig  # noqa: E402
 from rsvlm_edge.scene.runner import SceneOptions, run_scene  # noqa: E402
 
-cluster = ray_cluster.cluster  # the Ray cluster the distributed tests share
+cluster = ray_cluster.cluster  # a one-machine Ray cluster for this module
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "tiny-demo"
 # [DET] with short answers: features to merge, quickly; 2 tiles per batch so a kill lands on a batch in flight
