@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -39,6 +40,8 @@ def _check_tokens(model_dir: str, sampling: SamplingConfig, default_tokens: bool
     """The local run's --max-new-tokens check, from the engine's config, before any actor starts."""
     from rsvlm_edge.manifest import Manifest
 
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
     try:
         config = Manifest.load(model_dir, verify=False).config()
     except ValueError:  # a checkpoint dir: its config.json

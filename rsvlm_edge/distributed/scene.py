@@ -34,6 +34,8 @@ class EngineView:
         from rsvlm_edge.manifest import MANIFEST_FILE, Manifest
 
         path = Path(model_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory not found: {model_dir}")
         if (path / MANIFEST_FILE).is_file():
             return cls(Manifest.load(path, verify=False).config(), path)
         return cls(ModelConfig.load(path / "config.json"), path)
