@@ -19,7 +19,7 @@ from rasterio.crs import CRS  # noqa: E402
 from rasterio.transform import from_origin  # noqa: E402
 
 from rsvlm_edge.distributed.executor import RayExecutor  # noqa: E402
-from rsvlm_edge.distributed.scene import EngineView, run_scene_ray  # noqa: E402
+from rsvlm_edge.distributed.scene import EngineView, run_scene_ray, run_scenes_ray  # noqa: E402
 from rsvlm_edge.distributed.settings import RaySettings  # noqa: E402
 from rsvlm_edge.sampling import SamplingConfig  # noqa: E402
 from rsvlm_edge.scene.runner import SceneOptions, run_scene  # noqa: E402
@@ -97,3 +97,23 @@ def test_scene_cli_on_ray_writes_the_local_runs_tile_layer(cluster, scene, tmp_p
     assert local.exit_code == 0 and remote.exit_code == 0, remote.output
     layer = "scene.tiles.geojson"
     assert json.loads((tmp_path / "ray" / layer).read_text()) == json.loads((tmp_path / "local" / layer).read_text())
+
+
+def test_two_scenes_at_once_on_one_pool_are_their_local_runs(cluster, scene, tmp_path):
+    from rsvlm_edge.pipeline import Pipeline
+
+    with rasterio.open(scene) as src:  # a second scene: the first turned upside down
+        profile, pixels = src.profile, src.read()
+    other = tmp_path / "other.tif"
+    with rasterio.open(other, "w", **profile) as dst:
+        dst.write(pixels[:, ::-1, :])
+    options = SceneOptions(task="cls", tile="128", batch_size=1, progress=False)
+    scenes = [(scene, tmp_path / "ray-a"), (other, tmp_path / "ray-b")]
+    with pytest.raises(ValueError, match="its own output folder"):
+        run_scenes_ray(DEMO, [(scene, tmp_path / "x"), (other, tmp_path / "x")], options, cluster=RaySettings())
+    runs = run_scenes_ray(DEMO, scenes, options, cluster=RaySettings(actors=2), log=lambda _: None)
+    assert [r.ran for r in runs] == [6, 6]
+    with Pipeline(DEMO, threads=1) as pipe:
+        for path, out in scenes:
+            run_scene(pipe, path, tmp_path / f"local-{out.name}", options, log=lambda _: None)
+            assert _tiles(out) == _tiles(tmp_path / f"local-{out.name}")

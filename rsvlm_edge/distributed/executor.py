@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,10 @@ class RayExecutor:
     Starts ``settings.actors`` actors, each opening one pipeline with ``settings.threads_per_actor`` threads (a
     GPU each for ``trt``), and maps ``fn(pipe, item)`` over the items, yielding ``(index, result)`` as results come
     back (completion order; each index exactly once). ``ship_engine``: send the engine through the object store
-    even to nodes that see the driver's path."""
+    even to nodes that see the driver's path. Several threads may map at once (several scenes on one pool): each
+    keeps its own queue, and an actor that dies is replaced once."""
+
+    in_process = False  # the work runs in the actors' processes (rsvlm_edge.scene.runner.run_scene reads this)
 
     def __init__(self, settings: RaySettings, model_dir: str, backend: str = "ort",
                  options: dict[str, Any] | None = None, ship_engine: bool = False):
@@ -86,6 +90,7 @@ class RayExecutor:
         self.stats = PoolStats()
         self._bundle: list = []  # [ObjectRef] once the engine has been put in the object store
         self._actor_cls: Any = None
+        self._lock = threading.Lock()  # actor replacement, when maps run from several threads
 
     # ------------------------------------------------------------------ start and stop
     def __enter__(self) -> "RayExecutor":
@@ -196,9 +201,12 @@ class RayExecutor:
                     raise RuntimeError(f"item {index} of the job took down {MAX_ATTEMPTS} Ray actors; "
                                        f"stopping") from None
                 queue.appendleft(index)
-                self.stats.retried += 1
-                if self.actors[slot] is actor:  # the first of its lost items replaces it
-                    self.actors[slot] = self._new_actor()
-                    self._check_ready([slot])
+                with self._lock:
+                    if not self.actors:
+                        raise RuntimeError("the Ray actor pool was closed while a job was running") from None
+                    self.stats.retried += 1
+                    if self.actors[slot] is actor:  # the first of its lost items (in any thread) replaces it
+                        self.actors[slot] = self._new_actor()
+                        self._check_ready([slot])
                 continue
             yield index, result

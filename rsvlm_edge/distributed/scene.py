@@ -6,8 +6,8 @@ holds, journals every batch as it comes back and writes the outputs. Only its ex
 actor dies, so the journal, the GeoJSON and the GeoTIFF are the local run's. The scene files must be readable at
 the same paths on every node (one machine, or a shared filesystem); the engine dir need not be.
 
-Several scenes share one pool (the engines load once): :func:`run_scenes_ray` runs them one after another, each
-spread over every actor.
+Several scenes share one pool (the engines load once): :func:`run_scenes_ray` runs them at once, each scene's
+driver in a thread of its own (its journal, its progress bar, its outputs), their batches on the same actors.
 """
 
 from __future__ import annotations
@@ -45,17 +45,25 @@ def run_scenes_ray(model_dir: str | Path, scenes: Sequence[tuple[Any, str | Path
                    cluster: RaySettings, backend: str = "ort", engine_options: dict[str, Any] | None = None,
                    bands: str | None = None, sensor: str | None = None, log: Callable[[str], None] | None = None,
                    ship_engine: bool = False) -> list[Any]:
-    """Run ``options`` (a :class:`~rsvlm_edge.scene.runner.SceneOptions`) over each ``(scene, out_dir)`` on one
-    actor pool; the :class:`~rsvlm_edge.scene.runner.SceneRun` of each, in order."""
+    """Run ``options`` (a :class:`~rsvlm_edge.scene.runner.SceneOptions`) over each ``(scene, out_dir)`` at once
+    on one actor pool; the :class:`~rsvlm_edge.scene.runner.SceneRun` of each, in order. Output folders must
+    differ (each holds its scene's journal)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from rsvlm_edge.scene.runner import run_scene
 
+    folders = [Path(out).resolve() for _, out in scenes]
+    if len(set(folders)) < len(folders):
+        raise ValueError("each scene needs its own output folder (the resume journal lives there)")
     view = EngineView.of(model_dir)
     with RayExecutor(cluster, str(model_dir), backend, engine_options, ship_engine=ship_engine) as pool:
         if log is not None:
             log(f"ray: {len(pool.actors)} actors x {cluster.threads_per_actor} threads, engine "
                 f"{pool.engine.digest[:12]} ({', '.join(sorted(set(pool.stats.sources)))})")
-        runs = [run_scene(view, scene, out_dir, options, bands=bands, sensor=sensor, executor=pool, log=log)
-                for scene, out_dir in scenes]
+        with ThreadPoolExecutor(max_workers=max(1, len(scenes)), thread_name_prefix="scene") as threads:
+            futures = [threads.submit(run_scene, view, scene, out_dir, options, bands=bands, sensor=sensor,
+                                      executor=pool, log=log) for scene, out_dir in scenes]
+            runs = [f.result() for f in futures]
         if log is not None and pool.stats.retried:
             log(f"ray: {pool.stats.retried} batch(es) re-sent after an actor died")
     return runs

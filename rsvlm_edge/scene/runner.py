@@ -166,7 +166,8 @@ def _message(exc: BaseException) -> str:
 
 
 class Executor(Protocol):
-    """Where the work runs: ``map(fn, items)`` yields ``(index, fn(pipe, item))`` once per item, in any order."""
+    """Where the work runs: ``map(fn, items)`` yields ``(index, fn(pipe, item))`` once per item, in any order. An
+    executor whose work runs in other processes says so with ``in_process = False`` (see :func:`run_scene`)."""
 
     def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]: ...
 
@@ -332,15 +333,20 @@ def run_scene(pipe: Any, scene: SceneSpec | str | Path | Sequence[str | Path], o
             pair = split_tag(instruction)[0] in PAIR_TASKS
         scene = resolve_scene(inputs, bands=bands, pair=pair, sensor=sensor)
     say = log or (lambda line: print(line, file=sys.stderr))
+    # an executor whose work runs in other processes (``in_process = False``: a Ray pool) opens the scene there;
+    # this process then shares nothing, and several scenes may run at once from threads
+    share = getattr(executor, "in_process", True)
     source = open_scene(scene)
     try:
         # the workers get the sensor decided here: one guess for the whole scene, not one per tile
         spec = dataclasses.replace(scene, sensor=source.sensor, sensor_reason=source.sensor_reason)
-        keep_open(spec, source)
+        if share:
+            keep_open(spec, source)
         say(source.describe())
         return _run(pipe, spec, source, Path(out_dir), instruction, opts, executor or LocalExecutor(pipe), say)
     finally:
-        close_scenes()
+        if share:
+            close_scenes()
         source.close()
 
 
