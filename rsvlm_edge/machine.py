@@ -16,7 +16,7 @@ ISA_FLAGS = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), 
 def parse_cpuinfo(text: str) -> tuple[str, list[str]]:
     """(CPU model, ISA names) from /proc/cpuinfo text: x86 ``model name`` / ``flags``, ARM ``CPU part`` /
     ``Features`` (ARM kernels print no model name)."""
-    model, flags = "", set()
+    model, flags = "", set[str]()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
