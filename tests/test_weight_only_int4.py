@@ -280,3 +280,33 @@ def test_dynamic_encoder_kernel_reads_pair_bounded_per_channel_int8(fp32_dir, tm
     res = CliRunner().invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), "--precision", "int8",
                                     "--calibration", str(out / "manifest.json"), "--encoder-kernel", "dynamic"])
     assert res.exit_code == 1 and "--encoder-kernel applies to --scheme weight-only" in res.output
+
+
+def test_dynamic_kernel_computes_the_integer_reference_on_pair_bounded_weights():
+    """u8 activations x pair-bounded s8 weights: no pair of products can saturate the int16 sums of x86 kernels
+    without VNNI, so ORT's DynamicQuantizeMatMul equals the integer product on every CPU."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rsvlm_edge.calibration.qdq import quantize_weight
+
+    rng = np.random.default_rng(0)
+    k, n, m = 512, 64, 40
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[3] *= 12  # an outlier row: plain per-channel INT8 would put two codes near 127 in many channels
+    x = (rng.standard_normal((m, k)) * 3 + 1).astype(np.float32)
+    q, s = quantize_weight(w, axis=1)
+    node = helper.make_node("DynamicQuantizeMatMul", ["x", "q", "s"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(q, "q"), numpy_helper.from_array(s, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    # DynamicQuantizeLinear: UINT8 over [min(0, x), max(0, x)], zero point rounded
+    lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
+    step = np.float32((hi - lo) / 255)
+    zero = np.clip(np.rint(-lo / step), 0, 255)
+    xq = np.clip(np.rint(x / step) + zero, 0, 255).astype(np.int64)
+    ref = ((xq - int(zero)) @ q.astype(np.int64)) * float(step) * s.astype(np.float64)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
