@@ -14,7 +14,7 @@
   :class:`~rsvlm_edge.expert_cache.ExpertCache` decides which experts stay resident (byte budget, LRU).
   Weight prepacking is off for FP32/FP16 decoder sessions: it makes a
   packed copy of every weight per session, i.e. the trunk once per expert (measured on rsunivlm-1b: +1.9 GB per
-  expert session for ~10% faster CPU decoding); it is on for INT8 decoders, whose integer GEMM would otherwise
+  expert session for ~10% faster CPU decoding); it is on for INT8 and INT4 decoders, whose integer GEMM would otherwise
   repack the weights on every call. ``prepack_weights`` overrides either way.
 * KV cache: :meth:`new_cache` preallocates, per layer, K and V buffers of shape (capacity, B, kv_heads, head_dim).
   :meth:`forward` binds ``buffer[:length]`` (a contiguous, zero-copy view: the layout is sequence-major) as the
@@ -318,7 +318,7 @@ class OrtBackend(Backend):
         ``pinned_experts`` are never evicted once loaded (they count against the budget).
         ``profile_prefix``: turn on ONNX Runtime's profiler in every session, writing ``<prefix>_*.json`` traces
         (see :meth:`end_profiling`).
-        ``prepack_weights``: None = on for INT8 decoders (without packed weights ORT's integer GEMM repacks them on
+        ``prepack_weights``: None = on for INT8 and INT4 decoders (without packed weights ORT's integer GEMM repacks them on
         every call, which costs rsunivlm-1b INT8 about half its decode speed; packing takes +0.45 GB per resident
         expert session), off for FP32/FP16 (+1.9 GB per session for ~10%).
         ``preload``: create the vision encoder's (and the other per-tile graphs') sessions in a background thread
