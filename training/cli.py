@@ -124,7 +124,7 @@ def eval_command(model_dir, compare_dirs, backend, suites, limit, batch_size, th
         pipes = [Pipeline(d, backend=backend, **options) for d in compare_dirs]
         try:
             report = compare(pipes[0].generator, pipes[1].generator, suites, limit=limit,
-                             data_root=_data_root(data_root), batch_size=batch_size)
+                             data_root=_data_root(data_root), batch_size=batch_size, constrain=constrain)
         finally:
             for pipe in pipes:
                 pipe.close()

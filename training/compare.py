@@ -3,7 +3,10 @@ token agreement.
 
 Agreement is teacher-forced: model B is fed model A's greedy answer token by token (A's expert, forced) and each
 step counts whether B's argmax is A's next token (the stop token included). Free-running comparisons collapse after
-the first differing token; this one measures every position.
+the first differing token; this one measures every position. Answers decoded under their grammar (``constrain``)
+are compared under it too: B's argmax is taken over the tokens the grammar allowed A at that step. Answers a head
+wrote (the box pointer, the dense heads) were never the LM's argmax: they count as ``head_answers_same``, the share
+whose text B's own heads wrote identically.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 
 from rsvlm_edge.generation import Generator, Request
 from rsvlm_edge.preprocess import prepare_image
+from rsvlm_edge.sampling import SamplingConfig
 from rsvlm_edge.training.evaluate import Prediction, loaded_suites, predict, router_accuracy, score
 
 
@@ -27,15 +31,22 @@ def prefill(gen: Generator, request: Request, expert: int, extra_capacity: int =
     return cache, logits, batch.width
 
 
-def forced_agreement(gen: Generator, request: Request, expert: int, reference: list[int]) -> tuple[int, int]:
-    """(steps where ``gen``'s argmax equals ``reference``, steps) with ``reference`` fed back as the answer."""
+def forced_agreement(gen: Generator, request: Request, expert: int, reference: list[int],
+                     constrain: bool = False) -> tuple[int, int]:
+    """(steps where ``gen``'s argmax equals ``reference``, steps) with ``reference`` fed back as the answer;
+    ``constrain``: the argmax over the tokens the answer's grammar allows at each step."""
     if not reference:
         return 0, 0
     backend = gen.backend
     cache, logits, n = prefill(gen, request, expert, len(reference))
     agree, vocab = 0, gen.tokenizer.vocab_size  # the sampler never picks ids past the tokenizer's vocabulary
+    grammar = gen.constraint(SamplingConfig(constrain=constrain), request.prompt)
     for k, token in enumerate(reference):
-        agree += int(int(np.argmax(logits[0, :vocab])) == token)
+        step = logits[0, :vocab]
+        if grammar is not None:
+            step = np.where(grammar.allowed(), step, -np.inf)
+            grammar.advance(token)
+        agree += int(int(np.argmax(step)) == token)
         if k + 1 == len(reference):
             break
         logits = backend.forward(cache, backend.embed(np.asarray([[token]], np.int32)),
@@ -43,25 +54,36 @@ def forced_agreement(gen: Generator, request: Request, expert: int, reference: l
     return agree, len(reference)
 
 
-def agreement(gen_b: Generator, preds_a: list[Prediction], progress: Callable[[int], None] | None = None) -> dict[str, float]:
+def agreement(gen_b: Generator, preds_a: list[Prediction], progress: Callable[[int], None] | None = None,
+              constrain: bool = False, preds_b: list[Prediction] | None = None) -> dict[str, float]:
     size, mode = gen_b.config.image_size, gen_b.config.image_preprocess  # the model's own preprocessing
     end = gen_b.tokenizer.end_id
     agree = total = exact = 0
+    headed = [(p, b) for p, b in zip(preds_a, preds_b or [None] * len(preds_a)) if p.headed]
     for p in preds_a:
+        if p.headed:
+            if progress:
+                progress(1)
+            continue
         request = Request(pixels=[prepare_image(im, p.sample.sensor, size, mode=mode) for im in p.sample.images],
                           sensor=p.sample.sensor, prompt=p.sample.prompt, expert=p.expert)
         reference = list(p.token_ids) + ([end] if p.finish_reason == "stop" else [])
-        a, t = forced_agreement(gen_b, request, p.expert, reference)
+        a, t = forced_agreement(gen_b, request, p.expert, reference, constrain)
         agree, total, exact = agree + a, total + t, exact + int(a == t)
         if progress:
             progress(1)
-    return {"token_agreement": agree / total if total else 1.0, "exact_answers": exact / max(1, len(preds_a)),
-            "tokens": total}
+    out: dict[str, float] = {"token_agreement": agree / total if total else 1.0,
+                             "exact_answers": exact / max(1, len(preds_a) - len(headed)), "tokens": total}
+    if headed and preds_b is not None:
+        out["head_answers_same"] = sum(b is not None and b.text == p.text for p, b in headed) / len(headed)
+    return out
 
 
 def compare(gen_a: Generator, gen_b: Generator, suites: list[str], limit: int | None = None,
-            data_root: Path | None = None, batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
-    """``{suite/metric: {"a", "b", "delta"}}`` plus ``{suite}/token_agreement`` etc. (B fed A's answers)."""
+            data_root: Path | None = None, batch_size: int = 8, progress: bool = True,
+            constrain: bool = True) -> dict[str, Any]:
+    """``{suite/metric: {"a", "b", "delta"}}`` plus ``{suite}/token_agreement`` etc. (B fed A's answers);
+    ``constrain``: both decode under the answer grammars, and agreement is counted under them."""
     from tqdm import tqdm
 
     report: dict[str, Any] = {}
@@ -72,9 +94,9 @@ def compare(gen_a: Generator, gen_b: Generator, suites: list[str], limit: int | 
             report.update(_deltas(a, b))
             continue
         with tqdm(total=3 * len(samples), desc=f"compare {suite}", disable=not progress, dynamic_ncols=True) as bar:
-            preds_a = predict(gen_a, samples, batch_size=batch_size, progress=bar.update)
-            preds_b = predict(gen_b, samples, batch_size=batch_size, progress=bar.update)
-            agr = agreement(gen_b, preds_a, progress=bar.update)
+            preds_a = predict(gen_a, samples, batch_size=batch_size, progress=bar.update, constrain=constrain)
+            preds_b = predict(gen_b, samples, batch_size=batch_size, progress=bar.update, constrain=constrain)
+            agr = agreement(gen_b, preds_a, progress=bar.update, constrain=constrain, preds_b=preds_b)
         report.update({f"{suite}/{k}": v for k, v in _deltas(score(preds_a), score(preds_b)).items()})
         report.update({f"{suite}/{k}": v for k, v in agr.items()})
         agree_all += float(agr["token_agreement"]) * agr["tokens"]

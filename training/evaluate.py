@@ -42,6 +42,7 @@ class Prediction:
     finish_reason: str = "length"
     pointed: bool = False  # the box pointer wrote the answer
     scores: AnswerScores | None = None  # the answer's confidences (rsvlm_edge.scores)
+    headed: bool = False  # a head (the box pointer or the dense heads), not the LM's sampling, wrote the answer
 
 
 def predict(generator: Generator, samples: list[Sample], batch_size: int = 8, max_new_tokens: int | None = None,
@@ -63,7 +64,8 @@ def predict(generator: Generator, samples: list[Sample], batch_size: int = 8, ma
         for i, gen in zip(idx, generator.generate(requests, sampling)):
             parsed = formats.parse_answer(samples[i].tag, gen.text)
             results[i] = Prediction(samples[i], gen.text, parsed, gen.routing.expert, list(gen.token_ids),
-                                    gen.finish_reason, gen.pointer is not None, answer_scores(gen, parsed))
+                                    gen.finish_reason, gen.pointer is not None, answer_scores(gen, parsed),
+                                    gen.pointer is not None or gen.dense is not None)
         if progress:
             progress(len(idx))
     return [results[i] for i in range(len(samples))]
