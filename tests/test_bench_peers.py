@@ -57,7 +57,8 @@ def test_table_has_one_row_per_engine_with_the_issue_columns():
     assert lines[3] == "| GenAI int4 | - | - | - | - |"
     head = format_header("Intel(R) Xeon(R) Processor (AVX2, AVX-512, VNNI, AMX)", 2, 2, 3, 740, 64)
     assert head.startswith("machine: Intel(R) Xeon(R) Processor (AVX2, AVX-512, VNNI, AMX), 2 cores; 2 threads")
-    assert "3 interleaved rounds, 740-token prompt, 64 new tokens" in head
+    assert "3 interleaved rounds, 740-token prompt, 64 new tokens" in head and "load average" not in head
+    assert format_header("x", 2, 2, 1, 740, 64, load_avg=6.24).endswith("load average 6.2 over the last 15 minutes of the run")
 
 
 def test_a_table_only_looked_up_counts_one_row_and_a_tied_head_counts_whole():

@@ -141,7 +141,7 @@ def run_peers(settings: PeerSettings, say: Callable[[str], None]) -> dict[str, A
     figures = measure(engines, settings, say)
     cpu = cpu_description()
     header = format_header(cpu, os.cpu_count() or 1, settings.threads, settings.rounds, settings.prompt_tokens,
-                           settings.new_tokens)
+                           settings.new_tokens, os.getloadavg()[2])
     return {"header": header, "table": format_table(figures, settings.prompt_tokens), "errors": format_errors(figures),
             "notes": format_notes(figures),
             "skipped": skipped, "cpu": cpu,

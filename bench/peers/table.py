@@ -32,11 +32,14 @@ def format_table(figures: list[EngineFigures], prompt_tokens: int) -> str:
     return "\n".join(lines)
 
 
-def format_header(cpu: str, cores: int, threads: int, rounds: int, prompt_tokens: int, new_tokens: int) -> str:
-    """``cpu``: :func:`rsvlm_edge.machine.cpu_description` (model and the ISA flags that pick kernels)."""
+def format_header(cpu: str, cores: int, threads: int, rounds: int, prompt_tokens: int, new_tokens: int,
+                  load_avg: float | None = None) -> str:
+    """``cpu``: :func:`rsvlm_edge.machine.cpu_description` (model and the ISA flags that pick kernels). The load
+    average says how many other runnable processes shared the cores: above the core count, every figure is slowed."""
+    load = "" if load_avg is None else f"; load average {load_avg:.1f} over the last 15 minutes of the run"
     return (f"machine: {cpu}, {cores} cores; {threads} threads per engine, batch 1, "
             f"{rounds} interleaved round{'s' if rounds != 1 else ''}, {prompt_tokens}-token prompt, "
-            f"{new_tokens} new tokens (greedy)")
+            f"{new_tokens} new tokens (greedy){load}")
 
 
 def format_errors(figures: list[EngineFigures]) -> str:
