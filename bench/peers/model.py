@@ -14,6 +14,7 @@ values. Needs the ``peers`` extra (torch, transformers).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -55,7 +56,8 @@ def write_hf_model(out_dir: str | Path, seed: int = 0) -> Path:
     fields = qwen2_config()
     fields.update(bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
     model = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")}))
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    torch.nn.Module.to(model, torch.bfloat16)  # transformers wraps PreTrainedModel.to; the Module method is the plain cast
+    model.save_pretrained(out, safe_serialization=True)
     return out
 
 
@@ -107,8 +109,8 @@ def write_rsunivlm_source(hf_dir: str | Path, out_dir: str | Path, seed: int = 0
                 got = tuple(handle.get_slice(copied).get_shape())
                 if got != shape:
                     raise ValueError(f"{hf}: {copied} is {got}, the rsunivlm-1b decoder needs {shape}")
-                tensors.append(OutputTensor(name, "BF16", shape, lambda n=copied: _copy_chunks(handle, n)))
+                tensors.append(OutputTensor(name, "BF16", shape, partial(_copy_chunks, handle, copied)))
             else:
-                tensors.append(OutputTensor(name, "BF16", shape, lambda n=name, s=shape, i=index: _random_chunks(n, s, i, seed)))
+                tensors.append(OutputTensor(name, "BF16", shape, partial(_random_chunks, name, shape, index, seed)))
         write_streamed(out / "model.safetensors", tensors, metadata={"format": "pt"})
     return out
