@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from rsvlm_edge.bench.fresh import call_fresh
 from rsvlm_edge.bench.limits import bandwidth_sample
 
 
@@ -48,13 +48,6 @@ def time_steps(engine_dir: str, threads: int, prompt: int, steps: int, warmup: i
     return times
 
 
-def _in_subprocess(engine_dir: str, threads: int, prompt: int, steps: int) -> list[float]:
-    code = ("import json, sys; from rsvlm_edge.bench.decode_steps import time_steps; "
-            f"print(json.dumps(time_steps({engine_dir!r}, {threads}, {prompt}, {steps})))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("engines", nargs="+", help="ONNX engine dirs (their manifests give the weight bytes per token)")
@@ -73,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
         bandwidth = bandwidth_sample(args.threads)
-        step_ms = {d: 1e3 * statistics.median(_in_subprocess(d, args.threads, args.prompt, args.steps))
+        step_ms = {d: 1e3 * statistics.median(call_fresh("rsvlm_edge.bench.decode_steps", "time_steps", d,
+                                                                    args.threads, args.prompt, args.steps))
                    for d in args.engines}
         rounds.append({"bandwidth_gbs": bandwidth, "step_ms": step_ms})
         print(f"round {r + 1}/{args.rounds}: copy {rounds[-1]['bandwidth_gbs']:.1f} GB/s; "

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+from rsvlm_edge.bench.fresh import call_fresh
 
 
 def time_tiles(engine_dir: str, threads: int, tiles: int, new_tokens: int) -> dict[str, float]:
@@ -48,13 +48,6 @@ def time_tiles(engine_dir: str, threads: int, tiles: int, new_tokens: int) -> di
     return out
 
 
-def _in_subprocess(engine_dir: str, threads: int, tiles: int, new_tokens: int) -> dict[str, float]:
-    code = ("import json; from rsvlm_edge.bench.tile_seconds import time_tiles; "
-            f"print(json.dumps(time_tiles({engine_dir!r}, {threads}, {tiles}, {new_tokens})))")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     from rsvlm_edge.machine import cpu_description
 
@@ -69,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {cpu_description()}, {args.threads} threads", flush=True)
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):
-        rounds.append({d: _in_subprocess(d, args.threads, args.tiles, args.new_tokens) for d in args.engines})
+        rounds.append({d: call_fresh("rsvlm_edge.bench.tile_seconds", "time_tiles", d, args.threads, args.tiles,
+                                     args.new_tokens) for d in args.engines})
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{Path(d).name} {v['tile_s']:.2f} s"
                                                          for d, v in rounds[-1].items()), flush=True)
     for d in args.engines:

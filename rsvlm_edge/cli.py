@@ -21,10 +21,7 @@ from rsvlm_edge.cli_options import (
 )
 from rsvlm_edge.config import DEFAULT_SENSORS, EXPERT_NAMES, PRESETS, ConfigError, ModelConfig, preset
 from rsvlm_edge.pipeline import BACKENDS
-from rsvlm_edge.tasks import TAG_DESCRIPTIONS, TAGS, TaskError, make_instruction
-
-TASK_CHOICES = [t.strip("[]").lower() for t in TAGS]
-TASK_HELP = "; ".join(f"{t.strip('[]').lower()}: {TAG_DESCRIPTIONS[t]}" for t in TAGS)
+from rsvlm_edge.tasks import TASK_CHOICES, TASK_HELP, TaskError, make_instruction
 
 
 def _fail(exc: Exception) -> UserError:

@@ -21,9 +21,8 @@ from rsvlm_edge.cli_options import (
 )
 from rsvlm_edge.config import DEFAULT_SENSORS
 from rsvlm_edge.pipeline import BACKENDS
-from rsvlm_edge.tasks import TAG_DESCRIPTIONS, TAGS, TaskError
+from rsvlm_edge.tasks import TASK_CHOICES, TASK_HELP, TaskError
 
-TASK_CHOICES = [t.strip("[]").lower() for t in TAGS]
 SCENE_ERRORS = (TaskError, ValueError, OSError, RuntimeError, MemoryError)
 
 
@@ -40,7 +39,7 @@ def _layouts_help() -> str:
               help="Output folder: <stem>.geojson (WGS84), <stem>.crs.geojson, <stem>.tiles.geojson, <stem>.mask.tif, "
                    "<stem>.summary.json and the resume journal.")
 @click.option("--task", type=click.Choice(TASK_CHOICES, case_sensitive=False), help="Task tag: "
-              + "; ".join(f"{t.strip('[]').lower()}: {TAG_DESCRIPTIONS[t]}" for t in TAGS) + ".")
+              + TASK_HELP + ".")
 @prompt_option("Instruction text (each task has a default).")
 @click.option("--bands", help="Band files to stack, in model order: names (B04,B03,B02; VV,VH), a layout "
               "(s2-l2a, s2-l1c, s2-rgb, s1), or band numbers of one raster (3,2,1).")

@@ -25,6 +25,10 @@ TAG_DESCRIPTIONS: dict[str, str] = {
     "[OBB]": "detect objects as oriented boxes",
 }
 
+#: The ``--task`` names of the command line (``cap`` for ``[CAP]`` ...) and their one-line help.
+TASK_CHOICES = [t.strip("[]").lower() for t in TAG_DESCRIPTIONS]
+TASK_HELP = "; ".join(f"{t.strip('[]').lower()}: {d}" for t, d in TAG_DESCRIPTIONS.items())
+
 #: The instruction used when the user gives a task but no prompt (the demo model is trained on these phrasings too).
 DEFAULT_PROMPTS: dict[str, str] = {
     "[CAP]": "Describe the image.",

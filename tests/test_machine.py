@@ -28,3 +28,12 @@ def test_arm_features_without_a_model_name(tmp_path):
 
 def test_missing_cpuinfo_still_names_something(tmp_path):
     assert cpu_description(tmp_path / "absent")
+
+
+def test_call_fresh_runs_a_function_in_a_new_interpreter():
+    import os
+
+    from rsvlm_edge.bench.fresh import call_fresh
+
+    assert call_fresh("os", "getpid") != os.getpid()
+    assert call_fresh("math", "hypot", 3, 4) == 5.0
