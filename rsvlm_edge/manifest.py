@@ -125,6 +125,23 @@ def sha256_file(path: str | Path, chunk: int = _CHUNK) -> str:
     return digest.hexdigest()
 
 
+def engine_digest(model_dir: str | Path, exact: bool = True) -> str:
+    """The identity of an engine or model dir: the sha256 of its ``manifest.json``, which holds the sha256 of every
+    file a backend reads. A checkpoint dir (torch backend) has no manifest: the hashes of its top-level files stand
+    in, or with ``exact`` False their names, sizes and modification times (a resume key need not read gigabytes)."""
+    model_dir = Path(model_dir)
+    if (model_dir / MANIFEST_FILE).is_file():
+        return sha256_file(model_dir / MANIFEST_FILE)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.iterdir() if p.is_file()):
+        if exact:
+            digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
+        else:
+            stat = path.stat()
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def dumps(data: Any) -> str:
     """Indented JSON with short lists of scalars (shapes, file lists) kept on one line."""
     text = json.dumps(data, indent=2)

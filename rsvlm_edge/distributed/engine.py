@@ -12,7 +12,6 @@ No Ray import here: the actor passes the bundle in.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rsvlm_edge.manifest import MANIFEST_FILE, sha256_file
+from rsvlm_edge.manifest import MANIFEST_FILE, engine_digest
 
 # Small files beside the engines that a backend or the pipeline reads without the manifest naming them.
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json")
@@ -41,17 +40,6 @@ def engine_files(model_dir: Path) -> list[str]:
         names.update(component.get("sha256", {}))
     names.update(n for n in _SIDE_FILES if (model_dir / n).is_file())
     return sorted(names)
-
-
-def engine_digest(model_dir: Path) -> str:
-    """sha256 of ``manifest.json`` (which hashes every file), or of the file hashes of a checkpoint dir."""
-    manifest = model_dir / MANIFEST_FILE
-    if manifest.is_file():
-        return sha256_file(manifest)
-    digest = hashlib.sha256()
-    for name in engine_files(model_dir):
-        digest.update(f"{name}\0{sha256_file(model_dir / name)}\n".encode())
-    return digest.hexdigest()
 
 
 def cache_root(root: str | Path | None = None) -> Path:

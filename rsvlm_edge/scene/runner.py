@@ -201,19 +201,11 @@ def run_key(spec: SceneSpec, plan: TilePlan, job_fields: dict[str, Any], engine:
 
 
 def engine_key(model_dir: str | Path) -> str:
-    """The engine's identity: the hash of ``manifest.json`` (which hashes every engine file), else of
-    ``config.json`` and the sizes and times of the files of a checkpoint dir."""
-    from rsvlm_edge.manifest import MANIFEST_FILE, sha256_file
+    """The engine's identity in a resume key (:func:`rsvlm_edge.manifest.engine_digest`, checkpoint dirs by their
+    files' sizes and times)."""
+    from rsvlm_edge.manifest import engine_digest
 
-    model_dir = Path(model_dir)
-    if (model_dir / MANIFEST_FILE).is_file():
-        return sha256_file(model_dir / MANIFEST_FILE)[:24]
-    digest = hashlib.sha256()
-    for p in sorted(model_dir.iterdir()):
-        if p.is_file():
-            st = p.stat()
-            digest.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:24]
+    return engine_digest(model_dir, exact=False)[:24]
 
 
 class Journal:
