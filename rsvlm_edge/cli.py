@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -38,6 +39,7 @@ class _Main(click.Group):
     """Runs a command; an optional dependency missing at run time becomes one line naming the extra to install."""
 
     def invoke(self, ctx: click.Context):
+        warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
         except ModuleNotFoundError as exc:
@@ -49,6 +51,11 @@ class _Main(click.Group):
                 EXTRA_OF_COMMAND.get(command, EXTRA_OF_MODULE[package])
             raise UserError(f"`rsvlm-edge {command}` needs {package}, which is not installed here: "
                             f"pip install 'rsvlm-edge[{extra}]'") from None
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning on the command line is one line for the user (``warning: ...``), not Python's file:line record."""
+    click.echo(f"warning: {message}", err=True)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

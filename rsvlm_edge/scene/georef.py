@@ -82,7 +82,7 @@ def warn_if_not_georeferenced(georef: GeoReference, name: str) -> bool:
     """Warn (rasterio's NotGeoreferencedWarning) that ``name``'s outputs are in pixel coordinates; True if so."""
     if georef.georeferenced:
         return False
-    missing = "a CRS" if georef.crs is None else "a geotransform"
+    missing = "CRS" if georef.crs is None else "geotransform"
     warnings.warn(f"{name} has no {missing}: scene outputs are in pixel coordinates (x right, y down), not lon/lat",
                   NotGeoreferencedWarning, stacklevel=2)
     return True
