@@ -71,8 +71,11 @@ def build_targets(targets: list[dict], grid: int, labels: tuple[str, ...] = DENS
             t.change_known[i] = 1.0
             continue
         if "mask" in target:
-            asked = [target["label"]] if "label" in target else list(target.get("labels", []))
-            known = asked if "label" in target else [lab for lab in labels if lab in LANDCOVER_CLASSES + OBJECT_CLASSES]
+            # one label asked ("Segment the water."), or the whole scene ("Segment the image."): every class asked,
+            # and the cells say which are there
+            known = [target["label"]] if "label" in target else [lab for lab in labels
+                                                                 if lab in LANDCOVER_CLASSES + OBJECT_CLASSES]
+            asked = known
             mask = np.asarray(target["mask"], dtype=object)
             for lab in known:
                 if lab in index:

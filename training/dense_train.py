@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -35,13 +36,14 @@ class DenseTrainConfig:
     det: int = 3000  # synthetic [DET] samples
     obb: int = 3000  # synthetic [OBB] samples
     seg: int = 4000  # synthetic [SEG] samples (a quarter of them change masks)
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
     box_weight: float = 10.0  # L1 of boxes in image sizes is ~0.01: scaled as the pointer's box loss
     obb_weight: float = 5.0
     object_pos_weight: float = 3.0  # an image has a few objects among 64 patches
+    cell_pos_weight: float = 2.0  # > 1 favours recall of a label's cells (small objects cover few)
     seed: int = 0
     threads: int = 0
 
@@ -106,7 +108,8 @@ def dense_losses(image_out, change_out, t: dict, c: dict, tc: DenseTrainConfig):
                         t["objects_known"][:, None, :].expand_as(objects)),
         "boxes": mean((boxes - t["boxes"]).abs().sum(-1), t["boxes_known"]),
         "obbs": mean((obbs - t["obbs"]).abs().sum(-1), t["obbs_known"]),
-        "cells": mean(bce(cells, t["cells"], reduction="none"), t["cells_known"][:, None, None, :].expand_as(cells)),
+        "cells": mean(bce(cells, t["cells"], reduction="none", pos_weight=torch.tensor(tc.cell_pos_weight)),
+                      t["cells_known"][:, None, None, :].expand_as(cells)),
         "change": bce(change_out, c["change"]) if change_out is not None else torch.zeros(()),
     }
     total = (parts["asked"] + parts["objects"] + tc.box_weight * parts["boxes"] + tc.obb_weight * parts["obbs"]
@@ -161,7 +164,30 @@ def write_model(src: Path, out: Path, model) -> None:
             shutil.copyfile(src / name, out / name)
 
 
-def run(model_dir: Path, out_dir: Path, tc: DenseTrainConfig, data_root: Path | None = None) -> dict:
+def _cached_features(model_dir: Path, trunk, samples: list[Sample], counts: dict[str, int],
+                     path: Path | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """:func:`_features`, kept in ``path`` (npz) when given: a later run with the same samples (counts) on the same
+    trunk (a hash of every weight but the dense heads') loads them instead of running the trunk again."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(trunk.state_dict().items()):
+        if not name.startswith("dense_heads."):
+            digest.update(name.encode() + tensor.detach().to(torch.float16).contiguous().numpy().tobytes())
+    key = json.dumps({"samples": counts, "trunk": digest.hexdigest()})
+    if path is not None and path.is_file():
+        with np.load(path) as data:
+            if str(data["key"]) == key:
+                return data["query"], data["before"], data["after"], [int(i) for i in data["order"]]
+    query, before, after, order = _features(model_dir, samples)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, key=np.asarray(key), query=query, before=before, after=after, order=np.asarray(order))
+    return query, before, after, order
+
+
+def run(model_dir: Path, out_dir: Path, tc: DenseTrainConfig, data_root: Path | None = None,
+        features: Path | None = None) -> dict:
     import torch
 
     from rsvlm_edge.modeling import load_model
@@ -184,7 +210,7 @@ def run(model_dir: Path, out_dir: Path, tc: DenseTrainConfig, data_root: Path | 
 
     samples, counts = training_samples(tc, data_root)
     log({"stage": "samples", **counts, "seconds": round(time.time() - t0, 1)})
-    query, before, after, order = _features(model_dir, samples)
+    query, before, after, order = _cached_features(model_dir, base, samples, counts, features)
     targets = build_targets([samples[i].target for i in order], cfg.grid_size)
     log({"stage": "features", "n": len(order), "seconds": round(time.time() - t0, 1)})
     torch.manual_seed(tc.seed)
@@ -204,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", type=Path, help="trained model dir (config.json, model.safetensors, tokenizer.json)")
     parser.add_argument("out_dir", type=Path, help="where the model with dense heads goes (may be MODEL_DIR)")
     parser.add_argument("--data", type=Path, default=None, help="real data root (default ../shared/data)")
+    parser.add_argument("--features", type=Path, default=None,
+                        help="keep the trunk's states here (npz) and reuse them on a re-run with the same samples")
     defaults = DenseTrainConfig()
     for f in dataclasses.fields(DenseTrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
@@ -212,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model_dir / "config.json").is_file():
         parser.error(f"{args.model_dir} is not a model dir (no config.json)")
     tc = DenseTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DenseTrainConfig)})
-    summary = run(args.model_dir, args.out_dir, tc, args.data)
+    summary = run(args.model_dir, args.out_dir, tc, args.data, args.features)
     print(f"dense heads trained in {summary['seconds']:.0f} s; model written to {args.out_dir}")
     return 0
 

@@ -311,8 +311,9 @@ class DenseHeads(nn.Module):
     """Detections and masks from the image patch states, and which labels the instruction asks for.
 
     Reads what the box pointer reads (final-norm decoder states of the patch tokens, and the answer-start state
-    ``query``): a small per-patch MLP with one 3x3 convolution over the patch grid for the neighbours' context, then
-    per patch the objects centred in it (a sigmoid per label, so a sample's partial labels train it), their box
+    ``query``): small per-patch MLPs with one 3x3 convolution over the patch grid for the neighbours' context (one
+    for objects, one for masks: the tasks read the states of different experts), then per patch the objects centred
+    in it (a sigmoid per label, so a sample's partial labels train it), their box
     (edges minus the patch centre, as the pointer's box head) and oriented box (centre offset, w, h, and the angle
     as cos/sin of twice it: a rectangle turned by 180 degrees is the same), and the label probabilities of its
     ``dense_cells`` x ``dense_cells`` mask cells. A second branch reads both images of a pair (before, after and
@@ -327,6 +328,8 @@ class DenseHeads(nn.Module):
         self.asked = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, n_labels))
         self.patch = nn.Sequential(nn.Linear(d, h), nn.GELU())
         self.context = nn.Conv2d(h, h, 3, padding=1)
+        self.mask_patch = nn.Sequential(nn.Linear(d, h), nn.GELU())
+        self.mask_context = nn.Conv2d(h, h, 3, padding=1)
         self.objects = nn.Linear(h, n_labels)
         self.box = nn.Linear(h, 4)
         self.obb = nn.Linear(h, 6)
@@ -344,9 +347,10 @@ class DenseHeads(nn.Module):
     def image_logits(self, query: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Raw (asked, objects, boxes, obbs, cells) of one image: boxes and obb centres relative to patch centres."""
         x = self._grid(self.patch(patches), self.context)
+        m = self._grid(self.mask_patch(patches), self.mask_context)
         b, n, _ = x.shape
         return (self.asked(query), self.objects(x), self.box(x), self.obb(x),
-                self.cell(x).view(b, n, self.cells, self.labels))
+                self.cell(m).view(b, n, self.cells, self.labels))
 
     def change_logits(self, patches: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """Raw change logits (B, grid^2, cells) of an image pair."""
