@@ -59,7 +59,8 @@ def agreement(gen_b: Generator, preds_a: list[Prediction], progress: Callable[[i
     size, mode = gen_b.config.image_size, gen_b.config.image_preprocess  # the model's own preprocessing
     end = gen_b.tokenizer.end_id
     agree = total = exact = 0
-    headed = [(p, b) for p, b in zip(preds_a, preds_b or [None] * len(preds_a)) if p.headed]
+    others: list[Prediction | None] = list(preds_b) if preds_b is not None else [None] * len(preds_a)
+    headed = [(p, b) for p, b in zip(preds_a, others) if p.headed]
     for p in preds_a:
         if p.headed:
             if progress:
