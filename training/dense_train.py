@@ -27,6 +27,8 @@ from rsvlm_edge.training.sample import Sample
 
 #: Seeds of the synthetic training streams: far from the eval suites' (training.evaluate.SYNTHETIC_EVAL_SEED).
 TRAIN_SEED = 900_000
+#: Real sets too small to weigh anything at their size (``DenseTrainConfig.small_set_repeat``).
+SMALL_SETS = ("levir_cd", "hrsid")
 #: Side files of a model dir that the trained model keeps (its weights and config are rewritten).
 SIDE_FILES = ("tokenizer.json", "train_config.json", "generation_config.json")
 
@@ -44,6 +46,7 @@ class DenseTrainConfig:
     obb_weight: float = 5.0
     object_pos_weight: float = 3.0  # an image has a few objects among 64 patches
     cell_pos_weight: float = 2.0  # > 1 favours recall of a label's cells (small objects cover few)
+    small_set_repeat: int = 8  # LEVIR-CD and HRSID have a handful of tiles (x8 views): their rows count this often
     seed: int = 0
     threads: int = 0
 
@@ -211,7 +214,10 @@ def run(model_dir: Path, out_dir: Path, tc: DenseTrainConfig, data_root: Path | 
     samples, counts = training_samples(tc, data_root)
     log({"stage": "samples", **counts, "seconds": round(time.time() - t0, 1)})
     query, before, after, order = _cached_features(model_dir, base, samples, counts, features)
-    targets = build_targets([samples[i].target for i in order], cfg.grid_size)
+    rows = [k for k, i in enumerate(order)
+            for _ in range(tc.small_set_repeat if samples[i].source in SMALL_SETS else 1)]
+    query, before, after = query[rows], before[rows], after[rows]
+    targets = build_targets([samples[order[k]].target for k in rows], cfg.grid_size)
     log({"stage": "features", "n": len(order), "seconds": round(time.time() - t0, 1)})
     torch.manual_seed(tc.seed)
     heads = DenseHeads(cfg)

@@ -91,6 +91,14 @@ def render(model_dir: Path, report: dict[str, Any], command: str, train_config: 
             f"`vg/pointer_share` in the report is the share of [VG] answers written this way.",
             "",
         ]
+    if cfg.dense_heads:
+        lines += [
+            f"[DET], [OBB] and [SEG] answers (change masks on image pairs) come from its dense heads, trained on the "
+            f"frozen trunk by `scripts/train_dense.sh`: per patch the objects centred in it (label probability, box, "
+            f"oriented box) and its mask cells' label and change probabilities, plus the labels the instruction asks "
+            f"for; the runtime writes them as the task's text (labels: {', '.join(cfg.dense_labels)}).",
+            "",
+        ]
     lines += [
         "## Measured metrics",
         "",
