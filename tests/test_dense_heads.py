@@ -296,3 +296,20 @@ def test_one_task_eval_suites():
     assert len(plain) == len(change) == 8
     assert all(len(s.images) == 1 and not s.target.get("change") for s in plain)
     assert all(len(s.images) == 2 and s.target["change"] for s in change)
+
+
+def test_dense_train_writes_a_model_with_heads(checkpoint, tmp_path):
+    from rsvlm_edge.backends.torch_backend import TorchBackend
+    from rsvlm_edge.training.dense_train import DenseTrainConfig, run
+
+    tc = DenseTrainConfig(det=6, obb=6, seg=12, epochs=2, batch_size=8)
+    features = tmp_path / "states.npz"
+    summary = run(checkpoint, tmp_path / "model", tc, data_root=tmp_path / "no-data", features=features)
+    assert summary["samples"]["synthetic [SEG]"] == 12 and summary["samples"]["levir_cd"] == 0
+    assert [row["epoch"] for row in summary["log"] if "epoch" in row] == [1, 2]
+    backend = TorchBackend.from_dir(tmp_path / "model")
+    assert backend.has_dense_heads and backend.config.dense_labels == LABELS
+    assert (tmp_path / "model" / "tokenizer.json").is_file() and (tmp_path / "model" / "dense_log.json").is_file()
+    written = features.stat().st_mtime_ns
+    run(checkpoint, tmp_path / "model2", tc, data_root=tmp_path / "no-data", features=features)
+    assert features.stat().st_mtime_ns == written  # the cached states were reused, not recomputed
