@@ -20,19 +20,15 @@ What the grammars enforce, and what they leave to the parsers
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
-from rsvlm_edge.formats import MASK_SIZE, NONE_TEXT
+from rsvlm_edge.formats import LABEL_PATTERN, MASK_SIZE, NONE_TEXT
 from rsvlm_edge.tokenizer import Tokenizer
 
 #: Tags whose answer has a grammar here.
 CONSTRAINED_TAGS: tuple[str, ...] = ("[VG]", "[CLS]", "[DET]", "[OBB]", "[SEG]")
-
-#: What a label may be, in the grammars and in a caller's class list (the ``LABEL`` terminal below).
-LABEL_PATTERN = re.compile(r"[a-z0-9]+([ _\-][a-z0-9]+)*")
 
 #: llguidance's slicer: token sets it precomputes and adds whole when a lexer state allows all of them. These two
 #: cover the labels, where a mask step otherwise walks most of a 152k vocabulary (Qwen2: ~46k tokens allowed); its
@@ -43,11 +39,11 @@ LABEL_SLICES = [r"[a-z0-9]{1,30}", r" [a-z0-9]{1,30}"]
 _COMMON = r"""
 NUM: /100|[1-9]?[0-9]/
 ANGLE: /-(90|[1-8][0-9]|[1-9])|[1-8]?[0-9]/
-LABEL: /[a-z0-9]+([ _\-][a-z0-9]+)*/
-LABEL_SPACE: /[a-z0-9]+([ _\-][a-z0-9]+)* /
+LABEL: /{label}/
+LABEL_SPACE: /{label} /
 box: "[" NUM ", " NUM ", " NUM ", " NUM "]"
 obb: "[" NUM ", " NUM ", " NUM ", " NUM ", " ANGLE "]"
-"""
+""".replace("{label}", LABEL_PATTERN.pattern)  # the parsers' label grammar, so both accept the same labels
 
 
 def _mask_rules() -> str:

@@ -54,7 +54,9 @@ class MaskFormatError(FormatError):
 
 _GROUP = re.compile(r"\[([^\[\]]*)\]")
 _INT = re.compile(r"\s*([+-]?[0-9]+)\s*")  # ASCII digits only: int() would accept other scripts' digits too
-_LABEL = re.compile(r"[a-z0-9]+(?:[ _-][a-z0-9]+)*")
+#: The label grammar: lower-case words of a-z0-9 joined by one space, ``-`` or ``_`` (the answer grammars of
+#: :mod:`rsvlm_edge.constrain` and a caller's [CLS] class list use it too).
+LABEL_PATTERN = re.compile(r"[a-z0-9]+(?:[ _-][a-z0-9]+)*")
 _MAX_DIGITS = 6  # longer numbers are out of range anyway, and int() refuses > 4300 digits with a ValueError
 
 
@@ -86,7 +88,7 @@ def _clean_label(label: Any, error: type[FormatError]) -> str:
     if not isinstance(label, str):
         raise error(f"label must be a string, got {label!r}")
     clean = " ".join(label.lower().split())
-    if not _LABEL.fullmatch(clean):
+    if not LABEL_PATTERN.fullmatch(clean):
         raise error(f"bad label {label!r}: use lower-case words of a-z0-9 joined by spaces, '-' or '_'")
     return clean
 

@@ -74,7 +74,7 @@ class SamplingConfig:
 def check_classes(classes) -> tuple[str, ...]:
     """A [CLS] vocabulary: distinct class names in the label grammar (lower-case words joined by one space, ``-``
     or ``_``: what the model writes, and what :mod:`rsvlm_edge.constrain` can spell)."""
-    from rsvlm_edge.constrain import LABEL_PATTERN
+    from rsvlm_edge.formats import LABEL_PATTERN
 
     if isinstance(classes, str) or not isinstance(classes, (list, tuple)):
         raise ValueError(f"classes must be a list of class names, got {classes!r}")
