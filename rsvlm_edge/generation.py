@@ -63,6 +63,7 @@ class Generation:
     dense: "dense_heads.DenseAnswer | None" = None  # set when the dense heads wrote it ([DET], [OBB], [SEG])
     #: per token of ``token_ids``: its log-probability (:func:`rsvlm_edge.sampling.token_logprob`) and where it ends
     #: in ``text`` (characters); what :mod:`rsvlm_edge.scores` turns into per-answer and per-item confidences
+    #: (NaN for a token a head wrote: that answer scores the head's probability)
     token_logprobs: list[float] = field(default_factory=list)
     token_ends: list[int] = field(default_factory=list)
 
@@ -402,7 +403,7 @@ class Generator:
                 script = forced.get(row) if forced else None
                 if script is not None and len(generated[row]) < len(script):
                     token = script[len(generated[row])]
-                    samplers[row].accept(token, logits[row])
+                    samplers[row].accept(token)
                 elif script is not None and stop:
                     finished[row], reasons[row] = True, "stop"
                     continue

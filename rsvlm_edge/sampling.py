@@ -193,11 +193,11 @@ class TokenSampler:
         if self.config.penalize_prompt is not False:
             self.observe(token_ids)
 
-    def accept(self, token: int, logits: np.ndarray | None = None) -> None:
-        """A token the answer took without sampling (the box pointer's): in the context and through the grammar.
-        With ``logits``, :attr:`last_logprob` is what the model gave it."""
-        if logits is not None:
-            self.last_logprob = token_logprob(self._scored_logits(logits), token)
+    def accept(self, token: int) -> None:
+        """A token the answer took without sampling (a head wrote it: the box pointer, the dense heads): in the
+        context and through the grammar. Its :attr:`last_logprob` is NaN: the answer's score is the head's
+        probability (:mod:`rsvlm_edge.scores`), so no mask or log-softmax is computed for it."""
+        self.last_logprob = float("nan")
         self.observe([token])
         if self.constraint is not None:
             self.constraint.advance(token)
