@@ -160,3 +160,10 @@ def test_auroc_is_one_for_a_perfect_ranking_and_half_for_ties():
     assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([True, True, False, False])) == 1.0
     assert auroc(np.array([0.5] * 4), np.array([True, False, True, False])) == 0.5
     assert auroc(np.array([0.5]), np.array([True])) is None
+
+
+def test_tokens_in_skips_empty_tokens_and_empty_spans():
+    ends = [2, 5, 6, 7, 7, 10]  # token 4 covers no character (a byte held back for a multi-byte character)
+    assert tokens_in(ends, [(4, 8), (0, 0)]) == [1, 2, 3, 5]
+    assert tokens_in(ends, [(0, 1)], shift=5) == [2]  # spans in the stripped answer, 5 characters later
+    assert tokens_in(ends, [(10, 12)]) == []
