@@ -4,7 +4,9 @@
 preloaded vision sessions: this is the decoder's memory), loads expert 0, prefills ``--prompt`` random embeddings and
 decodes ``--steps`` tokens, printing after each phase the resident set (all, anonymous) from
 ``/proc/self/smaps_rollup`` and the peak (``ru_maxrss``), beside the weights in use: the trunk + one expert file +
-the embedding table. Linux only. Run one engine per process (the peak is the process's).
+the embedding table. Linux only. Run one engine per process (the peak is the process's). ``--prefill-chunk N``
+runs the prompt N positions per decoder run (0: all at once; default: the backend's ``PREFILL_CHUNK``); the prefill's
+seconds are printed beside its memory.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +41,7 @@ def weights_in_use(engine_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rsvlm_edge.backends.ort_backend import OrtBackend
+    from rsvlm_edge.backends.ort_backend import PREFILL_CHUNK, OrtBackend
     from rsvlm_edge.machine import cpu_description
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,22 +49,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", type=int, default=742)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, help="0: the whole prompt in one run")
     args = ap.parse_args(argv)
     marks = {"start": rss_mib()}
-    backend = OrtBackend.from_dir(args.engine, threads=args.threads, verify=False, preload=False)
+    backend = OrtBackend.from_dir(args.engine, threads=args.threads, verify=False, preload=False,
+                                  prefill_chunk=args.prefill_chunk or None)
     with backend.expert_cache.hold(0):
         marks["expert loaded"] = rss_mib()
     cfg, rng = backend.config, np.random.default_rng(0)
     cache = backend.new_cache(1, args.prompt + args.steps, expert=0)
     mask = np.ones((1, args.prompt + args.steps), np.float32)
     embeds = (0.1 * rng.standard_normal((1, args.prompt, cfg.hidden_size))).astype(np.float32)
+    t0 = time.perf_counter()
     backend.forward(cache, embeds, np.arange(args.prompt, dtype=np.int32)[None], mask[:, :args.prompt])
+    prefill_s = time.perf_counter() - t0
     marks["prefill"] = rss_mib()
     for _ in range(args.steps):
         backend.forward(cache, embeds[:, :1], np.array([[cache.length]], np.int32), mask[:, :cache.length + 1])
     marks["decode"] = rss_mib()
     weights = weights_in_use(args.engine) / 2**20
-    print(f"machine: {cpu_description()}; {args.engine}: weights in use {weights:.0f} MiB")
+    chunk = args.prefill_chunk or "whole prompt"
+    print(f"machine: {cpu_description()}; {args.engine}: weights in use {weights:.0f} MiB; prefill {args.prompt} "
+          f"positions, chunk {chunk}: {prefill_s:.2f} s (first run: includes the arena's growth)")
     for name, m in marks.items():
         print(f"  {name:14s} RSS {m['rss']:5d} MiB (anonymous {m['anon']:5d}), peak {m['peak']:5d} MiB "
               f"= {m['peak'] / weights:.2f}x the weights")

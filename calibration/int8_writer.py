@@ -196,7 +196,8 @@ class Int8Writer:
 def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype: str, keep_lm_head: bool,
               block_size: int, model_config: dict[str, Any] | None = None,
               stack: bool = True, attention: bool = True, bits: int = 8, symmetric: bool = True,
-              method: str = "rtn", encoder_kernel: str = "nbits") -> tuple[Quantizer, dict[str, Any]]:
+              method: str = "rtn", encoder_kernel: str = "nbits", decoder_kernel: str = "nbits"
+              ) -> tuple[Quantizer, dict[str, Any]]:
     """The per-graph rewrite of ``scheme`` and the manifest's description of it. The weight-only graphs are
     ORT-only anyway, so they also get the ORT rotary fusion (needs ``model_config``); ``stack`` (weight-only) merges
     the products that read one activation into one ``MatMulNBits``; ``attention`` (weight-only) makes each decoder
@@ -208,7 +209,10 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
     hundreds of patches, bound by arithmetic rather than weight bytes, so 4 bits would cost it accuracy and buy
     nothing. ``encoder_kernel`` "dynamic" (weight-only) gives those other graphs ``DynamicQuantizeMatMul`` (per-channel
     INT8 weights, activations quantized per call over their own range) instead of ``MatMulNBits``: ORT's integer
-    GEMM, faster over hundreds of rows (``bench/prefill_kernels.py``)."""
+    GEMM, faster over hundreds of rows (``bench/prefill_kernels.py``). ``decoder_kernel`` "dynamic" (INT8 only) does
+    the same for the decoders: the prefill runs on the integer GEMM, and on CPUs with VNNI or AMX a batch-1 decode
+    step is as fast as ``MatMulNBits``'s (docs/benchmarks.md, "Prefill kernels"); on AVX2 without VNNI
+    ``MatMulNBits`` decodes faster."""
     keep = keep_fp32_predicate(keep_lm_head)
     lm_head = "fp32" if keep_lm_head else f"int{bits}"
     if bits == 4 and scheme == "qdq":
@@ -228,9 +232,13 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
 
         cfg = ModelConfig.from_dict(model_config) if model_config else None
         try:
-            decoder_scheme = WeightScheme(bits=bits, block_size=block_size, symmetric=symmetric, method=method)
-            if encoder_kernel not in ("nbits", "dynamic"):
-                raise ValueError(f"encoder kernel must be nbits or dynamic, got {encoder_kernel!r}")
+            for part, kernel in (("encoder", encoder_kernel), ("decoder", decoder_kernel)):
+                if kernel not in ("nbits", "dynamic"):
+                    raise ValueError(f"{part} kernel must be nbits or dynamic, got {kernel!r}")
+            if decoder_kernel == "dynamic" and bits != 8:
+                raise ValueError("the dynamic decoder kernel reads INT8 weights: use --precision int8")
+            decoder_scheme = (WeightScheme(kernel="dynamic") if decoder_kernel == "dynamic" else
+                              WeightScheme(bits=bits, block_size=block_size, symmetric=symmetric, method=method))
         except ValueError as exc:
             raise Int8WriteError(str(exc)) from None
         other_scheme = (WeightScheme(kernel="dynamic") if encoder_kernel == "dynamic"
@@ -253,13 +261,16 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
             return q
 
         kind = "symmetric" if symmetric else f"asymmetric ({method.upper()})"
-        text = (f"weight-only INT8 (ONNX Runtime MatMulNBits), symmetric per block of {block_size} along K"
+        text = ("weight-only INT8 decoders (ONNX Runtime DynamicQuantizeMatMul), per channel" if decoder_kernel == "dynamic"
+                else f"weight-only INT8 (ONNX Runtime MatMulNBits), symmetric per block of {block_size} along K"
                 if bits == 8 else
                 f"weight-only INT4 decoders (ONNX Runtime MatMulNBits), {kind} per block of {block_size} along K")
         text += ("; other graphs INT8 per channel read by DynamicQuantizeMatMul" if encoder_kernel == "dynamic"
                  else "" if bits == 8 else f"; other graphs INT8 symmetric per block of {other_scheme.block_size}")
         return (weight_only,
-                {"scheme": f"{text}; activations quantized per block at run time", "weight_block_size": block_size,
+                {"scheme": f"{text}; activations quantized at run time ("
+                           + ("per call over their own range" if decoder_kernel == "dynamic" else "per block") + ")",
+                 "weight_block_size": block_size,
                  "weight_bits": bits, "decoder_weights": decoder_scheme.describe(),
                  "other_weights": other_scheme.describe(),
                  "activation_dtype": "dynamic", "lm_head": lm_head, "runtime": "onnxruntime",
@@ -291,7 +302,8 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
                       extra_files: dict[str, bytes] | None = None, info: dict[str, Any] | None = None,
                       progress: Callable[[str], None] | None = None, scheme: str = "qdq",
                       block_size: int = 128, stack: bool = True, attention: bool = True, bits: int = 8,
-                      symmetric: bool = True, method: str = "rtn", encoder_kernel: str = "nbits") -> Manifest:
+                      symmetric: bool = True, method: str = "rtn", encoder_kernel: str = "nbits",
+                      decoder_kernel: str = "nbits") -> Manifest:
     """Quantize ``src_dir`` (an FP32 ONNX engine dir) into ``out_dir``; ``extra_files`` (name -> bytes) are
     written beside (the calibration table, TensorRT caches). ``scheme`` "qdq" needs ``table`` (activation ranges);
     "weight-only" ignores it and takes ``bits`` (8, or 4 for the decoders: see :func:`quantizer`), ``symmetric``
@@ -302,7 +314,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
     if src.engine_kind != "onnx":
         raise Int8WriteError(f"{src_dir} holds {src.engine_kind} engines; INT8 quantization needs the exported ONNX")
     quantize, description = quantizer(scheme, table, act_dtype, keep_lm_head, block_size, src.model_config, stack,
-                                      attention, bits, symmetric, method, encoder_kernel)
+                                      attention, bits, symmetric, method, encoder_kernel, decoder_kernel)
     precision = f"int{bits}"
     bad = [c.name for c in src.components.values() if c.precision != "fp32"]
     if bad:

@@ -57,6 +57,10 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
                    "MatMulNBits (blockwise INT8, activations quantized per block); dynamic = DynamicQuantizeMatMul "
                    "(per-channel INT8, activations quantized per call over their own range: ORT's integer GEMM, "
                    "faster over a tile's hundreds of patches).")
+@click.option("--decoder-kernel", type=click.Choice(["nbits", "dynamic"]), default="nbits", show_default=True,
+              help="ort int8 weight-only: the decoders' kernel: nbits = MatMulNBits (blockwise INT8); dynamic = "
+                   "DynamicQuantizeMatMul (per-channel INT8): prefill on the integer GEMM, 2-3x faster over a "
+                   "prompt's hundreds of tokens; decode as fast as nbits on CPUs with VNNI/AMX, slower on AVX2 only.")
 @click.option("--stack/--no-stack", default=True, show_default=True,
               help="ort int8 weight-only: stack the products that read one activation (q/k/v with their biases, "
                    "gate/up) into one MatMulNBits + Split; --no-stack keeps one node per weight (a baseline to bench).")
@@ -69,7 +73,7 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="trt only: TensorRT timing cache file (reused).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, scheme, block_size, symmetric, method,
-                  encoder_kernel, stack, attention, keep_lm_head, preset, timing_cache, overwrite) -> None:
+                  encoder_kernel, decoder_kernel, stack, attention, keep_lm_head, preset, timing_cache, overwrite) -> None:
     """Build engines from the exported ONNX engine dir ONNX_DIR into OUT_DIR.
 
     \b
@@ -107,7 +111,8 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
     try:
         build_ort(onnx_dir, out_dir, precision, calibration, overwrite=overwrite, act_dtype=act_dtype,
                   keep_lm_head=keep_lm_head, scheme=scheme, block_size=int(block_size) if block_size else None,
-                  stack=stack, attention=attention, symmetric=symmetric, method=method, encoder_kernel=encoder_kernel)
+                  stack=stack, attention=attention, symmetric=symmetric, method=method, encoder_kernel=encoder_kernel,
+                  decoder_kernel=decoder_kernel)
     except (Int8WriteError, CalibrationTableError, ManifestError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     if precision == "int4" and scheme == "qdq":

@@ -71,7 +71,7 @@ def build_ort_fp32(onnx_dir: str | Path, out_dir: str | Path, overwrite: bool = 
 def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32", calibration: str | Path | None = None,
               overwrite: bool = False, act_dtype: str = "uint8", keep_lm_head: bool = False, scheme: str | None = None,
               block_size: int | None = None, stack: bool = True, attention: bool = True, symmetric: bool | None = None,
-              method: str = "rtn", encoder_kernel: str = "nbits") -> Manifest:
+              method: str = "rtn", encoder_kernel: str = "nbits", decoder_kernel: str = "nbits") -> Manifest:
     """An ORT engine dir: ``fp32`` (optimized graphs), ``int8`` (``scheme`` "qdq", the default: Q/DQ from the
     calibration table; "weight-only": blockwise INT8 weights for ``MatMulNBits``, no table, shared-input products
     stacked unless ``stack`` is False, attention fused into ``GroupQueryAttention`` unless ``attention`` is False)
@@ -85,8 +85,10 @@ def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32"
 
     scheme = scheme or ("weight-only" if precision == "int4" else "qdq")
     block_size = block_size or DEFAULT_BLOCK[precision]
-    if scheme != "weight-only" and encoder_kernel != "nbits":
-        raise ValueError("--encoder-kernel applies to --scheme weight-only")
+    if scheme != "weight-only" and (encoder_kernel, decoder_kernel) != ("nbits", "nbits"):
+        raise ValueError("--encoder-kernel and --decoder-kernel apply to --scheme weight-only")
+    if decoder_kernel != "nbits" and precision != "int8":
+        raise ValueError("--decoder-kernel dynamic reads INT8 weights: use --precision int8")
     if precision == "int4" and scheme == "qdq":  # for TensorRT >= 10: INT4 blockwise Q/DQ decoders
         if calibration is not None:
             raise ValueError("--precision int4 needs no --calibration (it quantizes weights only)")
@@ -102,7 +104,7 @@ def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32"
                                  scheme=scheme, block_size=block_size, stack=stack, attention=attention,
                                  bits=4 if precision == "int4" else 8,
                                  symmetric=precision == "int8" if symmetric is None else symmetric, method=method,
-                                 encoder_kernel=encoder_kernel)
+                                 encoder_kernel=encoder_kernel, decoder_kernel=decoder_kernel)
     if not stack:
         raise ValueError("--no-stack applies to --scheme weight-only (the Q/DQ scheme stacks nothing)")
     if not attention:

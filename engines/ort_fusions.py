@@ -147,7 +147,8 @@ def _attention_region(graph: onnx.GraphProto, producer: dict[str, onnx.NodeProto
         if name is None:
             return None
         qkv.append(name)
-    o_proj = [n for n in graph.node if n.name.startswith(f"{prefix}o_proj/") and n.op_type in ("MatMul", "MatMulNBits")]
+    o_proj = [n for n in graph.node
+              if n.name.startswith(f"{prefix}o_proj/") and n.op_type in ("MatMul", "MatMulNBits", "DynamicQuantizeMatMul")]
     if len(o_proj) != 1:
         return None
     out = o_proj[0].input[0]

@@ -279,7 +279,43 @@ def test_dynamic_encoder_kernel_reads_pair_bounded_per_channel_int8(fp32_dir, tm
     assert logit_error(out, fp32_dir) < 0.05
     res = CliRunner().invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), "--precision", "int8",
                                     "--calibration", str(out / "manifest.json"), "--encoder-kernel", "dynamic"])
-    assert res.exit_code == 1 and "--encoder-kernel applies to --scheme weight-only" in res.output
+    assert res.exit_code == 1 and "--encoder-kernel and --decoder-kernel apply to --scheme weight-only" in res.output
+
+
+def test_dynamic_decoder_kernel_keeps_the_expert_split_and_fused_attention(fp32_dir, tmp_path):
+    """--decoder-kernel dynamic: every decoder product on DynamicQuantizeMatMul over pair-bounded per-channel INT8
+    (the prefill runs on ORT's integer GEMM), attention still one GroupQueryAttention per layer, the trunk once and
+    one file per expert, the same tokens' logits as FP32 within the INT8 engines' bound."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path / "int8-dyn"
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
+                                    "--decoder-kernel", "dynamic", "--encoder-kernel", "dynamic"])
+    assert res.exit_code == 0, res.output
+    man = Manifest.load(out)
+    quant = man.extra["quantization"]
+    assert quant["decoder_weights"]["kernel"] == quant["other_weights"]["kernel"] == "DynamicQuantizeMatMul"
+    assert "per call over their own range" in quant["scheme"]
+    assert man.experts.trunk is not None and len(man.experts.expert_files or []) == 3
+    decoder = onnx.load(str(out / "decoder_expert1.onnx"))  # with its external data: trunk + expert 1
+    ops = [n.op_type for n in decoder.graph.node]
+    assert "MatMulNBits" not in ops and "MatMul" not in ops
+    assert ops.count("GroupQueryAttention") == man.config().num_layers
+    inits = {i.name: numpy_helper.to_array(i) for i in decoder.graph.initializer}
+    for node in decoder.graph.node:
+        if node.op_type == "DynamicQuantizeMatMul":
+            q = np.abs(inits[node.input[1]].astype(np.int32))
+            assert inits[node.input[1]].dtype == np.int8 and np.sort(q, axis=0)[-2:].sum(0).max() <= 128
+    from test_engines_ort import logit_error
+
+    assert logit_error(out, fp32_dir) < 0.05
+    for extra, message in ((["--precision", "int4", "--decoder-kernel", "dynamic"], "use --precision int8"),
+                           (["--precision", "int8", "--calibration", str(out / "manifest.json"),
+                             "--decoder-kernel", "dynamic"], "apply to --scheme weight-only")):
+        res = CliRunner().invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), *extra])
+        assert res.exit_code == 1 and message in res.output, res.output
+        assert not (tmp_path / "x").exists()
 
 
 def test_dynamic_kernel_computes_the_integer_reference_on_pair_bounded_weights():

@@ -1,6 +1,6 @@
 """Every engine of the peer table built from the one decoder (:mod:`.model`), each by its project's own tool:
 
-    hf/ ──convert rsunivlm──▶ model/ ──export──▶ rsvlm/fp32 ──build──▶ rsvlm/int8-weight-only, rsvlm/int4
+    hf/ ──convert rsunivlm──▶ model/ ──export──▶ rsvlm/fp32 ──build──▶ rsvlm/int8-weight-only, rsvlm/int8-dynamic, rsvlm/int4
      │                                              └──calibrate──▶ rsvlm/int8-qdq
      ├──onnxruntime_genai.models.builder──▶ genai/int4, genai/int8
      └──convert_hf_to_gguf.py──▶ gguf/bf16.gguf ──llama_model_quantize──▶ gguf/Q4_0.gguf, gguf/Q8_0.gguf
@@ -64,10 +64,14 @@ def plan(work: Path, calib_images: list[str], llama_cpp_dir: Path | None) -> tup
              Step(rsvlm / "fp32", CLI + ["export", str(model), PARTIAL, "--no-check"]),
              Step(rsvlm / "int8-weight-only", CLI + ["build", str(rsvlm / "fp32"), PARTIAL, "--precision", "int8",
                                                      "--scheme", "weight-only"]),
+             Step(rsvlm / "int8-dynamic", CLI + ["build", str(rsvlm / "fp32"), PARTIAL, "--precision", "int8",
+                                                 "--scheme", "weight-only", "--decoder-kernel", "dynamic",
+                                                 "--encoder-kernel", "dynamic"]),
              Step(rsvlm / "int8-qdq", CLI + ["calibrate", str(rsvlm / "fp32"), *calib_images, "--out", PARTIAL,
                                              "--method", "minmax", "--limit", str(len(calib_images)),
                                              "--decode-steps", "2"])]
     engines = [Engine("rsvlm-edge INT8 weight-only", "rsvlm", rsvlm / "int8-weight-only"),
+               Engine("rsvlm-edge INT8 weight-only, dynamic kernel", "rsvlm", rsvlm / "int8-dynamic"),
                Engine("rsvlm-edge INT8 Q/DQ", "rsvlm", rsvlm / "int8-qdq"),
                Engine("rsvlm-edge FP32", "rsvlm", rsvlm / "fp32")]
     skipped = []

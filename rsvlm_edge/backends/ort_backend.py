@@ -153,6 +153,13 @@ class LoadedExpert:
     load_ms: float
 
 
+#: Prompt positions per decoder run. ONNX Runtime's arena keeps its largest run's activations for the session's life
+#: (rsunivlm-1b: 107 MiB for a 742-token prompt in one run); chunks bound that, and the prefill got faster, not slower
+#: (``python -m rsvlm_edge.bench.rss ENGINE --prefill-chunk N``, docs/benchmarks.md "Memory": 128 and 256 within 5% of
+#: each other; 64 slower).
+PREFILL_CHUNK = 256
+
+
 class ExpertLoader:
     """Builds decoder sessions for single experts over the shared, memory-mapped trunk.
 
@@ -252,7 +259,7 @@ class OrtBackend(Backend):
     def __init__(self, manifest: Manifest, threads: int | None = None, providers: Sequence[str] | str | None = None,
                  expert_budget_experts: int | None = None, expert_budget_bytes: int | None = None,
                  prepack_weights: bool | None = None, pinned_experts: Sequence[int] = (),
-                 profile_prefix: str | None = None, preload: bool = True):
+                 profile_prefix: str | None = None, preload: bool = True, prefill_chunk: int | None = PREFILL_CHUNK):
         from rsvlm_edge.expert_cache import ExpertCache
         from rsvlm_edge.threads import default_threads
 
@@ -268,6 +275,9 @@ class OrtBackend(Backend):
             raise BackendError(f"{manifest.directory} holds INT4 Q/DQ graphs for TensorRT: build their plans with "
                                f"`rsvlm-edge build ... --target trt --precision int4`; for ONNX Runtime build "
                                f"`--precision int4` (weight-only) from the FP32 export")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise BackendError(f"the prefill chunk must be at least one token, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.ort = _ort()
         self.manifest = manifest
         # None = auto: one thread for a small decoder, all free cores for a large one (rsvlm_edge.threads).
@@ -311,7 +321,7 @@ class OrtBackend(Backend):
                  expert_budget_experts: int | None = None, expert_budget_bytes: int | None = None,
                  verify: Verify = True, prepack_weights: bool | None = None,
                  pinned_experts: Sequence[int] = (), profile_prefix: str | None = None,
-                 preload: bool = True) -> "OrtBackend":
+                 preload: bool = True, prefill_chunk: int | None = PREFILL_CHUNK) -> "OrtBackend":
         """Open an exported engine directory. ``verify``: True (sha256 of every file), "size" (sizes only), False.
 
         ``expert_budget_experts`` / ``expert_budget_bytes`` cap the resident experts (least recently used evicted);
@@ -323,6 +333,8 @@ class OrtBackend(Backend):
         expert session), off for FP32/FP16 (+1.9 GB per session for ~10%).
         ``preload``: create the vision encoder's (and the other per-tile graphs') sessions in a background thread
         now rather than on first use.
+        ``prefill_chunk``: the most prompt positions one decoder run takes (None: the whole prompt at once); see
+        :data:`PREFILL_CHUNK`.
         """
         try:
             manifest = Manifest.load(model_dir, verify=verify)
@@ -330,7 +342,8 @@ class OrtBackend(Backend):
             raise BackendError(f"cannot use {model_dir} with the ort backend: {exc}") from None
         return cls(manifest, threads=threads, providers=providers, expert_budget_experts=expert_budget_experts,
                    expert_budget_bytes=expert_budget_bytes, prepack_weights=prepack_weights,
-                   pinned_experts=pinned_experts, profile_prefix=profile_prefix, preload=preload)
+                   pinned_experts=pinned_experts, profile_prefix=profile_prefix, preload=preload,
+                   prefill_chunk=prefill_chunk)
 
     def _kv_layout(self) -> str:
         """The decoders' KV cache layout (one for all experts; the manifest's ``kv_layout``, default sequence-major)."""
@@ -457,17 +470,32 @@ class OrtBackend(Backend):
 
     def _forward(self, cache: CacheHandle, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                  hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """A prompt longer than :attr:`prefill_chunk` runs as consecutive chunks over the growing cache (the
+        decoders' attention is causal over the new positions after any past), so ONNX Runtime's activation arena
+        holds one chunk's activations, not the whole prompt's; a failed chunk leaves the cache's length as it was."""
         b, s, start = cache.check_step(embeds, attention_mask)
+        chunk = self.prefill_chunk or s
+        states: np.ndarray | None = None
         with self.expert_cache.hold(cache.expert) as loaded:  # not evicted while its session runs
             try:
-                logits, states = self._decode_step(loaded, cache, embeds, position_ids, attention_mask, b, s, start,
-                                                   hidden)
+                for lo in range(0, s, chunk):
+                    hi = min(s, lo + chunk)
+                    logits, part = self._decode_step(loaded, cache, embeds[:, lo:hi], position_ids[:, lo:hi],
+                                                     attention_mask[:, :start + hi], b, hi - lo, start + lo, hidden)
+                    if part is not None and hi - lo < s:
+                        if states is None:
+                            states = np.empty((b, s, part.shape[-1]), np.float32)
+                        states[:, lo:hi] = part
+                    else:
+                        states = part
+                    cache.length = start + hi
             except BackendError:
+                cache.length = start
                 raise
             except _ort_errors() as exc:
+                cache.length = start
                 path = self.manifest.path(self.experts.component(cache.expert).file)
                 raise BackendError(f"{path} failed to run: {_first_line(exc)}") from None
-        cache.length += s
         return logits, states
 
     def _decode_step(self, loaded: LoadedExpert, cache: CacheHandle, embeds, position_ids, attention_mask, b: int,
