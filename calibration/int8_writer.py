@@ -171,7 +171,9 @@ class Int8Writer:
             for n, entry in entries.items():
                 origin = q0.tensors[n][1]
                 src = source_layout.get(origin)
-                role = (self.decoder_precision if n.endswith("_quantized") else None if n == origin
+                bits = q0.code_bits.get(n)
+                role = ((f"int{bits}" if bits else self.decoder_precision) if n.endswith("_quantized")
+                        else None if n == origin
                         else "scale" if n.endswith("_scale") else "zero_point" if n.endswith("_zero_points") else None)
                 out[n] = replace(entry, source=(src.source if src else None) or origin, transform=src.transform if src else None,
                                  extra={"quantization": role, "of": origin if role else None})
@@ -196,8 +198,8 @@ class Int8Writer:
 def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype: str, keep_lm_head: bool,
               block_size: int, model_config: dict[str, Any] | None = None,
               stack: bool = True, attention: bool = True, bits: int = 8, symmetric: bool = True,
-              method: str = "rtn", encoder_kernel: str = "nbits", decoder_kernel: str = "nbits"
-              ) -> tuple[Quantizer, dict[str, Any]]:
+              method: str = "rtn", encoder_kernel: str = "nbits", decoder_kernel: str = "nbits",
+              lm_head_bits: int | None = None) -> tuple[Quantizer, dict[str, Any]]:
     """The per-graph rewrite of ``scheme`` and the manifest's description of it. The weight-only graphs are
     ORT-only anyway, so they also get the ORT rotary fusion (needs ``model_config``); ``stack`` (weight-only) merges
     the products that read one activation into one ``MatMulNBits``; ``attention`` (weight-only) makes each decoder
@@ -211,10 +213,11 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
     INT8 weights, activations quantized per call over their own range) instead of ``MatMulNBits``: ORT's integer
     GEMM, faster over hundreds of rows (``bench/prefill_kernels.py``). ``decoder_kernel`` "dynamic" (INT8 only) does
     the same for the decoders: the prefill runs on the integer GEMM, and on CPUs with VNNI or AMX a batch-1 decode
-    step is as fast as ``MatMulNBits``'s (docs/benchmarks.md, "Prefill kernels"); on AVX2 without VNNI
-    ``MatMulNBits`` decodes faster."""
+    step is as fast as ``MatMulNBits``'s (docs/benchmarks.md, "Seconds per tile"). ``lm_head_bits`` (weight-only;
+    default 8) stores the lm_head of an INT4 decoder as INT8 per block of 128 (4: like the other products)."""
     keep = keep_fp32_predicate(keep_lm_head)
-    lm_head = "fp32" if keep_lm_head else f"int{bits}"
+    lm_head_bits = lm_head_bits or 8
+    lm_head = "fp32" if keep_lm_head else f"int{max(bits, lm_head_bits)}"
     if bits == 4 and scheme == "qdq":
         return int4_qdq_quantizer(keep, block_size, symmetric, method)
     if scheme == "qdq":
@@ -239,15 +242,20 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
                 raise ValueError("the dynamic decoder kernel reads INT8 weights: use --precision int8")
             decoder_scheme = (WeightScheme(kernel="dynamic") if decoder_kernel == "dynamic" else
                               WeightScheme(bits=bits, block_size=block_size, symmetric=symmetric, method=method))
+            if lm_head_bits not in (4, 8):
+                raise ValueError(f"lm_head bits must be 4 or 8, got {lm_head_bits}")
         except ValueError as exc:
             raise Int8WriteError(str(exc)) from None
         other_scheme = (WeightScheme(kernel="dynamic") if encoder_kernel == "dynamic"
                         else decoder_scheme if bits == 8 else WeightScheme(block_size=DEFAULT_BLOCK))
+        head = ((lambda node: bool(LM_HEAD.search(node.name)) or any(LM_HEAD.search(i) for i in node.input)),
+                WeightScheme(block_size=DEFAULT_BLOCK)) if bits == 4 and lm_head_bits == 8 else None
 
         def weight_only(model: onnx.ModelProto, arrays: dict[str, np.ndarray], name: str,
                         file_of: FileOf) -> QuantizedGraph:
             q = quantize_weight_only(model, arrays, keep, fuse=stack, file_of=file_of,
-                                     scheme=decoder_scheme if name.startswith("decoder") else other_scheme)
+                                     scheme=decoder_scheme if name.startswith("decoder") else other_scheme,
+                                     head=head if name.startswith("decoder") else None)
             if cfg is not None:
                 q.fused["rotary"] = fuse_rotary(q.model, cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
                 if name.startswith("decoder"):
@@ -303,7 +311,7 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
                       progress: Callable[[str], None] | None = None, scheme: str = "qdq",
                       block_size: int = 128, stack: bool = True, attention: bool = True, bits: int = 8,
                       symmetric: bool = True, method: str = "rtn", encoder_kernel: str = "nbits",
-                      decoder_kernel: str = "nbits") -> Manifest:
+                      decoder_kernel: str = "nbits", lm_head_bits: int | None = None) -> Manifest:
     """Quantize ``src_dir`` (an FP32 ONNX engine dir) into ``out_dir``; ``extra_files`` (name -> bytes) are
     written beside (the calibration table, TensorRT caches). ``scheme`` "qdq" needs ``table`` (activation ranges);
     "weight-only" ignores it and takes ``bits`` (8, or 4 for the decoders: see :func:`quantizer`), ``symmetric``
@@ -314,7 +322,8 @@ def write_int8_engine(src_dir: str | Path, out_dir: str | Path, table: dict[str,
     if src.engine_kind != "onnx":
         raise Int8WriteError(f"{src_dir} holds {src.engine_kind} engines; INT8 quantization needs the exported ONNX")
     quantize, description = quantizer(scheme, table, act_dtype, keep_lm_head, block_size, src.model_config, stack,
-                                      attention, bits, symmetric, method, encoder_kernel, decoder_kernel)
+                                      attention, bits, symmetric, method, encoder_kernel, decoder_kernel,
+                                      lm_head_bits)
     precision = f"int{bits}"
     bad = [c.name for c in src.components.values() if c.precision != "fp32"]
     if bad:

@@ -48,6 +48,7 @@ class QuantizedGraph:
     kept_fp32: list[str] = field(default_factory=list)
     fused: dict[str, int] = field(default_factory=dict)  # ORT fusions applied afterwards (pattern -> count)
     scheme: dict[str, Any] = field(default_factory=dict)  # the manifest's int8_scheme (Q/DQ graphs only)
+    code_bits: dict[str, int] = field(default_factory=dict)  # codes whose bits differ from the graph's (an INT8 lm_head)
 
 
 def _channels_last(w: np.ndarray, axis: int) -> np.ndarray:

@@ -246,13 +246,17 @@ def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
                          keep_fp32: Callable[[onnx.NodeProto], bool] | None = None,
                          block_size: int = DEFAULT_BLOCK, accuracy_level: int = ACCURACY_INT8,
                          fuse: bool = True, file_of: Callable[[str], str] | None = None,
-                         scheme: WeightScheme | None = None) -> QuantizedGraph:
+                         scheme: WeightScheme | None = None,
+                         head: tuple[Callable[[onnx.NodeProto], bool], WeightScheme] | None = None) -> QuantizedGraph:
     """Rewrite a copy of ``model`` (loaded without external data); ``weights`` holds every external initializer.
     ``scheme`` (default: symmetric INT8 per ``block_size`` at ``accuracy_level``) says how weights are stored.
     Same contract as :func:`rsvlm_edge.calibration.qdq.quantize_graph`: the result's ``tensors`` lists every external
     initializer with the name of the original it came from, so the caller keeps the trunk / expert file split (a
     stacked weight names its first member). ``file_of(weight name)`` names the file a weight is stored in; only
-    weights of one file are stacked (default: every weight in one file)."""
+    weights of one file are stacked (default: every weight in one file). ``head`` = (is the lm_head, its scheme): the
+    output projection stored apart, e.g. INT8 in an INT4 decoder (llama.cpp's Q4 mixes keep theirs at 6 bits too): it
+    picks every answer token among near-ties, and 4-bit codes there flip captions' word choices
+    (docs/benchmarks.md, "Accuracy against FP32")."""
     scheme = scheme or WeightScheme(block_size=block_size, accuracy_level=accuracy_level)
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
@@ -276,12 +280,13 @@ def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
     external = external_adder(result, new_inits)
 
     def matmul(a: str, w: str, origin: str, arrays: list[np.ndarray], outputs: list[str], name: str,
-               bias: str | None = None):
+               bias: str | None = None, scheme: WeightScheme = scheme):
         if scheme.kernel == "dynamic":
             dynamic_matmul(a, w, origin, arrays, outputs, name, bias)
             return
         blocks = [quantize_blocks(x, scheme) for x in arrays]  # stacked along N: codes, scales, zero points by row
         external(f"{w}_quantized", np.concatenate([b.codes for b in blocks]), origin)
+        result.code_bits[f"{w}_quantized"] = scheme.bits
         external(f"{w}_scale", np.concatenate([b.scales for b in blocks]), origin)
         zero_points = ""
         if blocks[0].zero_points is not None:
@@ -340,7 +345,8 @@ def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
             continue
         elif id(node) in target_ids:
             w = node.input[1]
-            matmul(node.input[0], w, w, [weights[w]], list(node.output), node.name)
+            own = head[1] if head is not None and head[0](node) else scheme
+            matmul(node.input[0], w, w, [weights[w]], list(node.output), node.name, scheme=own)
             quantized.add(w)
         else:
             if node.op_type in ("MatMul", "Gemm", "Conv"):

@@ -52,15 +52,16 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
 @click.option("--method", type=click.Choice(["rtn", "hqq"]), default="rtn", show_default=True,
               help="ort int4: rtn = round to nearest; hqq = half-quadratic refinement of each block's zero point "
                    "(asymmetric; needs torch to build). Both from onnxruntime's MatMulNBits quantizer.")
-@click.option("--encoder-kernel", type=click.Choice(["nbits", "dynamic"]), default="nbits", show_default=True,
-              help="ort weight-only: the kernel of the vision encoder and the other non-decoder graphs: nbits = "
-                   "MatMulNBits (blockwise INT8, activations quantized per block); dynamic = DynamicQuantizeMatMul "
-                   "(per-channel INT8, activations quantized per call over their own range: ORT's integer GEMM, "
-                   "faster over a tile's hundreds of patches).")
-@click.option("--decoder-kernel", type=click.Choice(["nbits", "dynamic"]), default="nbits", show_default=True,
-              help="ort int8 weight-only: the decoders' kernel: nbits = MatMulNBits (blockwise INT8); dynamic = "
-                   "DynamicQuantizeMatMul (per-channel INT8): prefill on the integer GEMM, 2-3x faster over a "
-                   "prompt's hundreds of tokens; decode as fast as nbits on CPUs with VNNI/AMX, slower on AVX2 only.")
+@click.option("--encoder-kernel", type=click.Choice(["nbits", "dynamic"]), default=None,
+              help="ort weight-only: the kernel of the vision encoder and the other non-decoder graphs: dynamic (the "
+                   "default) = DynamicQuantizeMatMul (per-channel INT8, activations quantized per call over their own "
+                   "range: ORT's integer GEMM, about 2x faster over a tile's hundreds of patches); nbits = MatMulNBits "
+                   "(blockwise INT8, activations quantized per block).")
+@click.option("--decoder-kernel", type=click.Choice(["nbits", "dynamic"]), default=None,
+              help="ort int8 weight-only: the decoders' kernel: nbits (the default) = MatMulNBits (blockwise INT8); "
+                   "dynamic = DynamicQuantizeMatMul (per-channel INT8): the prefill on the integer GEMM, 2-3x faster "
+                   "over a prompt's hundreds of tokens, and decode as fast as nbits on CPUs with VNNI or AMX: the "
+                   "engine for tiles (on CPUs without VNNI, compare both with `rsvlm-edge bench-peers`).")
 @click.option("--stack/--no-stack", default=True, show_default=True,
               help="ort int8 weight-only: stack the products that read one activation (q/k/v with their biases, "
                    "gate/up) into one MatMulNBits + Split; --no-stack keeps one node per weight (a baseline to bench).")
@@ -68,12 +69,17 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
               help="ort int8 weight-only: one GroupQueryAttention per decoder layer over a shared (batch, kv_heads, "
                    "capacity, head_dim) KV buffer in place of the rotary/concat/transpose/softmax chain; "
                    "--no-fuse-attention keeps the exported attention and KV layout (a baseline to bench).")
-@click.option("--keep-lm-head", is_flag=True, help="ort int8: keep the lm_head (logits) in FP32.")
+@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
+              help="ort int4 weight-only: bits of the lm_head (the logits' projection) [default: 8, per block of 128: it "
+                   "picks every answer token among near-ties; 4 saves about 47 MB per token on rsunivlm-1b and costs "
+                   "captions about 4 BLEU points on the demo model].")
+@click.option("--keep-lm-head", is_flag=True, help="ort int8/int4: keep the lm_head (logits) in FP32.")
 @click.option("--preset", type=click.Choice(TRT_PRESETS), default="datacenter", show_default=True, help="trt only.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="trt only: TensorRT timing cache file (reused).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, scheme, block_size, symmetric, method,
-                  encoder_kernel, decoder_kernel, stack, attention, keep_lm_head, preset, timing_cache, overwrite) -> None:
+                  encoder_kernel, decoder_kernel, stack, attention, lm_head_bits, keep_lm_head,
+                  preset, timing_cache, overwrite) -> None:
     """Build engines from the exported ONNX engine dir ONNX_DIR into OUT_DIR.
 
     \b
@@ -112,7 +118,7 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
         build_ort(onnx_dir, out_dir, precision, calibration, overwrite=overwrite, act_dtype=act_dtype,
                   keep_lm_head=keep_lm_head, scheme=scheme, block_size=int(block_size) if block_size else None,
                   stack=stack, attention=attention, symmetric=symmetric, method=method, encoder_kernel=encoder_kernel,
-                  decoder_kernel=decoder_kernel)
+                  decoder_kernel=decoder_kernel, lm_head_bits=int(lm_head_bits) if lm_head_bits else None)
     except (Int8WriteError, CalibrationTableError, ManifestError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     if precision == "int4" and scheme == "qdq":

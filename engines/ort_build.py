@@ -71,12 +71,16 @@ def build_ort_fp32(onnx_dir: str | Path, out_dir: str | Path, overwrite: bool = 
 def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32", calibration: str | Path | None = None,
               overwrite: bool = False, act_dtype: str = "uint8", keep_lm_head: bool = False, scheme: str | None = None,
               block_size: int | None = None, stack: bool = True, attention: bool = True, symmetric: bool | None = None,
-              method: str = "rtn", encoder_kernel: str = "nbits", decoder_kernel: str = "nbits") -> Manifest:
+              method: str = "rtn", encoder_kernel: str | None = None, decoder_kernel: str | None = None,
+              lm_head_bits: int | None = None) -> Manifest:
     """An ORT engine dir: ``fp32`` (optimized graphs), ``int8`` (``scheme`` "qdq", the default: Q/DQ from the
     calibration table; "weight-only": blockwise INT8 weights for ``MatMulNBits``, no table, shared-input products
     stacked unless ``stack`` is False, attention fused into ``GroupQueryAttention`` unless ``attention`` is False)
     or ``int4`` (INT4 weight-only decoders; ``scheme`` "weight-only", the default: ``MatMulNBits``, ``symmetric``
-    (default asymmetric), ``method`` "rtn" or "hqq"; "qdq": symmetric blockwise Q/DQ for TensorRT >= 10)."""
+    (default asymmetric), ``method`` "rtn" or "hqq"; "qdq": symmetric blockwise Q/DQ for TensorRT >= 10).
+    Weight-only builds: ``encoder_kernel`` (default "dynamic") and ``decoder_kernel`` (default "nbits") pick the
+    kernels (:func:`rsvlm_edge.calibration.int8_writer.quantizer`); ``lm_head_bits`` (int4 weight-only, default 8)
+    the bits of the decoders' lm_head."""
     if precision not in PRECISIONS:
         raise ValueError(f"ORT precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32":
@@ -85,8 +89,13 @@ def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32"
 
     scheme = scheme or ("weight-only" if precision == "int4" else "qdq")
     block_size = block_size or DEFAULT_BLOCK[precision]
-    if scheme != "weight-only" and (encoder_kernel, decoder_kernel) != ("nbits", "nbits"):
+    if scheme != "weight-only" and (encoder_kernel, decoder_kernel) != (None, None):
         raise ValueError("--encoder-kernel and --decoder-kernel apply to --scheme weight-only")
+    encoder_kernel, decoder_kernel = encoder_kernel or "dynamic", decoder_kernel or "nbits"
+    if lm_head_bits is not None and not (precision == "int4" and scheme == "weight-only"):
+        raise ValueError("--lm-head-bits applies to --precision int4 (weight-only)")
+    if lm_head_bits is not None and keep_lm_head:
+        raise ValueError("--lm-head-bits and --keep-lm-head (FP32) exclude each other")
     if decoder_kernel != "nbits" and precision != "int8":
         raise ValueError("--decoder-kernel dynamic reads INT8 weights: use --precision int8")
     if precision == "int4" and scheme == "qdq":  # for TensorRT >= 10: INT4 blockwise Q/DQ decoders
@@ -104,7 +113,8 @@ def build_ort(onnx_dir: str | Path, out_dir: str | Path, precision: str = "fp32"
                                  scheme=scheme, block_size=block_size, stack=stack, attention=attention,
                                  bits=4 if precision == "int4" else 8,
                                  symmetric=precision == "int8" if symmetric is None else symmetric, method=method,
-                                 encoder_kernel=encoder_kernel, decoder_kernel=decoder_kernel)
+                                 encoder_kernel=encoder_kernel, decoder_kernel=decoder_kernel,
+                                 lm_head_bits=lm_head_bits)
     if not stack:
         raise ValueError("--no-stack applies to --scheme weight-only (the Q/DQ scheme stacks nothing)")
     if not attention:

@@ -123,22 +123,29 @@ def test_int4_engine_keeps_the_expert_split_and_records_its_scheme(fp32_dir, int
     assert trunk is not None and man.experts.expert_files and man.experts.expert_tensors
     assert len(man.experts.expert_files) == man.model_config["num_experts"]
     roles = [t.extra.get("quantization") for t in [*trunk.tensors.values(), *man.experts.expert_tensors.values()]]
-    assert roles.count("int4") == roles.count("scale") == roles.count("zero_point") > 0
+    # every 4-bit weight has a scale and a zero point; the lm_head is INT8 (one scale per block, no zero point)
+    assert roles.count("int4") + roles.count("int8") == roles.count("scale") == roles.count("zero_point") + 1 > 1
+    assert roles.count("int8") == 1 and quant["lm_head"] == "int8"
     for e, name in enumerate(man.experts.decoders):
         assert set(man.component(name).sha256) == {f"{name}.onnx", trunk.file, man.experts.expert_files[e]}
-    # 4-bit codes + an FP32 scale and a 4-bit zero point per 32 weights: about 5.1 bits per weight, 0.16 of FP32
-    for f in (trunk.file, man.experts.expert_files[1]):
-        assert (int4_dir / f).stat().st_size < 0.2 * (fp32_dir / f).stat().st_size
+    # 4-bit codes + an FP32 scale and a 4-bit zero point per 32 weights: about 5.1 bits per weight, 0.16 of FP32;
+    # the trunk also holds the INT8 lm_head (8.25 bits per weight)
+    for f, bound in ((man.experts.expert_files[1], 0.2), (trunk.file, 0.3)):
+        assert (int4_dir / f).stat().st_size < bound * (fp32_dir / f).stat().st_size
     nodes = onnx.load(str(int4_dir / "decoder_expert0.onnx"), load_external_data=False).graph.node
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
     assert len(nbits) == 4 * layers + 1  # qkv, o, gate-up (stacked), down per layer, and the lm_head
     for node in nbits:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if "lm_head" in node.name:  # INT8 per block of 128, symmetric (--lm-head-bits 8, the default)
+            assert attrs["bits"] == 8 and attrs["block_size"] == 128 and len(node.input) == 3
+            continue
         assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
         assert len(node.input) >= 4 and node.input[3].endswith("_zero_points")
     encoder = onnx.load(str(int4_dir / "vision_encoder.onnx"), load_external_data=False).graph.node
-    assert {onnx.helper.get_attribute_value(a) for n in encoder if n.op_type == "MatMulNBits"
-            for a in n.attribute if a.name == "bits"} == {8}
+    encoder_ops = {n.op_type for n in encoder}  # the default encoder kernel: per-channel INT8 on the integer GEMM
+    assert "DynamicQuantizeMatMul" in encoder_ops and "MatMulNBits" not in encoder_ops
+    assert quant["other_weights"]["kernel"] == "DynamicQuantizeMatMul"
     assert OrtBackend.from_dir(int4_dir, verify=False).prepack_weights is True
 
 
@@ -153,6 +160,27 @@ def test_an_altered_int4_expert_file_is_refused(int4_dir, tmp_path):
     expert.write_bytes(bytes(data))
     with pytest.raises(ManifestError, match="sha256"):
         Manifest.load(copy)
+
+
+def test_lm_head_bits_4_quantizes_the_head_like_the_other_products(fp32_dir, int4_dir, tmp_path):
+    import onnx
+
+    out = tmp_path / "int4-head4"
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--lm-head-bits", "4"])
+    assert res.exit_code == 0, res.output
+    head = [n for n in onnx.load(str(out / "decoder_expert0.onnx"), load_external_data=False).graph.node
+            if n.op_type == "MatMulNBits" and "lm_head" in n.name]
+    assert len(head) == 1 and {a.name: a.i for a in head[0].attribute}["bits"] == 4
+    assert Manifest.load(out).extra["quantization"]["lm_head"] == "int4"
+    # the INT8 head of the default build: a larger trunk, every other file the same size
+    default = Manifest.load(int4_dir, verify=False)
+    assert (int4_dir / default.experts.trunk.file).stat().st_size > (out / default.experts.trunk.file).stat().st_size
+    for args, message in ((["--precision", "int8", "--scheme", "weight-only", "--lm-head-bits", "8"],
+                           "applies to --precision int4"),
+                          (["--precision", "int4", "--lm-head-bits", "8", "--keep-lm-head"], "exclude each other")):
+        res = CliRunner().invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), *args])
+        assert res.exit_code == 1 and message in res.output, res.output
+        assert not (tmp_path / "x").exists()
 
 
 def test_int4_engine_logits_stay_within_the_quantization_error_of_fp32(fp32_dir, int4_dir, tmp_path):
