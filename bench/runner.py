@@ -136,9 +136,11 @@ def run_worker(spec: WorkerSpec, on_step, timeout_s: float | None = None) -> dic
 
 def derive(result: dict[str, Any], cfg, limits: Limits, precision: str, active_bytes: int) -> dict[str, Any]:
     """Fractions of the machine's limits. Decode: weight bytes per token x tokens/s / copy bandwidth.
-    Prefill and encoder: FLOPs / time / GEMM peak (INT8 engines against the INT8 peak when it was measured)."""
+    Prefill and encoder: FLOPs / time / GEMM peak (INT8 and INT4 engines against the INT8 peak when it was measured:
+    INT4 decoders multiply INT8-quantized activations by their codes in integer dot products, and their vision encoder
+    is INT8)."""
     m = result["metrics"]
-    use_int8 = precision == "int8" and bool(limits.gemm_int8_gops)
+    use_int8 = precision in ("int8", "int4") and bool(limits.gemm_int8_gops)
     peak = (limits.gemm_int8_gops if use_int8 else limits.gemm_fp32_gflops) * 1e9  # type: ignore[operator]
     vision = model_cost.vision_flops(cfg)
     prefill = model_cost.prefill_flops(cfg, m["prompt_tokens"])

@@ -168,6 +168,8 @@ def test_int8_rows_use_the_int8_peak_and_feed_the_targets():
     assert rows[0]["fractions"]["vision_gemm_frac"] * 4 == pytest.approx(rows[1]["fractions"]["vision_gemm_frac"])
     assert rows[0]["fractions"]["decode_bandwidth_frac"] == pytest.approx(50e6 * 400 / 10e9)
     assert rows[1]["fractions"]["batch_decode_bandwidth_frac"] == pytest.approx(50e6 * 300 / 4 / 10e9)
+    int4 = derive(dict(rows[0], precision="int4"), cfg, limits, "int4", active_bytes=30_000_000)
+    assert int4["gemm_peak_used"] == "int8"  # INT8 activations x 4-bit codes in integer dot products
     speedups(rows)
     got = targets(rows)
     assert got["int8_decode_vs_torch"]["value"] == pytest.approx(4.0) and got["int8_decode_vs_torch"]["met"]
