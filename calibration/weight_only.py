@@ -189,6 +189,23 @@ def dequantize_blockwise(codes: np.ndarray, scales: np.ndarray, k: int) -> np.nd
     return w.reshape(n, -1)[:, :k].T.copy()
 
 
+#: Weights with more elements than this are quantized as column slices of at most this many, one kernel each. ONNX
+#: Runtime reads a weight and packs it side by side while a session is created, so the largest weight sets the
+#: load-time peak above the resident set (rsunivlm-1b's lm_head, 136M elements: 131 MiB in its INT8 build; `python -m
+#: rsvlm_edge.bench.rss`, docs/benchmarks.md "Memory"); at batch 1 a slice of 16M elements still keeps every thread
+#: busy.
+SLICE_ELEMENTS = 1 << 24
+
+
+def column_slices(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[lo, hi) column ranges of a (K, N) weight, each at most :data:`SLICE_ELEMENTS` elements (one range if the whole
+    weight is)."""
+    k, n = int(shape[0]), int(shape[1])
+    parts = min(n, -(-k * n // SLICE_ELEMENTS))  # as few slices as the bound allows, of near-equal width
+    width = -(-n // max(parts, 1))
+    return [(lo, min(n, lo + width)) for lo in range(0, n, width)]
+
+
 def weight_matmuls(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool] | None = None
                    ) -> list[onnx.NodeProto]:
     """``MatMul`` nodes with a 2-D weight initializer as B (and a computed A) that the rewrite turns into
@@ -346,7 +363,17 @@ def quantize_weight_only(model: onnx.ModelProto, weights: dict[str, np.ndarray],
         elif id(node) in target_ids:
             w = node.input[1]
             own = head[1] if head is not None and head[0](node) else scheme
-            matmul(node.input[0], w, w, [weights[w]], list(node.output), node.name, scheme=own)
+            parts = column_slices(np.shape(weights[w]))
+            if len(parts) == 1:
+                matmul(node.input[0], w, w, [weights[w]], list(node.output), node.name, scheme=own)
+            else:  # one product per slice of N, concatenated: see SLICE_ELEMENTS
+                outs = [f"{w}_part{i}_out" for i in range(len(parts))]
+                for i, (lo, hi) in enumerate(parts):
+                    matmul(node.input[0], f"{w}_part{i}", w, [weights[w][:, lo:hi]], [outs[i]], f"{node.name}_part{i}",
+                           scheme=own)
+                new_nodes.append(helper.make_node("Concat", outs, list(node.output), name=f"{node.name}/Concat",
+                                                  axis=-1))
+                result.fused["column_slices"] = result.fused.get("column_slices", 0) + len(parts)
             quantized.add(w)
         else:
             if node.op_type in ("MatMul", "Gemm", "Conv"):

@@ -71,7 +71,7 @@ def _build_trt(onnx_dir, out_dir, preset, precision, calib_cache, timing_cache) 
                    "--no-fuse-attention keeps the exported attention and KV layout (a baseline to bench).")
 @click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None,
               help="ort int4 weight-only: bits of the lm_head (the logits' projection) [default: 8, per block of 128: it "
-                   "picks every answer token among near-ties; 4 saves about 47 MB per token on rsunivlm-1b and costs "
+                   "picks every answer token among near-ties; 4 saves 53 MB per token on rsunivlm-1b and costs "
                    "captions about 4 BLEU points on the demo model].")
 @click.option("--keep-lm-head", is_flag=True, help="ort int8/int4: keep the lm_head (logits) in FP32.")
 @click.option("--preset", type=click.Choice(TRT_PRESETS), default="datacenter", show_default=True, help="trt only.")

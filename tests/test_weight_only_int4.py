@@ -183,6 +183,27 @@ def test_lm_head_bits_4_quantizes_the_head_like_the_other_products(fp32_dir, int
         assert not (tmp_path / "x").exists()
 
 
+def test_large_weights_are_quantized_as_column_slices_with_the_same_logits(fp32_dir, int4_dir, tmp_path, monkeypatch):
+    """A weight over SLICE_ELEMENTS becomes one product per slice of its columns + Concat (a lower load-time peak):
+    the codes are per column, so the logits are the unsliced engine's."""
+    import onnx
+    from test_engines_ort import prefill_logits
+
+    from rsvlm_edge.calibration import weight_only
+
+    cfg = Manifest.load(int4_dir, verify=False).config()
+    monkeypatch.setattr(weight_only, "SLICE_ELEMENTS", -(-cfg.hidden_size * cfg.vocab_size // 3))  # lm_head: 3 slices
+    out = tmp_path / "int4-sliced"
+    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4"])
+    assert res.exit_code == 0, res.output
+    nodes = onnx.load(str(out / "decoder_expert2.onnx"), load_external_data=False).graph.node
+    head = [n for n in nodes if n.op_type == "MatMulNBits" and "lm_head" in n.name]
+    widths = [{a.name: a.i for a in n.attribute}["N"] for n in head]
+    assert len(head) == 3 and sum(widths) == cfg.vocab_size
+    assert [n.op_type for n in nodes if n.output[0] == "logits" or "lm_head" in n.name].count("Concat") == 1
+    np.testing.assert_allclose(prefill_logits(out), prefill_logits(int4_dir), rtol=0, atol=1e-5)
+
+
 def test_int4_engine_logits_stay_within_the_quantization_error_of_fp32(fp32_dir, int4_dir, tmp_path):
     from test_engines_ort import logit_error
 
