@@ -17,7 +17,15 @@ from rsvlm_edge.bench.peers.exports import Step, plan
 from rsvlm_edge.bench.peers.model import _hf_name
 from rsvlm_edge.bench.peers.rounds import EngineFigures, Span, collect, schedule
 from rsvlm_edge.bench.peers.run import NO_EXTRA_BUFTS, measure_engine, needed_steps
-from rsvlm_edge.bench.peers.table import bytes_text, format_header, format_table, span_text
+from rsvlm_edge.bench.peers.table import (
+    bit_width,
+    bytes_text,
+    figures_from_json,
+    format_header,
+    format_ratios,
+    format_table,
+    span_text,
+)
 from rsvlm_edge.bench.peers.weights import lookup_adjusted, onnx_bytes_per_token, safetensors_bytes_per_token
 from rsvlm_edge.bench.peers.worker import PeerSpec, measure, prompt_ids
 from rsvlm_edge.cli import main
@@ -59,6 +67,30 @@ def test_table_has_one_row_per_engine_with_the_issue_columns():
     assert head.startswith("machine: Intel(R) Xeon(R) Processor (AVX2, AVX-512, VNNI, AMX), 2 cores; 2 threads")
     assert "3 interleaved rounds, 740-token prompt, 64 new tokens" in head and "load average" not in head
     assert format_header("x", 2, 2, 1, 740, 64, load_avg=6.24).endswith("load average 6.2 over the last 15 minutes of the run")
+
+
+def test_ratios_compare_each_round_with_the_best_peer_of_the_same_bit_width(tmp_path):
+    ours = EngineFigures("rsvlm-edge INT4 weight-only", Span([2.0, 4.0]), Span([40.0, 30.0]))
+    genai = EngineFigures("ONNX Runtime GenAI int4 (model builder)", Span([3.0, 5.0]), Span([38.0, 36.0]))
+    llama = EngineFigures("llama.cpp Q4_0", Span([4.0, 4.4]), Span([20.0, 40.0]))
+    q8 = EngineFigures("llama.cpp Q8_0", Span([1.0, 1.0]), Span([99.0, 99.0]))  # another bit width: not a rival
+    fp32 = EngineFigures("rsvlm-edge FP32", Span([9.0, 9.0]), Span([9.0, 9.0]))
+    assert [bit_width(f.name) for f in (ours, genai, llama, q8, fp32)] == [4, 4, 4, 8, None]
+    # round 1: best decode 38 (GenAI), best prefill 3.0; round 2: best decode 40 (llama.cpp), best prefill 4.4
+    assert format_ratios([ours, genai, llama, q8, fp32]) == (
+        "rsvlm-edge INT4 weight-only against the best 4-bit peer, per round: decode 1.05, 0.75x; prefill 1.50, 1.10x")
+    broken = EngineFigures("llama.cpp Q4_0", Span([4.0]), Span([20.0]), errors=["killed"])
+    assert format_ratios([ours, genai, broken]) == ""  # rounds out of step: no line rather than a wrong one
+    saved = {"engines": [f.to_dict() for f in (ours, genai)], "settings": {"prompt_tokens": 740}}
+    again = figures_from_json(saved)
+    assert format_ratios(again) == format_ratios([ours, genai])
+    import json
+
+    from rsvlm_edge.bench.peers import table
+
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps(saved))
+    assert table.main([str(path)]) == 0 and table.main([]) == 2
 
 
 def test_a_table_only_looked_up_counts_one_row_and_a_tied_head_counts_whole():

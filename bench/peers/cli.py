@@ -64,6 +64,8 @@ def bench_peers_command(work, rounds, threads, prompt_tokens, new_tokens, llama_
     click.echo(result["header"])
     click.echo("")
     click.echo(result["table"])
+    if result["ratios"]:
+        click.echo(result["ratios"])
     if result["notes"]:
         click.echo(result["notes"])
     for line in result["skipped"]:

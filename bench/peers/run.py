@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from rsvlm_edge.bench.peers.exports import Engine, Step, plan, run_step
 from rsvlm_edge.bench.peers.rounds import EngineFigures, collect, schedule
-from rsvlm_edge.bench.peers.table import format_errors, format_header, format_notes, format_table
+from rsvlm_edge.bench.peers.table import format_errors, format_header, format_notes, format_ratios, format_table
 from rsvlm_edge.bench.peers.weights import bytes_per_token
 from rsvlm_edge.bench.peers.worker import PeerSpec
 from rsvlm_edge.bench.worker import RESULT
@@ -143,6 +143,7 @@ def run_peers(settings: PeerSettings, say: Callable[[str], None]) -> dict[str, A
     header = format_header(cpu, os.cpu_count() or 1, settings.threads, settings.rounds, settings.prompt_tokens,
                            settings.new_tokens, os.getloadavg()[2])
     return {"header": header, "table": format_table(figures, settings.prompt_tokens), "errors": format_errors(figures),
+            "ratios": format_ratios(figures),
             "notes": format_notes(figures),
             "skipped": skipped, "cpu": cpu,
             "load_avg": list(os.getloadavg()), "engines": [f.to_dict() for f in figures],
