@@ -48,10 +48,13 @@ class Int8WriteError(RuntimeError):
     """The INT8 engine dir cannot be written (bad source, OUT_DIR not empty ...); OUT_DIR is left untouched."""
 
 
+def is_lm_head(node: onnx.NodeProto) -> bool:
+    """The output projection (logits), by its node or weight name."""
+    return bool(LM_HEAD.search(node.name)) or any(LM_HEAD.search(i) for i in node.input)
+
+
 def keep_fp32_predicate(keep_lm_head: bool) -> Callable[[onnx.NodeProto], bool] | None:
-    if not keep_lm_head:
-        return None
-    return lambda node: bool(LM_HEAD.search(node.name)) or any(LM_HEAD.search(i) for i in node.input)
+    return is_lm_head if keep_lm_head else None
 
 
 def _point(init: onnx.TensorProto, file: str, entry: TensorLayout) -> None:
@@ -248,8 +251,7 @@ def quantizer(scheme: str, table: dict[str, dict[str, float]] | None, act_dtype:
             raise Int8WriteError(str(exc)) from None
         other_scheme = (WeightScheme(kernel="dynamic") if encoder_kernel == "dynamic"
                         else decoder_scheme if bits == 8 else WeightScheme(block_size=DEFAULT_BLOCK))
-        head = ((lambda node: bool(LM_HEAD.search(node.name)) or any(LM_HEAD.search(i) for i in node.input)),
-                WeightScheme(block_size=DEFAULT_BLOCK)) if bits == 4 and lm_head_bits == 8 else None
+        head = (is_lm_head, WeightScheme(block_size=DEFAULT_BLOCK)) if bits == 4 and lm_head_bits == 8 else None
 
         def weight_only(model: onnx.ModelProto, arrays: dict[str, np.ndarray], name: str,
                         file_of: FileOf) -> QuantizedGraph:
