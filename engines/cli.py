@@ -87,6 +87,7 @@ def build_command(onnx_dir, out_dir, target, precision, calibration, act_dtype, 
       rsvlm-edge build engines/tiny engines/tiny-opt --target ort --precision fp32
       rsvlm-edge build engines/tiny engines/tiny-int8 --target ort --precision int8 --calibration calib.json
       rsvlm-edge build engines/tiny engines/tiny-int8w --target ort --precision int8 --scheme weight-only
+      rsvlm-edge build engines/tiny engines/tiny-tiles --precision int8 --scheme weight-only --decoder-kernel dynamic
       rsvlm-edge build engines/tiny engines/tiny-int4 --target ort --precision int4 --block-size 32
     TensorRT (run on the target device; plans are device-specific):
       rsvlm-edge build engines/tiny engines/tiny-trt --target trt --preset orin-agx --precision fp16
