@@ -191,9 +191,9 @@ def dequantize_blockwise(codes: np.ndarray, scales: np.ndarray, k: int) -> np.nd
 
 #: Weights with more elements than this are quantized as column slices of at most this many, one kernel each. ONNX
 #: Runtime reads a weight and packs it side by side while a session is created, so the largest weight sets the
-#: load-time peak above the resident set (rsunivlm-1b's lm_head, 136M elements: 131 MiB in its INT8 build; `python -m
-#: rsvlm_edge.bench.rss`, docs/benchmarks.md "Memory"); at batch 1 a slice of 16M elements still keeps every thread
-#: busy.
+#: load-time peak above the resident set (rsunivlm-1b's lm_head has 136M elements; with slices the peak is 14 MiB
+#: above it: `python -m rsvlm_edge.bench.rss`, docs/benchmarks.md "Memory"); at batch 1 a slice of 16M elements
+#: still keeps every thread busy.
 SLICE_ELEMENTS = 1 << 24
 
 

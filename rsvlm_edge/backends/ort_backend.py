@@ -154,7 +154,7 @@ class LoadedExpert:
 
 
 #: Prompt positions per decoder run. ONNX Runtime's arena keeps its largest run's activations for the session's life
-#: (rsunivlm-1b: 107 MiB for a 742-token prompt in one run); chunks bound that, and the prefill got faster, not slower
+#: (rsunivlm-1b: about 125 MiB for a 742-token prompt in one run); chunks bound that, and the prefill got faster, not slower
 #: (``python -m rsvlm_edge.bench.rss ENGINE --prefill-chunk N``, docs/benchmarks.md "Memory": 128 as fast as 256
 #: and 19 MiB smaller; 64 slower).
 PREFILL_CHUNK = 128
