@@ -1,4 +1,5 @@
-"""Shared fixtures: a random-init tiny model dir (built once per session) and paths to the real sample data."""
+"""Shared fixtures: a random-init tiny model dir and its FP32 export (each built once per session) and paths to the real
+sample data."""
 
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny-random")
     return init_model_dir(out, tiny_config(), seed=0, n_synthetic=200)
+
+
+@pytest.fixture(scope="session")
+def fp32_export(tmp_path_factory) -> Path:
+    """The default synthetic checkpoint (``rsvlm_edge.export.testing.make_checkpoint``) exported to FP32 ONNX. Tests
+    read it or build from it into their own dirs; none writes into it."""
+    from rsvlm_edge.export.testing import export_checkpoint, make_checkpoint
+
+    return export_checkpoint(make_checkpoint(tmp_path_factory.mktemp("ckpt-shared")),
+                             tmp_path_factory.mktemp("eng-shared") / "fp32")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from rsvlm_edge.calibration.samples import CalibrationInputError, find_tiles
 from rsvlm_edge.calibration.table import CalibrationTableError, load_table, save_table
 from rsvlm_edge.cli import main
 from rsvlm_edge.engines.trt_calib import parse_cache
-from rsvlm_edge.export.testing import export_checkpoint, make_checkpoint
 from rsvlm_edge.manifest import Manifest
 
 QUANTIZED = ("vision_encoder", "embedding", "decoder_trunk", "decoder_expert0", "decoder_expert1", "decoder_expert2")
@@ -37,20 +36,14 @@ def write_tiles(folder, n=4):
 
 
 @pytest.fixture(scope="module")
-def fp32_dir(tmp_path_factory):
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt-calib"))
-    return export_checkpoint(ckpt, tmp_path_factory.mktemp("eng-calib") / "fp32")
-
-
-@pytest.fixture(scope="module")
 def tiles(tmp_path_factory):
     return write_tiles(tmp_path_factory.mktemp("calib-tiles") / "tiles")
 
 
 @pytest.fixture(scope="module")
-def int8_dir(fp32_dir, tiles, tmp_path_factory):
+def int8_dir(fp32_export, tiles, tmp_path_factory):
     out = tmp_path_factory.mktemp("eng-int8") / "int8"
-    res = CliRunner().invoke(main, ["calibrate", str(fp32_dir), str(tiles), "--out", str(out), "--limit", "4",
+    res = CliRunner().invoke(main, ["calibrate", str(fp32_export), str(tiles), "--out", str(out), "--limit", "4",
                                     "--threads", "1", "--quiet"])
     assert res.exit_code == 0, res.output
     return out
@@ -92,8 +85,8 @@ def test_weights_are_pair_bounded_and_no_coarser_than_7_bit():
 
 
 # ----------------------------------------------------------------------------------------------- the INT8 dir
-def test_int8_dir_manifest_layout_and_sizes(fp32_dir, int8_dir):
-    src, man = Manifest.load(fp32_dir), Manifest.load(int8_dir)  # verifies every sha256
+def test_int8_dir_manifest_layout_and_sizes(fp32_export, int8_dir):
+    src, man = Manifest.load(fp32_export), Manifest.load(int8_dir)  # verifies every sha256
     for name, comp in man.components.items():
         expected = "fp32" if name.startswith(("vision_stem_", "router")) else "int8"
         assert comp.precision == expected, name
@@ -106,14 +99,14 @@ def test_int8_dir_manifest_layout_and_sizes(fp32_dir, int8_dir):
     assert any(t.dtype == "int8" for t in layout.trunk.tensors.values())
     assert all(t.dtype in ("int8", "float32") for t in layout.expert_tensors.values())
     for stem in QUANTIZED:
-        ratio = (int8_dir / f"{stem}.bin").stat().st_size / (fp32_dir / f"{stem}.bin").stat().st_size
+        ratio = (int8_dir / f"{stem}.bin").stat().st_size / (fp32_export / f"{stem}.bin").stat().st_size
         assert ratio <= 0.3, (stem, ratio)
-    assert (int8_dir / "router.bin").read_bytes() == (fp32_dir / "router.bin").read_bytes()
+    assert (int8_dir / "router.bin").read_bytes() == (fp32_export / "router.bin").read_bytes()
     assert man.extra["quantization"]["calibration"]["method"] == "entropy"
     assert src.config().to_dict() == man.config().to_dict()
 
 
-def test_int8_outputs_close_to_fp32(fp32_dir, int8_dir, tiles):
+def test_int8_outputs_close_to_fp32(fp32_export, int8_dir, tiles):
     """The quantization error of the INT8 engine against FP32, on any CPU: the saturation tests below prove that every
     integer product is exact whatever kernel runs it, so what is left is the 8-bit rounding itself. Each quantized
     activation adds uniform noise of amax/127/sqrt(12) (0.23% of its range) and weights half a step per value; the
@@ -123,7 +116,7 @@ def test_int8_outputs_close_to_fp32(fp32_dir, int8_dir, tiles):
     full-range 8-bit weights)."""
     from rsvlm_edge.pipeline import read_tile
 
-    a, b = OrtBackend.from_dir(fp32_dir, threads=1), OrtBackend.from_dir(int8_dir, threads=1)
+    a, b = OrtBackend.from_dir(fp32_export, threads=1), OrtBackend.from_dir(int8_dir, threads=1)
     tile = read_tile([tiles / "rgb_1.png"], None, a.config.image_size, a.config.sensors)
     va, vb = (x.encode_images(tile.pixels[0][None], tile.sensor) for x in (a, b))
     assert np.linalg.norm(vb - va) / np.linalg.norm(va) < 0.1
@@ -185,10 +178,10 @@ def test_table_roundtrip_and_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- CLI + errors
-def test_other_methods_give_ranges(fp32_dir, tiles):
+def test_other_methods_give_ranges(fp32_export, tiles):
     from rsvlm_edge.calibration.calibrate import run_calibration
 
-    tables = {m: run_calibration(fp32_dir, [tiles], m, limit=2, threads=1, decode_steps=1, progress=False)[0]
+    tables = {m: run_calibration(fp32_export, [tiles], m, limit=2, threads=1, decode_steps=1, progress=False)[0]
               for m in ("minmax", "percentile")}
     for comp, amax in tables["minmax"].items():
         assert set(amax) == set(tables["percentile"][comp])
@@ -208,18 +201,18 @@ def test_find_tiles_errors(tmp_path):
     assert len(find_tiles([tiles], limit=3)) == 3
 
 
-def test_calibrate_cli_errors(fp32_dir, int8_dir, tiles, tmp_path):
+def test_calibrate_cli_errors(fp32_export, int8_dir, tiles, tmp_path):
     runner = CliRunner()
     (tmp_path / "empty").mkdir()
-    res = runner.invoke(main, ["calibrate", str(fp32_dir), str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    res = runner.invoke(main, ["calibrate", str(fp32_export), str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and "no images" in res.output
-    res = runner.invoke(main, ["calibrate", str(fp32_dir), str(tiles), "--out", str(int8_dir), "--quiet"])
+    res = runner.invoke(main, ["calibrate", str(fp32_export), str(tiles), "--out", str(int8_dir), "--quiet"])
     assert res.exit_code == 1 and "not empty" in res.output and "--overwrite" in res.output
     res = runner.invoke(main, ["calibrate", str(int8_dir), str(tiles), "--out", str(tmp_path / "o2"), "--quiet",
                                "--limit", "1"])
     assert res.exit_code == 1 and "not an FP32 export" in res.output
     assert not (tmp_path / "o2").exists()
-    res = runner.invoke(main, ["calibrate", str(fp32_dir), str(tiles), "--out", str(tmp_path / "o3"), "--limit", "0"])
+    res = runner.invoke(main, ["calibrate", str(fp32_export), str(tiles), "--out", str(tmp_path / "o3"), "--limit", "0"])
     assert res.exit_code == 2
     res = runner.invoke(main, ["calibrate", str(tmp_path / "empty"), str(tiles), "--out", str(tmp_path / "o4")])
     assert res.exit_code == 1 and "manifest" in res.output
@@ -312,7 +305,7 @@ def im2col(x: np.ndarray, node) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def real_operands(fp32_dir, int8_dir, tiles):
+def real_operands(fp32_export, int8_dir, tiles):
     """(product, u8 activations (M, K), pair-bounded s8 weight (K, N), plain 8-bit weight (K, N)) for every integer
     product of the vision encoder and decoder expert 0, on real calibration feeds (a tile, its prefill)."""
     import onnx
@@ -321,14 +314,14 @@ def real_operands(fp32_dir, int8_dir, tiles):
     from rsvlm_edge.calibration.samples import calibration_requests
     from rsvlm_edge.calibration.saturation import quantized_products
 
-    fp32, table = Manifest.load(fp32_dir), load_table(int8_dir / "calibration.json")[0]
-    recording = record(fp32_dir, calibration_requests(find_tiles([tiles], 1), fp32.config()), decode_steps=0,
+    fp32, table = Manifest.load(fp32_export), load_table(int8_dir / "calibration.json")[0]
+    recording = record(fp32_export, calibration_requests(find_tiles([tiles], 1), fp32.config()), decode_steps=0,
                        threads=1)
     out = []
     for comp in ("vision_encoder", "decoder_expert0"):
         model = onnx.load(str(int8_dir / f"{comp}.onnx"), load_external_data=False)
         q_arrays = external_arrays(int8_dir, model)
-        f_arrays = external_arrays(fp32_dir, onnx.load(str(fp32_dir / f"{comp}.onnx"), load_external_data=False))
+        f_arrays = external_arrays(fp32_export, onnx.load(str(fp32_export / f"{comp}.onnx"), load_external_data=False))
         products = [(n, w) for n, w in quantized_products(model) if n.input[0].endswith("_dq")]
         acts = [n.input[0][:-len("_dq")] for n, _ in products]
         session, _ = session_with_outputs(fp32, comp, list(dict.fromkeys(acts)), threads=1)

@@ -10,7 +10,6 @@ from click.testing import CliRunner
 
 from rsvlm_edge.backends.ort_backend import OrtBackend
 from rsvlm_edge.cli import main
-from rsvlm_edge.export.testing import export_checkpoint, make_checkpoint
 from rsvlm_edge.generation import Generator, Request
 from rsvlm_edge.manifest import Manifest
 from rsvlm_edge.pipeline import load_tokenizer
@@ -18,13 +17,7 @@ from rsvlm_edge.sampling import SamplingConfig
 
 
 @pytest.fixture(scope="module")
-def fp32_dir(tmp_path_factory):
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt-build"))
-    return export_checkpoint(ckpt, tmp_path_factory.mktemp("eng-build") / "fp32")
-
-
-@pytest.fixture(scope="module")
-def table(fp32_dir, tmp_path_factory):
+def table(fp32_export, tmp_path_factory):
     from PIL import Image
 
     from rsvlm_edge.calibration.calibrate import run_calibration
@@ -34,7 +27,7 @@ def table(fp32_dir, tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"t{i}.png")
-    amax, meta = run_calibration(fp32_dir, [folder], "minmax", threads=1, decode_steps=1, progress=False)
+    amax, meta = run_calibration(fp32_export, [folder], "minmax", threads=1, decode_steps=1, progress=False)
     return save_table(folder / "calibration.json", amax, **meta)
 
 
@@ -58,19 +51,19 @@ def logit_error(engine_dir, reference_dir) -> float:
     return float(np.linalg.norm(b - a) / np.linalg.norm(a - a.mean()))
 
 
-def test_build_ort_fp32_optimized_same_tokens(fp32_dir, tmp_path):
+def test_build_ort_fp32_optimized_same_tokens(fp32_export, tmp_path):
     out = tmp_path / "opt"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--target", "ort", "--precision", "fp32"])
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--target", "ort", "--precision", "fp32"])
     assert res.exit_code == 0, res.output
     man = Manifest.load(out)
     assert man.component("vision_encoder").extra["ort_optimization"] == "basic"
-    assert (out / "decoder_trunk.bin").read_bytes() == (fp32_dir / "decoder_trunk.bin").read_bytes()
-    assert tokens(out) == tokens(fp32_dir)
+    assert (out / "decoder_trunk.bin").read_bytes() == (fp32_export / "decoder_trunk.bin").read_bytes()
+    assert tokens(out) == tokens(fp32_export)
 
 
-def test_build_ort_int8_from_table(fp32_dir, table, tmp_path):
+def test_build_ort_int8_from_table(fp32_export, table, tmp_path):
     out = tmp_path / "int8"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--calibration", str(table)])
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int8", "--calibration", str(table)])
     assert res.exit_code == 0, res.output
     man = Manifest.load(out)
     assert man.component("decoder_expert1").precision == "int8"
@@ -79,7 +72,7 @@ def test_build_ort_int8_from_table(fp32_dir, table, tmp_path):
     # INT8 decoders prepack their weights by default (ORT's integer GEMM would repack them on every call);
     # FP32 ones do not (a packed copy of the trunk per expert session); both can be overridden
     assert OrtBackend.from_dir(out, verify=False).prepack_weights is True
-    assert OrtBackend.from_dir(fp32_dir, verify=False).prepack_weights is False
+    assert OrtBackend.from_dir(fp32_export, verify=False).prepack_weights is False
     assert OrtBackend.from_dir(out, verify=False, prepack_weights=False).prepack_weights is False
     unpacked = Generator(OrtBackend.from_dir(out, threads=1, prepack_weights=False), load_tokenizer(out))
     px = np.random.default_rng(5).normal(size=(3, 128, 128)).astype(np.float32)
@@ -88,11 +81,11 @@ def test_build_ort_int8_from_table(fp32_dir, table, tmp_path):
     assert same == tokens(out)
 
 
-def test_build_int8_lm_head_fp32_and_int8_activations(fp32_dir, table, tmp_path):
+def test_build_int8_lm_head_fp32_and_int8_activations(fp32_export, table, tmp_path):
     import onnx
 
     out = tmp_path / "int8-trt"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--calibration", str(table),
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int8", "--calibration", str(table),
                                     "--activations", "int8", "--keep-lm-head"])
     assert res.exit_code == 0, res.output
     g = onnx.load(str(out / "decoder_expert0.onnx"), load_external_data=False)
@@ -101,26 +94,26 @@ def test_build_int8_lm_head_fp32_and_int8_activations(fp32_dir, table, tmp_path)
     zps = [i for i in g.graph.initializer if i.name.endswith("_act_zero_point")]
     assert zps and all(i.data_type == onnx.TensorProto.INT8 for i in zps)
     # the FP32 lm_head (hidden x vocab) dominates the tiny trunk, so it stays well above the 0.3x of an all-INT8 trunk
-    assert (out / "decoder_trunk.bin").stat().st_size > 0.5 * (fp32_dir / "decoder_trunk.bin").stat().st_size
+    assert (out / "decoder_trunk.bin").stat().st_size > 0.5 * (fp32_export / "decoder_trunk.bin").stat().st_size
     assert len(tokens(out)) == 6
 
 
-def test_build_errors(fp32_dir, tmp_path):
+def test_build_errors(fp32_export, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), "--precision", "int8"])
+    res = runner.invoke(main, ["build", str(fp32_export), str(tmp_path / "x"), "--precision", "int8"])
     assert res.exit_code == 1 and "--calibration" in res.output
-    res = runner.invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), "--precision", "fp16"])
+    res = runner.invoke(main, ["build", str(fp32_export), str(tmp_path / "x"), "--precision", "fp16"])
     assert res.exit_code == 2 and "fp32 or int8" in res.output
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
-    res = runner.invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), "--precision", "int8", "--calibration", str(bad)])
+    res = runner.invoke(main, ["build", str(fp32_export), str(tmp_path / "x"), "--precision", "int8", "--calibration", str(bad)])
     assert res.exit_code == 1 and "calibration table" in res.output
     assert not (tmp_path / "x").exists()
     res = runner.invoke(main, ["build", "--help"])
     assert res.exit_code == 0 and "orin-agx" in res.output
 
 
-def test_build_trt_without_tensorrt_is_a_clear_error(fp32_dir, tmp_path):
+def test_build_trt_without_tensorrt_is_a_clear_error(fp32_export, tmp_path):
     try:
         from rsvlm_edge.backends.trt_env import load_tensorrt
 
@@ -128,18 +121,18 @@ def test_build_trt_without_tensorrt_is_a_clear_error(fp32_dir, tmp_path):
         pytest.skip("a real TensorRT is installed")
     except Exception:  # noqa: BLE001 - any failure means "no TensorRT here"
         pass
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(tmp_path / "t"), "--target", "trt",
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(tmp_path / "t"), "--target", "trt",
                                     "--preset", "orin-nano", "--precision", "fp16"])
     assert res.exit_code == 2, res.output
     assert res.output.startswith("Error: ") and len(res.output.strip().splitlines()) == 1
     assert not isinstance(res.exception, ImportError)
 
 
-def test_eval_compare_same_dir_agrees(fp32_dir, tmp_path):
+def test_eval_compare_same_dir_agrees(fp32_export, tmp_path):
     out = tmp_path / "cmp.json"
     # 10 samples reach grammar-constrained tags and the pointer: agreement is counted under the grammar, and
     # head-written answers by their text
-    res = CliRunner().invoke(main, ["eval", "--compare", str(fp32_dir), str(fp32_dir), "--suite", "synthetic",
+    res = CliRunner().invoke(main, ["eval", "--compare", str(fp32_export), str(fp32_export), "--suite", "synthetic",
                                     "--limit", "10", "--threads", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
@@ -149,10 +142,10 @@ def test_eval_compare_same_dir_agrees(fp32_dir, tmp_path):
     assert "B - A" in res.output
 
 
-def test_eval_argument_errors(fp32_dir):
+def test_eval_argument_errors(fp32_export):
     runner = CliRunner()
     assert runner.invoke(main, ["eval"]).exit_code == 2
-    assert runner.invoke(main, ["eval", str(fp32_dir), "--compare", str(fp32_dir), str(fp32_dir)]).exit_code == 2
+    assert runner.invoke(main, ["eval", str(fp32_export), "--compare", str(fp32_export), str(fp32_export)]).exit_code == 2
 
 
 def test_blockwise_int8_round_trip_and_matmulnbits_semantics():
@@ -182,11 +175,11 @@ def test_blockwise_int8_round_trip_and_matmulnbits_semantics():
         blockwise_int8(w, 100)
 
 
-def test_build_ort_int8_weight_only(fp32_dir, tmp_path):
+def test_build_ort_int8_weight_only(fp32_export, tmp_path):
     import onnx
 
     out = tmp_path / "int8w"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int8", "--scheme", "weight-only",
                                     "--block-size", "64"])
     assert res.exit_code == 0, res.output
     assert "weight-only" in res.output
@@ -211,18 +204,18 @@ def test_build_ort_int8_weight_only(fp32_dir, tmp_path):
     assert "attention" not in man.extra["quantization"]["components"]["embedding"].get("fused", {})
     # trunk shared, experts swapped: same split as the FP32 export, weights about a quarter of the FP32 bytes
     for f in ("decoder_trunk.bin", "decoder_expert1.bin"):
-        assert (out / f).stat().st_size < 0.35 * (fp32_dir / f).stat().st_size
+        assert (out / f).stat().st_size < 0.35 * (fp32_export / f).stat().st_size
     assert OrtBackend.from_dir(out, verify=False).prepack_weights is True
     # close to FP32. Not compared by greedy tokens: a random-init model's top logits nearly tie, so any rounding
     # (here 1.6% of the logits' spread) may swap them
-    assert logit_error(out, fp32_dir) < 0.05
+    assert logit_error(out, fp32_export) < 0.05
 
 
-def test_build_weight_only_no_stack_keeps_one_node_per_weight(fp32_dir, table, tmp_path):
+def test_build_weight_only_no_stack_keeps_one_node_per_weight(fp32_export, table, tmp_path):
     import onnx
 
     out = tmp_path / "int8w-flat"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int8", "--scheme", "weight-only",
                                     "--no-stack"])
     assert res.exit_code == 0, res.output
     man = Manifest.load(out)
@@ -231,8 +224,8 @@ def test_build_weight_only_no_stack_keeps_one_node_per_weight(fp32_dir, table, t
     assert ops.count("MatMulNBits") == 7 * layers + 1 and "Split" not in ops  # q, k, v, o, gate, up, down + lm_head
     assert not any("stacked" in f for f in man.extra["quantization"]["fusions"])
     assert "stacked_matmuls" not in man.extra["quantization"]["components"]["decoder_expert0"]["fused"]
-    assert logit_error(out, fp32_dir) < 0.05
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(tmp_path / "qdq"), "--precision", "int8",
+    assert logit_error(out, fp32_export) < 0.05
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(tmp_path / "qdq"), "--precision", "int8",
                                     "--calibration", str(table), "--no-stack"])
     assert res.exit_code == 1 and "--no-stack applies to --scheme weight-only" in res.output
 
@@ -298,14 +291,14 @@ def test_rope_tables_match_the_model():
     np.testing.assert_allclose(sin, ref_sin[0, 0, :, 8:].numpy(), atol=1e-6)
 
 
-def test_weight_only_refuses_a_table_and_trt(fp32_dir, table, tmp_path):
+def test_weight_only_refuses_a_table_and_trt(fp32_export, table, tmp_path):
     out = tmp_path / "int8w"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int8", "--scheme", "weight-only",
                                     "--calibration", str(table)])
     assert res.exit_code == 1 and "needs no --calibration" in res.output and not out.exists()
     from rsvlm_edge.engines.ort_build import build_ort
     from rsvlm_edge.engines.trt_build import TrtBuildError, build_trt_engines
 
-    build_ort(fp32_dir, out, "int8", scheme="weight-only")
+    build_ort(fp32_export, out, "int8", scheme="weight-only")
     with pytest.raises(TrtBuildError, match="MatMulNBits"):
         build_trt_engines(out, tmp_path / "plans")

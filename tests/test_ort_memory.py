@@ -18,7 +18,6 @@ import pytest
 from click.testing import CliRunner
 
 from rsvlm_edge.cli import main
-from rsvlm_edge.export.testing import export_checkpoint, make_checkpoint
 
 PROBE = r"""
 import json, sys
@@ -43,11 +42,9 @@ print(json.dumps({"resident": resident, "arrays": arrays}))
 
 
 @pytest.fixture(scope="module")
-def int4_dir(tmp_path_factory) -> Path:
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt-mem"))
-    fp32 = export_checkpoint(ckpt, tmp_path_factory.mktemp("eng-mem") / "fp32")
+def int4_dir(fp32_export, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("int4-mem") / "int4"
-    res = CliRunner().invoke(main, ["build", str(fp32), str(out), "--precision", "int4"])
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int4"])
     assert res.exit_code == 0, res.output
     return out
 

@@ -11,22 +11,15 @@ from click.testing import CliRunner
 from rsvlm_edge.backends.base import BackendError
 from rsvlm_edge.backends.ort_backend import OrtBackend
 from rsvlm_edge.cli import main
-from rsvlm_edge.export.testing import export_checkpoint, make_checkpoint
 from rsvlm_edge.manifest import KV_LAYOUT_SEQUENCE_MAJOR, KV_LAYOUT_SHARED
 
 PROMPT, CHUNK = 23, 5  # 4 full chunks and a partial one
 
 
 @pytest.fixture(scope="module")
-def fp32_dir(tmp_path_factory):
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt-chunks"))
-    return export_checkpoint(ckpt, tmp_path_factory.mktemp("eng-chunks") / "fp32")
-
-
-@pytest.fixture(scope="module")
-def int8w_dir(fp32_dir, tmp_path_factory):
+def int8w_dir(fp32_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("int8w-chunks") / "int8w"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only"])
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int8", "--scheme", "weight-only"])
     assert res.exit_code == 0, res.output
     return out
 
@@ -51,8 +44,8 @@ def prefill(backend: OrtBackend, batch: int):
 
 @pytest.mark.parametrize("engine", ["fp32", "int8w"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_chunked_prefill_equals_one_run(engine, batch, fp32_dir, int8w_dir):
-    directory = fp32_dir if engine == "fp32" else int8w_dir
+def test_chunked_prefill_equals_one_run(engine, batch, fp32_export, int8w_dir):
+    directory = fp32_export if engine == "fp32" else int8w_dir
     whole = OrtBackend.from_dir(directory, threads=1, prefill_chunk=None, preload=False)
     chunked = OrtBackend.from_dir(directory, threads=1, prefill_chunk=CHUNK, preload=False)
     assert whole.kv_layout == (KV_LAYOUT_SEQUENCE_MAJOR if engine == "fp32" else KV_LAYOUT_SHARED)
@@ -71,8 +64,8 @@ def test_chunked_prefill_equals_one_run(engine, batch, fp32_dir, int8w_dir):
             np.testing.assert_allclose(y, x, rtol=0, atol=1e-4 * float(np.abs(x).max()))
 
 
-def test_a_failed_chunk_leaves_the_cache_length(fp32_dir, monkeypatch):
-    backend = OrtBackend.from_dir(fp32_dir, threads=1, prefill_chunk=CHUNK, preload=False)
+def test_a_failed_chunk_leaves_the_cache_length(fp32_export, monkeypatch):
+    backend = OrtBackend.from_dir(fp32_export, threads=1, prefill_chunk=CHUNK, preload=False)
     real, calls = backend._decode_step, []
 
     def failing(*args, **kwargs):
@@ -89,6 +82,6 @@ def test_a_failed_chunk_leaves_the_cache_length(fp32_dir, monkeypatch):
     assert cache.length == 0 and len(calls) == 3
 
 
-def test_prefill_chunk_must_be_positive(fp32_dir):
+def test_prefill_chunk_must_be_positive(fp32_export):
     with pytest.raises(BackendError, match="at least one token"):
-        OrtBackend.from_dir(fp32_dir, prefill_chunk=0, preload=False)
+        OrtBackend.from_dir(fp32_export, prefill_chunk=0, preload=False)

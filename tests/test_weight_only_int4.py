@@ -14,7 +14,6 @@ from click.testing import CliRunner
 from rsvlm_edge.backends.ort_backend import OrtBackend
 from rsvlm_edge.calibration.weight_only import BlockCodes, WeightScheme, ort_block_quant
 from rsvlm_edge.cli import main
-from rsvlm_edge.export.testing import export_checkpoint, make_checkpoint
 from rsvlm_edge.manifest import Manifest, ManifestError
 
 SCHEMES = [WeightScheme(bits=4, block_size=32), WeightScheme(bits=4, block_size=32, symmetric=False),
@@ -22,15 +21,9 @@ SCHEMES = [WeightScheme(bits=4, block_size=32), WeightScheme(bits=4, block_size=
 
 
 @pytest.fixture(scope="module")
-def fp32_dir(tmp_path_factory):
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt-int4"))
-    return export_checkpoint(ckpt, tmp_path_factory.mktemp("eng-int4") / "fp32")
-
-
-@pytest.fixture(scope="module")
-def int4_dir(fp32_dir, tmp_path_factory):
+def int4_dir(fp32_export, tmp_path_factory):
     out = tmp_path_factory.mktemp("int4") / "int4"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--block-size", "32"])
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int4", "--block-size", "32"])
     assert res.exit_code == 0, res.output
     assert "int4 (weight-only)" in res.output
     return out
@@ -106,7 +99,7 @@ def test_hqq_and_symmetric_int8_options_are_checked():
         WeightScheme(bits=3)
 
 
-def test_int4_engine_keeps_the_expert_split_and_records_its_scheme(fp32_dir, int4_dir):
+def test_int4_engine_keeps_the_expert_split_and_records_its_scheme(fp32_export, int4_dir):
     import onnx
 
     man = Manifest.load(int4_dir)  # every file against its sha256
@@ -131,7 +124,7 @@ def test_int4_engine_keeps_the_expert_split_and_records_its_scheme(fp32_dir, int
     # 4-bit codes + an FP32 scale and a 4-bit zero point per 32 weights: about 5.1 bits per weight, 0.16 of FP32;
     # the trunk also holds the INT8 lm_head (8.25 bits per weight)
     for f, bound in ((man.experts.expert_files[1], 0.2), (trunk.file, 0.3)):
-        assert (int4_dir / f).stat().st_size < bound * (fp32_dir / f).stat().st_size
+        assert (int4_dir / f).stat().st_size < bound * (fp32_export / f).stat().st_size
     nodes = onnx.load(str(int4_dir / "decoder_expert0.onnx"), load_external_data=False).graph.node
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
     assert len(nbits) == 4 * layers + 1  # qkv, o, gate-up (stacked), down per layer, and the lm_head
@@ -162,11 +155,11 @@ def test_an_altered_int4_expert_file_is_refused(int4_dir, tmp_path):
         Manifest.load(copy)
 
 
-def test_lm_head_bits_4_quantizes_the_head_like_the_other_products(fp32_dir, int4_dir, tmp_path):
+def test_lm_head_bits_4_quantizes_the_head_like_the_other_products(fp32_export, int4_dir, tmp_path):
     import onnx
 
     out = tmp_path / "int4-head4"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--lm-head-bits", "4"])
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int4", "--lm-head-bits", "4"])
     assert res.exit_code == 0, res.output
     head = [n for n in onnx.load(str(out / "decoder_expert0.onnx"), load_external_data=False).graph.node
             if n.op_type == "MatMulNBits" and "lm_head" in n.name]
@@ -178,12 +171,12 @@ def test_lm_head_bits_4_quantizes_the_head_like_the_other_products(fp32_dir, int
     for args, message in ((["--precision", "int8", "--scheme", "weight-only", "--lm-head-bits", "8"],
                            "applies to --precision int4"),
                           (["--precision", "int4", "--lm-head-bits", "8", "--keep-lm-head"], "exclude each other")):
-        res = CliRunner().invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), *args])
+        res = CliRunner().invoke(main, ["build", str(fp32_export), str(tmp_path / "x"), *args])
         assert res.exit_code == 1 and message in res.output, res.output
         assert not (tmp_path / "x").exists()
 
 
-def test_large_weights_are_quantized_as_column_slices_with_the_same_logits(fp32_dir, int4_dir, tmp_path, monkeypatch):
+def test_large_weights_are_quantized_as_column_slices_with_the_same_logits(fp32_export, int4_dir, tmp_path, monkeypatch):
     """A weight over SLICE_ELEMENTS becomes one product per slice of its columns + Concat (a lower load-time peak):
     the codes are per column, so the logits are the unsliced engine's."""
     import onnx
@@ -194,7 +187,7 @@ def test_large_weights_are_quantized_as_column_slices_with_the_same_logits(fp32_
     cfg = Manifest.load(int4_dir, verify=False).config()
     monkeypatch.setattr(weight_only, "SLICE_ELEMENTS", -(-cfg.hidden_size * cfg.vocab_size // 3))  # lm_head: 3 slices
     out = tmp_path / "int4-sliced"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4"])
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int4"])
     assert res.exit_code == 0, res.output
     nodes = onnx.load(str(out / "decoder_expert2.onnx"), load_external_data=False).graph.node
     head = [n for n in nodes if n.op_type == "MatMulNBits" and "lm_head" in n.name]
@@ -204,27 +197,27 @@ def test_large_weights_are_quantized_as_column_slices_with_the_same_logits(fp32_
     np.testing.assert_allclose(prefill_logits(out), prefill_logits(int4_dir), rtol=0, atol=1e-5)
 
 
-def test_int4_engine_logits_stay_within_the_quantization_error_of_fp32(fp32_dir, int4_dir, tmp_path):
+def test_int4_engine_logits_stay_within_the_quantization_error_of_fp32(fp32_export, int4_dir, tmp_path):
     from test_engines_ort import logit_error
 
     int8 = tmp_path / "int8w"
-    assert CliRunner().invoke(main, ["build", str(fp32_dir), str(int8), "--precision", "int8", "--scheme",
+    assert CliRunner().invoke(main, ["build", str(fp32_export), str(int8), "--precision", "int8", "--scheme",
                                      "weight-only"]).exit_code == 0
     # Both engines round activations the same way (accuracy_level 4); they differ in the weight step: INT8 is
     # amax / 127 per 128 weights, asymmetric INT4 (max - min) / 15 <= 2 amax / 15 per 32 (a block's amax is at most
     # its 128-block's), so at most 254 / 15 times coarser. The logits' error is first order in the steps: more than
     # the INT8 engine's, and at most that ratio times it.
-    err4, err8 = logit_error(int4_dir, fp32_dir), logit_error(int8, fp32_dir)
+    err4, err8 = logit_error(int4_dir, fp32_export), logit_error(int8, fp32_export)
     assert err8 < err4 < 254 / 15 * err8
 
 
-def test_int4_qdq_dir_for_tensorrt_holds_the_same_codes_as_blockwise_dequantize(fp32_dir, tmp_path):
+def test_int4_qdq_dir_for_tensorrt_holds_the_same_codes_as_blockwise_dequantize(fp32_export, tmp_path):
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
 
     out = tmp_path / "int4q"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--scheme", "qdq"])
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int4", "--scheme", "qdq"])
     assert res.exit_code == 0, res.output
     assert "TensorRT" in res.output
     man = Manifest.load(out)
@@ -245,7 +238,7 @@ def test_int4_qdq_dir_for_tensorrt_holds_the_same_codes_as_blockwise_dequantize(
         assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
     # the Q/DQ codes are the MatMulNBits quantizer's symmetric round-to-nearest ones, laid out (K, N): each within
     # one step of its weight; the two C++ kernels round a rare near-tie differently (one code, one step)
-    fp32_inits = {i.name: i for i in onnx.load(str(fp32_dir / "decoder_expert1.onnx")).graph.initializer}
+    fp32_inits = {i.name: i for i in onnx.load(str(fp32_export / "decoder_expert1.onnx")).graph.initializer}
     dq = dqs[0]
     w = numpy_helper.to_array(fp32_inits[dq.input[0].removesuffix("_int4")]).astype(np.float32)
     scheme = WeightScheme(bits=4, block_size=32)
@@ -263,7 +256,7 @@ def test_int4_qdq_dir_for_tensorrt_holds_the_same_codes_as_blockwise_dequantize(
         for kv in ("key", "value"):
             feeds[f"past_{kv}_{i}"] = np.zeros((0, 1, cfg.num_kv_heads, cfg.head_dim), np.float32)
     logits = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
-              for m in (model.SerializeToString(), str(fp32_dir / "decoder_expert1.onnx"))]
+              for m in (model.SerializeToString(), str(fp32_export / "decoder_expert1.onnx"))]
     assert np.linalg.norm(logits[0] - logits[1]) < 0.5 * np.linalg.norm(logits[1] - logits[1].mean())
     with pytest.raises(Exception, match="TensorRT"):
         OrtBackend.from_dir(out, verify=False)
@@ -288,26 +281,26 @@ def test_tensorrt_int4_settings():
         check_graph_precision([comp("decoder_expert0", "fp32")], "int4", "10.3.0", False)
 
 
-def test_int4_build_errors(fp32_dir, tmp_path):
+def test_int4_build_errors(fp32_export, tmp_path):
     runner = CliRunner()
     out = tmp_path / "x"
-    res = runner.invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--scheme", "qdq",
+    res = runner.invoke(main, ["build", str(fp32_export), str(out), "--precision", "int4", "--scheme", "qdq",
                                "--asymmetric"])
     assert res.exit_code == 1 and "symmetric" in res.output
-    res = runner.invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int4", "--method", "hqq", "--symmetric"])
+    res = runner.invoke(main, ["build", str(fp32_export), str(out), "--precision", "int4", "--method", "hqq", "--symmetric"])
     assert res.exit_code == 1 and "HQQ" in res.output
-    res = runner.invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
+    res = runner.invoke(main, ["build", str(fp32_export), str(out), "--precision", "int8", "--scheme", "weight-only",
                                "--asymmetric"])
     assert res.exit_code == 1 and "--precision int4" in res.output
     assert not out.exists()
 
 
-def test_dynamic_encoder_kernel_reads_pair_bounded_per_channel_int8(fp32_dir, tmp_path):
+def test_dynamic_encoder_kernel_reads_pair_bounded_per_channel_int8(fp32_export, tmp_path):
     import onnx
     from onnx import numpy_helper
 
     out = tmp_path / "int8w-dyn"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int8", "--scheme", "weight-only",
                                     "--encoder-kernel", "dynamic"])
     assert res.exit_code == 0, res.output
     man = Manifest.load(out)
@@ -325,13 +318,13 @@ def test_dynamic_encoder_kernel_reads_pair_bounded_per_channel_int8(fp32_dir, tm
     assert "MatMulNBits" in decoder and "DynamicQuantizeMatMul" not in decoder  # decode keeps the streaming kernel
     from test_engines_ort import logit_error
 
-    assert logit_error(out, fp32_dir) < 0.05
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), "--precision", "int8",
+    assert logit_error(out, fp32_export) < 0.05
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(tmp_path / "x"), "--precision", "int8",
                                     "--calibration", str(out / "manifest.json"), "--encoder-kernel", "dynamic"])
     assert res.exit_code == 1 and "--encoder-kernel and --decoder-kernel apply to --scheme weight-only" in res.output
 
 
-def test_dynamic_decoder_kernel_keeps_the_expert_split_and_fused_attention(fp32_dir, tmp_path):
+def test_dynamic_decoder_kernel_keeps_the_expert_split_and_fused_attention(fp32_export, tmp_path):
     """--decoder-kernel dynamic: every decoder product on DynamicQuantizeMatMul over pair-bounded per-channel INT8
     (the prefill runs on ORT's integer GEMM), attention still one GroupQueryAttention per layer, the trunk once and
     one file per expert, the same tokens' logits as FP32 within the INT8 engines' bound."""
@@ -339,7 +332,7 @@ def test_dynamic_decoder_kernel_keeps_the_expert_split_and_fused_attention(fp32_
     from onnx import numpy_helper
 
     out = tmp_path / "int8-dyn"
-    res = CliRunner().invoke(main, ["build", str(fp32_dir), str(out), "--precision", "int8", "--scheme", "weight-only",
+    res = CliRunner().invoke(main, ["build", str(fp32_export), str(out), "--precision", "int8", "--scheme", "weight-only",
                                     "--decoder-kernel", "dynamic", "--encoder-kernel", "dynamic"])
     assert res.exit_code == 0, res.output
     man = Manifest.load(out)
@@ -358,11 +351,11 @@ def test_dynamic_decoder_kernel_keeps_the_expert_split_and_fused_attention(fp32_
             assert inits[node.input[1]].dtype == np.int8 and np.sort(q, axis=0)[-2:].sum(0).max() <= 128
     from test_engines_ort import logit_error
 
-    assert logit_error(out, fp32_dir) < 0.05
+    assert logit_error(out, fp32_export) < 0.05
     for extra, message in ((["--precision", "int4", "--decoder-kernel", "dynamic"], "use --precision int8"),
                            (["--precision", "int8", "--calibration", str(out / "manifest.json"),
                              "--decoder-kernel", "dynamic"], "apply to --scheme weight-only")):
-        res = CliRunner().invoke(main, ["build", str(fp32_dir), str(tmp_path / "x"), *extra])
+        res = CliRunner().invoke(main, ["build", str(fp32_export), str(tmp_path / "x"), *extra])
         assert res.exit_code == 1 and message in res.output, res.output
         assert not (tmp_path / "x").exists()
 
