@@ -65,8 +65,7 @@ def plan(work: Path, calib_images: list[str], llama_cpp_dir: Path | None) -> tup
              Step(rsvlm / "int8-weight-only", CLI + ["build", str(rsvlm / "fp32"), PARTIAL, "--precision", "int8",
                                                      "--scheme", "weight-only"]),
              Step(rsvlm / "int8-dynamic", CLI + ["build", str(rsvlm / "fp32"), PARTIAL, "--precision", "int8",
-                                                 "--scheme", "weight-only", "--decoder-kernel", "dynamic",
-                                                 "--encoder-kernel", "dynamic"]),
+                                                 "--scheme", "weight-only", "--decoder-kernel", "dynamic"]),
              Step(rsvlm / "int8-qdq", CLI + ["calibrate", str(rsvlm / "fp32"), *calib_images, "--out", PARTIAL,
                                              "--method", "minmax", "--limit", str(len(calib_images)),
                                              "--decode-steps", "2"])]
